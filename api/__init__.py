@@ -1,0 +1,1 @@
+"""HTTP service: routes, schemas, batching, prediction logging, auth and metrics."""

@@ -1,0 +1,1 @@
+"""Shared core of Equipoise: settings, database and command line."""

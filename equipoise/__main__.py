@@ -1,0 +1,5 @@
+import sys
+
+from equipoise.cli import main
+
+sys.exit(main())

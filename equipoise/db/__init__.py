@@ -1,0 +1,1 @@
+"""Database: typed ORM models, engine and sessions, and Alembic migrations."""

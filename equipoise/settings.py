@@ -1,0 +1,163 @@
+"""The one settings object: environment variables prefixed ``EQUIPOISE_`` and an optional TOML file.
+
+Precedence (highest first): explicit keyword arguments, environment variables, the config file named by
+``EQUIPOISE_CONFIG``, the embedded defaults. Unknown keys in the file or unknown ``EQUIPOISE_*``
+variables are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "EQUIPOISE_"
+CONFIG_ENV = f"{ENV_PREFIX}CONFIG"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class SettingsError(ValueError):
+    """A setting is unknown or malformed; the message names it."""
+
+
+def _default_data_dir() -> Path | None:
+    candidate = REPO_ROOT.parent / "shared" / "data"
+    return candidate if candidate.is_dir() else None
+
+
+class _TomlFileSource(PydanticBaseSettingsSource):
+    """Reads the file named by EQUIPOISE_CONFIG; a missing named file is an error, not a silent default."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        self._values = self._read()
+
+    @staticmethod
+    def _read() -> dict[str, Any]:
+        path = os.environ.get(CONFIG_ENV)
+        if not path:
+            return {}
+        file = Path(path)
+        if not file.is_file():
+            raise SettingsError(f"{CONFIG_ENV}={path}: config file not found")
+        try:
+            return tomllib.loads(file.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as error:
+            raise SettingsError(f"{CONFIG_ENV}={path}: not valid TOML ({error})") from error
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    # Paths
+    state_dir: Path = Field(default=REPO_ROOT / "state", description="Local state: SQLite file, spool, reports.")
+    data_dir: Path | None = Field(default_factory=_default_data_dir, description="Corpora (MELD, RAVDESS, ...).")
+    registry_dir: Path | None = Field(default=None, description="Model artifacts; default <state_dir>/models.")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in state_dir.")
+
+    # Inference
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    intra_op_threads: int = Field(default=0, ge=0, le=256, description="0 lets ONNX Runtime decide.")
+    precision: Literal["fp32", "int8"] = "fp32"
+
+    # Service
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    auth_enabled: bool | None = Field(default=None, description="Default: off on loopback, required elsewhere.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Limits (documented in README "Limits")
+    max_text_chars: int = Field(default=2_000, ge=1, le=100_000)
+    max_audio_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    max_audio_seconds: float = Field(default=30.0, gt=0, le=600)
+    max_dialogue_turns: int = Field(default=200, ge=1, le=5_000)
+    max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+
+    # Micro-batching
+    batch_max_size: int = Field(default=32, ge=1, le=1024)
+    batch_max_wait_ms: float = Field(default=3.0, ge=0, le=1_000)
+    batch_queue_limit: int = Field(default=512, ge=1)
+
+    # Prediction logging
+    log_predictions: bool = True
+    log_flush_rows: int = Field(default=256, ge=1)
+    log_flush_interval_s: float = Field(default=0.5, gt=0)
+    redact_text: bool = True
+    store_audio: bool = False
+    retention_days: int = Field(default=90, ge=1)
+
+    # Monitoring and retraining
+    minority_classes: Annotated[tuple[str, ...], NoDecode] = ("sadness", "disgust", "fear")
+    monitor_interval_s: float = Field(default=300.0, gt=0)
+    monitor_window: int = Field(default=500, ge=10)
+
+    @field_validator("minority_classes", mode="before")
+    @classmethod
+    def _split_csv(cls, value: Any) -> Any:
+        return tuple(part.strip() for part in value.split(",") if part.strip()) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _derive_paths(self) -> Settings:
+        if self.registry_dir is None:
+            self.registry_dir = self.state_dir / "models"
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.state_dir / 'equipoise.db'}"
+        return self
+
+    @property
+    def auth_required(self) -> bool:
+        return self.auth_enabled if self.auth_enabled is not None else not _is_loopback(self.host)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _TomlFileSource(settings_cls)
+
+
+def _is_loopback(host: str) -> bool:
+    return host in {"localhost", "::1"} or host.startswith("127.")
+
+
+def _reject_unknown_environment() -> None:
+    known = {f"{ENV_PREFIX}{name}".upper() for name in Settings.model_fields} | {CONFIG_ENV}
+    unknown = sorted(key for key in os.environ if key.upper().startswith(ENV_PREFIX) and key.upper() not in known)
+    if unknown:
+        raise SettingsError(f"unknown setting(s): {', '.join(unknown)}")
+
+
+def _setting_name(location: tuple[Any, ...]) -> str:
+    field = str(location[0]) if location else "?"
+    return f"{field} ({ENV_PREFIX}{field.upper()})"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings, turning every validation problem into one SettingsError that names the settings."""
+    _reject_unknown_environment()
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        problems = "; ".join(f"{_setting_name(issue['loc'])}: {issue['msg']}" for issue in error.errors())
+        raise SettingsError(f"invalid settings: {problems}") from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings, read once."""
+    return load_settings()

@@ -1,0 +1,1 @@
+"""The emotion network, its ONNX export, the ONNX Runtime wrapper and the model artifact format."""

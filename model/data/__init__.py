@@ -1,0 +1,1 @@
+"""Readers for the training corpora and the call-centre turn format."""

@@ -1,0 +1,1 @@
+"""Drift and per-class recall monitoring, label-free recall estimation and collapse detection."""

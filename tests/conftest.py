@@ -1,0 +1,69 @@
+"""Shared fixtures: the real data directory (skips with a reason when absent) and isolated settings."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _data_dir() -> Path | None:
+    configured = os.environ.get("EQUIPOISE_DATA_DIR")
+    candidate = Path(configured) if configured else REPO_ROOT.parent / "shared" / "data"
+    return candidate if (candidate / "meld").is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real corpora; tests that need them skip when the directory is absent (it is present in CI)."""
+    found = _data_dir()
+    if found is None:
+        pytest.skip("data directory not found: set EQUIPOISE_DATA_DIR or place the corpora in ../shared/data")
+    return found
+
+
+POSTGRES_ADMIN_URL = os.environ.get("EQUIPOISE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REQUIRE_POSTGRES = os.environ.get("EQUIPOISE_REQUIRE_POSTGRES") == "1"
+
+
+@pytest.fixture()
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database, dropped afterwards.
+
+    Skips when the server is unreachable, unless EQUIPOISE_REQUIRE_POSTGRES=1 (CI), where it fails.
+    """
+    from sqlalchemy import create_engine, make_url, text
+    from sqlalchemy.exc import OperationalError
+
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+    name = f"equipoise_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    except OperationalError as error:
+        admin.dispose()
+        if REQUIRE_POSTGRES:
+            pytest.fail(f"PostgreSQL required (EQUIPOISE_REQUIRE_POSTGRES=1) but unreachable: {error}")
+        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_ADMIN_URL}")
+    try:
+        yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture()
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'equipoise.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """Each database-backed test runs on SQLite and on PostgreSQL."""
+    return request.getfixturevalue(f"{request.param}_url")

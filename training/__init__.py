@@ -1,0 +1,1 @@
+"""Imbalance-aware training: samplers, losses, augmentation, decoupling, post-hoc adjustment, metrics."""
