@@ -109,7 +109,7 @@ class ModelVersion(Base):
     parent_version: Mapped[str | None] = mapped_column(ForeignKey("model_versions.version"))
     artifact_path: Mapped[str] = mapped_column(String(1024))
     artifact_sha256: Mapped[str] = mapped_column(String(64))
-    labels: Mapped[list[Any]] = mapped_column(default=list)
+    labels: Mapped[list[Any]] = mapped_column(default=list, doc="Emotion label names, in the model's class order.")
     recipe: Mapped[dict[str, Any]] = mapped_column(default=dict)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     promoted_at: Mapped[datetime | None]
@@ -150,7 +150,7 @@ class Prediction(Base):
     label: Mapped[str] = mapped_column(String(32))
     label_index: Mapped[int] = mapped_column(Integer)
     confidence: Mapped[float] = mapped_column(Float)
-    probabilities: Mapped[list[Any]] = mapped_column()
+    probabilities: Mapped[list[Any]] = mapped_column(doc="Emotion probabilities in the order of the version's labels.")
     sentiment: Mapped[str | None] = mapped_column(String(32))
     latency_ms: Mapped[float] = mapped_column(Float)
     embedding: Mapped[bytes | None] = mapped_column(LargeBinary, doc="float32 little-endian utterance embedding.")

@@ -1,0 +1,135 @@
+"""Prometheus gauges read from the database at scrape time: the monitor's latest findings, collapse events,
+retraining jobs and registered model versions.
+
+Reading at scrape time (rather than setting gauges when the monitor runs) means every service replica
+exports the same truth, and a monitor running in another process (worker, cron) is visible too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from equipoise.db.models import CollapseEvent, JobStatus, ModelStatus, ModelVersion, MonitoringSnapshot, RetrainingJob
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_GAUGES: dict[str, tuple[str, str]] = {
+    "equipoise_monitor_majority_share": ("majority_share", "Share of the window's predictions in the majority class"),
+    "equipoise_monitor_drift_js_distance": ("drift_score", "Jensen-Shannon distance of the predicted-class mix"),
+    "equipoise_monitor_drift_p_value": ("drift_p_value", "Chi-square p-value of the predicted-class mix"),
+    "equipoise_monitor_drift_detected": ("drift_detected", "1 when the predicted-class mix drifted"),
+    "equipoise_monitor_embedding_drift_auc": ("embedding_drift", "Domain-classifier AUC, window vs reference"),
+    "equipoise_monitor_window_predictions": ("n_predictions", "Predictions in the latest window"),
+    "equipoise_monitor_window_labelled": ("n_labelled", "Predictions with feedback labels in the latest window"),
+}
+
+
+class MonitoringCollector(Collector):
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            with Session(self._engine) as session:
+                yield from self._snapshot_metrics(session)
+                yield from self._registry_metrics(session)
+        except SQLAlchemyError as error:  # the database may be down; the service's own metrics must still scrape
+            log.warning("monitoring metrics unavailable: %s", error.__class__.__name__)
+
+    def _snapshot_metrics(self, session: Session) -> Iterator[Metric]:
+        latest = session.scalar(
+            select(MonitoringSnapshot)
+            .join(ModelVersion, ModelVersion.version == MonitoringSnapshot.model_version)
+            .where(ModelVersion.status == ModelStatus.CHAMPION)
+            .order_by(MonitoringSnapshot.id.desc())
+            .limit(1)
+        )
+        if latest is None:
+            return
+        version = latest.model_version
+        for name, (attribute, documentation) in SNAPSHOT_GAUGES.items():
+            value = getattr(latest, attribute)
+            if value is not None:
+                gauge = GaugeMetricFamily(name, documentation, labels=["model_version"])
+                gauge.add_metric([version], float(value))
+                yield gauge
+        yield _per_class(
+            "equipoise_monitor_class_share", "Predicted-class share in the latest window", version, latest.class_shares
+        )
+        yield _per_class(
+            "equipoise_monitor_reference_share", "Reference predicted-class share", version, latest.reference_shares
+        )
+        yield _per_class(
+            "equipoise_monitor_recall",
+            "Per-class recall in the latest window, measured from feedback or estimated without labels",
+            version,
+            latest.measured_recall,
+            latest.estimated_recall,
+        )
+        minority = GaugeMetricFamily(
+            "equipoise_monitor_minority_recall",
+            "Mean recall of the minority classes",
+            labels=["model_version", "source"],
+        )
+        for source, value in (
+            ("measured", latest.minority_recall_measured),
+            ("estimated", latest.minority_recall_estimated),
+        ):
+            if value is not None:
+                minority.add_metric([version, source], value)
+        yield minority
+        yield _single(
+            "equipoise_monitor_last_window_end_timestamp_seconds",
+            "End of the latest monitored window",
+            latest.window_end.timestamp(),
+        )
+
+    def _registry_metrics(self, session: Session) -> Iterator[Metric]:
+        events = CounterMetricFamily("equipoise_collapse_events", "Collapse events recorded", labels=[])
+        events.add_metric([], float(session.scalar(select(func.count()).select_from(CollapseEvent)) or 0))
+        yield events
+        yield _counts(
+            session, RetrainingJob.status, JobStatus, "equipoise_retraining_jobs", "Retraining jobs by status"
+        )
+        yield _counts(
+            session, ModelVersion.status, ModelStatus, "equipoise_model_versions", "Registered model versions by status"
+        )
+
+
+def _single(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    gauge = GaugeMetricFamily(name, documentation)
+    gauge.add_metric([], value)
+    return gauge
+
+
+def _per_class(
+    name: str,
+    documentation: str,
+    version: str,
+    values: dict[str, float | None],
+    estimated: dict[str, float | None] | None = None,
+) -> GaugeMetricFamily:
+    """One gauge per class; with `estimated`, a `source` label tells measured from estimated values."""
+    sources = [("measured", values), ("estimated", estimated)] if estimated is not None else [(None, values)]
+    labels = ["model_version", "label"] + (["source"] if estimated is not None else [])
+    gauge = GaugeMetricFamily(name, documentation, labels=labels)
+    for source, per_class in sources:
+        for label, value in per_class.items():
+            if value is not None:
+                gauge.add_metric([version, label] + ([source] if source else []), float(value))
+    return gauge
+
+
+def _counts(session: Session, column: object, states: type, name: str, documentation: str) -> GaugeMetricFamily:
+    found = dict(session.execute(select(column, func.count()).group_by(column)).all())
+    gauge = GaugeMetricFamily(name, documentation, labels=["status"])
+    for state in states:
+        gauge.add_metric([state.value], float(found.get(state, 0)))
+    return gauge

@@ -1,0 +1,136 @@
+"""The monitoring job: turn new logged predictions into snapshots, and collapse into retraining jobs.
+
+Each run processes every complete window logged since the last snapshot of the model version (catching up
+after downtime), stores one snapshot per window with its Evidently reports on disk, and feeds the collapse
+detector, whose state is rebuilt from the snapshots since the last collapse event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from equipoise.db.models import CollapseEvent, JobTrigger, MonitoringSnapshot, RetrainingJob
+from monitoring.analysis import ReferenceProfile, WindowFindings, analyse_window
+from monitoring.collapse import CollapseDetector, CollapseRules, Decision, WindowSignals
+from monitoring.windows import Window, load_window
+
+REPLAY_LIMIT = 500
+
+
+@dataclass(frozen=True)
+class MonitorRun:
+    snapshots: list[int]
+    events: list[int]
+    jobs: list[int]
+
+
+def _last_snapshot(session: Session, version: str) -> MonitoringSnapshot | None:
+    query = select(MonitoringSnapshot).where(MonitoringSnapshot.model_version == version)
+    return session.scalar(query.order_by(MonitoringSnapshot.window_end.desc(), MonitoringSnapshot.id.desc()).limit(1))
+
+
+def _store_snapshot(
+    session: Session, window: Window, findings: WindowFindings, reference: ReferenceProfile, report_dir: Path
+) -> MonitoringSnapshot:
+    snapshot = MonitoringSnapshot(
+        model_version=window.model_version,
+        window_start=window.start,
+        window_end=window.end,
+        n_predictions=findings.n_predictions,
+        n_labelled=findings.n_labelled,
+        class_shares=findings.class_shares,
+        reference_shares=dict(reference.class_shares),
+        majority_share=findings.majority_share,
+        drift_score=findings.drift.js_distance,
+        drift_p_value=findings.drift.chi2_p_value,
+        drift_detected=findings.drift.drifted,
+        embedding_drift=findings.embedding_drift,
+        measured_recall=findings.measured_recall,
+        estimated_recall=findings.estimated_recall,
+        minority_recall_measured=findings.minority_recall_measured,
+        minority_recall_estimated=findings.minority_recall_estimated,
+        report_path=str(report_dir),
+    )
+    session.add(snapshot)
+    session.flush()
+    return snapshot
+
+
+def snapshot_signals(snapshot: MonitoringSnapshot, reference: ReferenceProfile) -> WindowSignals:
+    return WindowSignals(
+        n_predictions=snapshot.n_predictions,
+        n_labelled=snapshot.n_labelled,
+        majority_share=snapshot.majority_share,
+        reference_majority_share=float(snapshot.reference_shares[reference.majority]),
+        drifted=snapshot.drift_detected,
+        minority_recall_measured=snapshot.minority_recall_measured,
+        minority_recall_estimated=snapshot.minority_recall_estimated,
+        reference_minority_recall=reference.minority_recall,
+    )
+
+
+def _detector(session: Session, version: str, reference: ReferenceProfile, rules: CollapseRules) -> CollapseDetector:
+    """The detector as it stood after the last stored snapshot."""
+    last_event = session.scalar(
+        select(CollapseEvent).where(CollapseEvent.model_version == version).order_by(CollapseEvent.id.desc()).limit(1)
+    )
+    query = select(MonitoringSnapshot).where(MonitoringSnapshot.model_version == version)
+    if last_event is not None and last_event.snapshot_id is not None:
+        query = query.where(MonitoringSnapshot.id > last_event.snapshot_id)
+    recent = list(session.scalars(query.order_by(MonitoringSnapshot.id.desc()).limit(REPLAY_LIMIT)))
+    history = [snapshot_signals(s, reference) for s in reversed(recent)]
+    return CollapseDetector.replay(history, rules, fired_before=last_event is not None)
+
+
+def _record_collapse(session: Session, snapshot: MonitoringSnapshot, decision: Decision) -> CollapseEvent:
+    reason = "collapse toward the majority class: " + "; ".join(decision.reasons)
+    job = RetrainingJob(trigger=JobTrigger.COLLAPSE, reason=reason, base_version=snapshot.model_version)
+    session.add(job)
+    session.flush()
+    event = CollapseEvent(
+        model_version=snapshot.model_version,
+        snapshot_id=snapshot.id,
+        reason=reason,
+        evidence=decision.evidence | {"report_path": snapshot.report_path},
+        job_id=job.id,
+    )
+    session.add(event)
+    session.flush()
+    return event
+
+
+def run_monitor(
+    session: Session,
+    version: str,
+    reference: ReferenceProfile,
+    *,
+    window_size: int,
+    reports_root: Path,
+    rules: CollapseRules | None = None,
+) -> MonitorRun:
+    """Process every complete window of `version` not yet snapshotted; the caller commits."""
+    rules = rules or CollapseRules()
+    detector = _detector(session, version, reference, rules)
+    last = _last_snapshot(session, version)
+    after = last.window_end if last else None
+    run = MonitorRun([], [], [])
+    while True:
+        window = load_window(session, version, reference.names, after=after, limit=window_size)
+        if len(window) < window_size:
+            return run
+        report_dir = reports_root / version / window.end.strftime("%Y%m%dT%H%M%S%f")
+        findings = analyse_window(
+            window.probabilities, window.true, reference, embeddings=window.embeddings, report_dir=report_dir
+        )
+        snapshot = _store_snapshot(session, window, findings, reference, report_dir)
+        run.snapshots.append(snapshot.id)
+        decision = detector.observe(findings.signals(reference))
+        if decision.fired:
+            event = _record_collapse(session, snapshot, decision)
+            run.events.append(event.id)
+            run.jobs.append(event.job_id or 0)
+        after = window.end

@@ -1,0 +1,46 @@
+"""Label-free recall estimation agrees with measured recall when probabilities are calibrated."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from monitoring.estimation import class_shares, estimate_recall, mean_recall, measure_recall
+
+NAMES = ("a", "b", "c")
+
+
+def _calibrated_window(rng: np.random.Generator, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities from a Dirichlet, labels drawn from those same probabilities: calibrated by construction."""
+    probabilities = rng.dirichlet([0.6, 0.6, 0.6], size=rows)
+    labels = np.array([rng.choice(3, p=p) for p in probabilities])
+    return probabilities, labels
+
+
+def test_estimate_tracks_measured_recall_on_calibrated_probabilities() -> None:
+    probabilities, labels = _calibrated_window(np.random.default_rng(0), 20_000)
+    estimated = estimate_recall(probabilities, NAMES)
+    measured = measure_recall(labels, probabilities.argmax(1), NAMES)
+    for name in NAMES:
+        assert estimated[name] == pytest.approx(measured[name], abs=0.02)
+
+
+def test_estimate_is_wrong_when_probabilities_are_overconfident() -> None:
+    probabilities, labels = _calibrated_window(np.random.default_rng(1), 20_000)
+    sharpened = probabilities**4 / (probabilities**4).sum(axis=1, keepdims=True)
+    estimated = estimate_recall(sharpened, NAMES)
+    measured = measure_recall(labels, sharpened.argmax(1), NAMES)
+    assert all(estimated[name] > measured[name] + 0.05 for name in NAMES)
+
+
+def test_absent_classes_have_no_estimate() -> None:
+    probabilities = np.tile([0.9, 0.1, 0.0], (5, 1))
+    assert estimate_recall(probabilities, NAMES)["c"] is None
+    assert measure_recall([0, 0, 1], [0, 1, 1], NAMES) == {"a": 0.5, "b": 1.0, "c": None}
+    assert mean_recall({"a": 0.5, "b": None, "c": 0.25}, ["b", "c", "a"]) == pytest.approx(0.375)
+    assert mean_recall({"a": None}, ["a"]) is None
+
+
+def test_class_shares_sum_to_one_and_count_absent_classes() -> None:
+    shares = class_shares([0, 0, 1, 0], NAMES)
+    assert shares == {"a": 0.75, "b": 0.25, "c": 0.0}

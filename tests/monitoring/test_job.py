@@ -1,0 +1,142 @@
+"""The monitoring job over a real database: snapshots per window, one collapse event and one job per collapse."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import Engine, func, select
+
+from equipoise.db import migrate
+from equipoise.db.models import (
+    CollapseEvent,
+    Feedback,
+    ModelStatus,
+    ModelVersion,
+    MonitoringSnapshot,
+    Prediction,
+    RequestKind,
+    RetrainingJob,
+)
+from equipoise.db.session import make_engine, session_scope
+from monitoring.analysis import ReferenceProfile
+from monitoring.collapse import CollapseRules
+from monitoring.job import run_monitor
+
+NAMES = ("neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear")
+SHARES = (0.47, 0.17, 0.12, 0.11, 0.07, 0.03, 0.03)
+REFERENCE = ReferenceProfile(
+    names=NAMES,
+    class_shares=dict(zip(NAMES, SHARES, strict=True)),
+    minority=("sadness", "disgust", "fear"),
+    minority_recall=0.45,
+)
+WINDOW = 300
+RULES = CollapseRules(min_predictions=WINDOW)
+
+
+@pytest.fixture()
+def engine(database_url: str) -> Iterator[Engine]:
+    migrate.upgrade(database_url)
+    engine = make_engine(database_url)
+    with session_scope(engine) as session:
+        session.add(ModelVersion(version="v1", status=ModelStatus.CHAMPION, artifact_path="-", artifact_sha256="0" * 64))
+    yield engine
+    engine.dispose()
+
+
+def _window_rows(rng: np.random.Generator, start: datetime, shares: tuple[float, ...], confidence: float) -> list:
+    """Predictions whose labels follow `shares`; a third carry a feedback label drawn from the probabilities."""
+    rows: list = []
+    for i, k in enumerate(rng.choice(len(NAMES), WINDOW, p=shares)):
+        probabilities = np.full(len(NAMES), (1 - confidence) / (len(NAMES) - 1))
+        probabilities[k] = confidence
+        prediction = Prediction(
+            id=uuid.uuid4(),
+            created_at=start + timedelta(milliseconds=i),
+            model_version="v1",
+            request_kind=RequestKind.UTTERANCE,
+            has_text=True,
+            has_audio=False,
+            label=NAMES[k],
+            label_index=int(k),
+            confidence=confidence,
+            probabilities=probabilities.tolist(),
+            latency_ms=1.0,
+            embedding=rng.normal(size=8).astype("<f4").tobytes(),
+        )
+        rows.append(prediction)
+        if i % 3 == 0:
+            rows.append(Feedback(prediction_id=prediction.id, label=NAMES[rng.choice(len(NAMES), p=probabilities)]))
+    return rows
+
+
+def _log(engine: Engine, windows: int, shares: tuple[float, ...], confidence: float, offset: int) -> None:
+    rng = np.random.default_rng(offset)
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    with session_scope(engine) as session:
+        for w in range(windows):
+            session.add_all(_window_rows(rng, base + timedelta(minutes=offset + w), shares, confidence))
+
+
+def _count(engine: Engine, model: type) -> int:
+    with session_scope(engine) as session:
+        return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def _monitor(engine: Engine, reports: Path) -> None:
+    with session_scope(engine) as session:
+        run_monitor(session, "v1", REFERENCE, window_size=WINDOW, reports_root=reports, rules=RULES)
+
+
+def test_stationary_then_collapsed_stream(engine: Engine, tmp_path: Path) -> None:
+    _log(engine, 4, SHARES, confidence=0.8, offset=0)
+    _monitor(engine, tmp_path)
+    assert _count(engine, MonitoringSnapshot) == 4 and _count(engine, CollapseEvent) == 0
+
+    _monitor(engine, tmp_path)  # nothing new: no new snapshot
+    assert _count(engine, MonitoringSnapshot) == 4
+
+    collapsed = (0.85, 0.06, 0.04, 0.03, 0.01, 0.005, 0.005)
+    _log(engine, 4, collapsed, confidence=0.4, offset=10)
+    _monitor(engine, tmp_path)
+    assert _count(engine, MonitoringSnapshot) == 8
+    with session_scope(engine) as session:
+        events = list(session.scalars(select(CollapseEvent)))
+        assert len(events) == 1, "one collapse, one event, despite four collapsed windows"
+        job = session.get(RetrainingJob, events[0].job_id)
+        assert job is not None and job.status.value == "queued" and "majority" in job.reason
+        snapshot = session.get(MonitoringSnapshot, events[0].snapshot_id)
+        assert snapshot is not None and snapshot.drift_detected and snapshot.n_labelled == 100
+        assert Path(snapshot.report_path or "", "class_drift.html").is_file()
+        first_collapsed = session.scalars(select(MonitoringSnapshot).order_by(MonitoringSnapshot.id)).all()[4]
+        assert events[0].snapshot_id == first_collapsed.id + 1, "fires on the second collapsed window"
+
+    _log(engine, 2, collapsed, confidence=0.4, offset=20)
+    _monitor(engine, tmp_path)  # still collapsed, still cooling down: no second event after a restart
+    assert _count(engine, CollapseEvent) == 1
+
+
+def test_exporter_publishes_the_latest_snapshot_and_registry_state(engine: Engine, tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from monitoring.exporter import MonitoringCollector
+
+    registry = CollectorRegistry()
+    registry.register(MonitoringCollector(engine))
+    assert b"equipoise_monitor_majority_share" not in generate_latest(registry), "no snapshot yet: no window gauges"
+
+    _log(engine, 1, SHARES, confidence=0.8, offset=0)
+    _monitor(engine, tmp_path)
+    families = {family.name: family for family in text_string_to_metric_families(generate_latest(registry).decode())}
+    recall_sources = {sample.labels["source"] for sample in families["equipoise_monitor_recall"].samples}
+    assert recall_sources == {"measured", "estimated"}
+    champions = [s for s in families["equipoise_model_versions"].samples if s.labels["status"] == "champion"]
+    assert champions[0].value == 1
+    assert families["equipoise_monitor_window_predictions"].samples[0].value == WINDOW
+    assert families["equipoise_collapse_events"].samples[0].value == 0
