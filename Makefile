@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= cpu,dev,distributed
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint clean
+.PHONY: install tools serve test lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +17,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# promtool validates the Prometheus rules in the tests; Debian's `prometheus` package carries it.
+tools:
+	@command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
+		>/dev/null; } || echo "promtool not installed: its tests will skip"
+
 serve: $(STAMP)
 	$(VENV)/bin/equipoise serve
 
-test: $(STAMP)
+test: $(STAMP) tools
 	$(PY) -m pytest
 
 lint: $(STAMP)
