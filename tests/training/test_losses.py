@@ -1,0 +1,134 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from training.losses import LDAMLoss, NormedLinear, build_loss, class_weights, soft_cross_entropy
+
+COUNTS = np.array([500, 200, 50, 10])
+EQUAL = np.array([100, 100, 100, 100])
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(32, 4, generator=g)
+    labels = torch.randint(0, 4, (32,), generator=g)
+    return logits, labels
+
+
+@pytest.mark.parametrize(
+    ("name", "counts", "params"),
+    [
+        ("ce", COUNTS, {}),
+        ("soft_ce", COUNTS, {}),
+        ("focal", COUNTS, {"gamma": 0.0}),
+        ("logit_adjusted", COUNTS, {"tau": 0.0}),
+        ("ldam", COUNTS, {"max_margin": 0.0, "s": 1.0}),
+        ("weighted_ce", EQUAL, {"scheme": "inverse"}),
+        ("weighted_ce", EQUAL, {"scheme": "effective", "beta": 0.999}),
+        ("focal", EQUAL, {"gamma": 0.0, "alpha": "inverse"}),
+        ("balanced_softmax", EQUAL, {}),
+    ],
+)
+def test_degenerate_settings_equal_cross_entropy(batch, name, counts, params):
+    logits, labels = batch
+    loss = build_loss(name, counts, **params)
+    expected = F.cross_entropy(logits, labels)
+    torch.testing.assert_close(loss(logits, labels), expected)
+    torch.testing.assert_close(loss(logits, F.one_hot(labels, 4).float()), expected)  # same as one-hot targets
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("ce", {}),
+        ("weighted_ce", {"scheme": "effective"}),
+        ("focal", {"gamma": 2.0, "alpha": "inverse"}),
+        ("ldam", {"drw_epoch": 0}),
+        ("logit_adjusted", {"tau": 1.5}),
+        ("balanced_softmax", {}),
+    ],
+)
+def test_gradients_finite_for_extreme_logits_and_soft_targets(name, params):
+    logits = torch.tensor([[60.0, -60.0, 0.0, 0.0], [-80.0, 80.0, 0.0, 1.0]], requires_grad=True)
+    soft = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.3, 0.0, 0.0, 0.7]])
+    loss = build_loss(name, COUNTS, **params)
+    loss.set_epoch(5)
+    value = loss(logits, soft)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(logits.grad).all()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_soft_cross_entropy_matches_torch_probability_targets(batch):
+    logits, _ = batch
+    soft = torch.softmax(torch.randn(32, 4, generator=torch.Generator().manual_seed(1)), dim=1)
+    torch.testing.assert_close(soft_cross_entropy(logits, soft), F.cross_entropy(logits, soft))
+
+
+def test_class_weights():
+    w = class_weights(COUNTS, "inverse").numpy()
+    assert w.mean() == pytest.approx(1.0)
+    np.testing.assert_allclose(w / w[0], COUNTS[0] / COUNTS, rtol=1e-6)
+    effective = class_weights(COUNTS, "effective", beta=0.999).numpy()
+    assert np.all(np.diff(effective) > 0)  # rarer classes weigh more
+    np.testing.assert_allclose(class_weights(COUNTS, "effective", beta=1e-9).numpy(), 1.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="scheme"):
+        class_weights(COUNTS, "log")
+
+
+def test_weighted_ce_is_per_sample_weighted_mean(batch):
+    logits, labels = batch
+    w = class_weights(COUNTS, "inverse")
+    per_sample = F.cross_entropy(logits, labels, reduction="none") * w[labels]
+    torch.testing.assert_close(build_loss("weighted_ce", COUNTS)(logits, labels), per_sample.mean())
+
+
+def test_focal_downweights_easy_examples():
+    logits = torch.tensor([[4.0, 0.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0]])
+    labels = torch.tensor([0, 0])
+    focal = build_loss("focal", COUNTS, gamma=2.0)
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    ratios = [focal(logits[i : i + 1], labels[i : i + 1]) / ce[i] for i in range(2)]
+    assert ratios[0] < 0.01 < ratios[1] < 1.0
+
+
+def test_ldam_margins_and_deferred_reweighting(batch):
+    logits, labels = batch
+    loss = LDAMLoss(COUNTS, max_margin=0.5, s=30.0, drw_epoch=3)
+    margins = loss.margins.numpy()
+    assert margins[-1] == pytest.approx(0.5)
+    np.testing.assert_allclose(margins / margins[-1], (COUNTS / COUNTS[-1]) ** -0.25, rtol=1e-6)
+    loss.set_epoch(2)
+    before = loss(logits, labels)
+    assert loss.weight is None
+    loss.set_epoch(3)
+    after = loss(logits, labels)
+    torch.testing.assert_close(loss.weight, class_weights(COUNTS, "effective", 0.9999))
+    assert not torch.isclose(before, after)
+    # the margin makes the target logit count for less: the loss is higher than plain scaled CE
+    loss.set_epoch(0)
+    assert loss(logits, labels) > F.cross_entropy(30.0 * logits, labels)
+
+
+def test_logit_adjusted_asks_more_of_rare_classes():
+    loss = build_loss("logit_adjusted", COUNTS, tau=1.0)
+    zeros = torch.zeros(1, 4)
+    ce = F.cross_entropy(zeros, torch.tensor([0]))
+    assert loss(zeros, torch.tensor([3])) > ce > loss(zeros, torch.tensor([0]))
+
+
+def test_normed_linear_gives_cosines():
+    head = NormedLinear(8, 3)
+    x = torch.randn(5, 8)
+    out = head(x)
+    assert out.abs().max() <= 1.0 + 1e-6
+    torch.testing.assert_close(head(3 * x), out)
+
+
+def test_build_loss_rejects_unknowns():
+    with pytest.raises(ValueError, match="unknown loss"):
+        build_loss("dice", COUNTS)
+    with pytest.raises(TypeError):
+        build_loss("focal", COUNTS, gama=2.0)

@@ -1,0 +1,165 @@
+"""Augmentation on embeddings: mixup (input and manifold), minority-augmented mixing, SMOTE, and
+cross-modal recombination. Randomness comes from a numpy `Generator` passed in, so runs are reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from sklearn.neighbors import NearestNeighbors
+from torch import Tensor
+
+from training.common import as_soft_targets, to_numpy
+from training.samplers import FrequencySampler
+
+
+@dataclass(frozen=True)
+class MixedBatch:
+    x: Tensor  # λ·x + (1 − λ)·x[partner]
+    y: Tensor  # soft labels [B, C], rows sum to 1
+    lam: Tensor  # [B], weight of the original sample
+    partner: Tensor  # [B], index of each sample's partner (into the batch, or into the pool)
+
+
+def sample_lambda(size: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
+    """λ ~ Beta(α, α) per sample; α <= 0 means no mixing (λ = 1)."""
+    return rng.beta(alpha, alpha, size) if alpha > 0 else np.ones(size)
+
+
+def mix(x: Tensor, y: Tensor, x_partner: Tensor, y_partner: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
+    """Convex combination of inputs and of (soft) labels, per-sample λ `[B]`."""
+    lam_x = lam.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    lam_y = lam.to(y.dtype).view(-1, 1)
+    return lam_x * x + (1 - lam_x) * x_partner, lam_y * y + (1 - lam_y) * y_partner
+
+
+def _mix_with(
+    x: Tensor, y: Tensor, pool_x: Tensor, pool_y: Tensor, partner: np.ndarray, lam: np.ndarray, num_classes: int
+) -> MixedBatch:
+    index = torch.as_tensor(partner, device=x.device)
+    lam_t = torch.as_tensor(lam, dtype=torch.float32, device=x.device)
+    soft, pool_soft = as_soft_targets(y, num_classes), as_soft_targets(pool_y, num_classes)
+    mixed_x, mixed_y = mix(x, soft, pool_x[index], pool_soft[index], lam_t)
+    return MixedBatch(mixed_x, mixed_y, lam_t, index)
+
+
+def mixup(x: Tensor, y: Tensor, num_classes: int, rng: np.random.Generator, alpha: float = 0.4) -> MixedBatch:
+    """Zhang et al. 2018: mix each sample with a random other sample of the batch (hard or soft `y`)."""
+    partner = rng.permutation(len(x))
+    return _mix_with(x, y, x, y, partner, sample_lambda(len(x), alpha, rng), num_classes)
+
+
+def manifold_mixup(
+    stages: Sequence[Callable[[Tensor], Tensor]],
+    x: Tensor,
+    y: Tensor,
+    num_classes: int,
+    rng: np.random.Generator,
+    alpha: float = 2.0,
+    mix_at: Sequence[int] | None = None,
+) -> tuple[Tensor, MixedBatch]:
+    """Verma et al. 2019: run `x` through `stages`, mixing the hidden state before one stage picked at random
+    from `mix_at` (default: any; 0 is input mixup). Returns the last stage's output and the mix (its `y` is the
+    training target)."""
+    k = int(rng.choice(list(mix_at) if mix_at is not None else range(len(stages))))
+    h = x
+    for stage in stages[:k]:
+        h = stage(h)
+    mixed = mixup(h, y, num_classes, rng, alpha)
+    h = mixed.x
+    for stage in stages[k:]:
+        h = stage(h)
+    return h, mixed
+
+
+def minority_mix(
+    x: Tensor,
+    y: Tensor,
+    num_classes: int,
+    rng: np.random.Generator,
+    alpha: float = 1.0,
+    pool_x: Tensor | None = None,
+    pool_y: Tensor | None = None,
+) -> MixedBatch:
+    """BalanceMix-style minority-augmented mixing: each sample of an instance-sampled batch is mixed with a
+    partner drawn class-balanced from the pool (default: the batch; hard labels), and the partner gets the
+    larger share, max(λ, 1 − λ), so that the mix leans toward the minority draw."""
+    pool_x = x if pool_x is None else pool_x
+    pool_y = y if pool_y is None else pool_y
+    weights = FrequencySampler(0.0).weights(to_numpy(pool_y), epoch=0)
+    partner = rng.choice(len(pool_x), size=len(x), p=weights)
+    lam = sample_lambda(len(x), alpha, rng)
+    return _mix_with(x, y, pool_x, pool_y, partner, np.minimum(lam, 1 - lam), num_classes)
+
+
+def _smote_class(xc: np.ndarray, n_new: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """`n_new` points on segments between a random sample of the class and one of its k nearest class-mates."""
+    base = rng.integers(0, len(xc), n_new)
+    if len(xc) == 1:
+        return xc[base].copy()
+    k = min(k, len(xc) - 1)
+    neighbours = NearestNeighbors(n_neighbors=k + 1).fit(xc).kneighbors(xc, return_distance=False)[:, 1:]
+    chosen = neighbours[base, rng.integers(0, k, n_new)]
+    gap = rng.random((n_new, 1))
+    return xc[base] + gap * (xc[chosen] - xc[base])
+
+
+def smote(
+    x: np.ndarray,
+    y: np.ndarray,
+    rng: np.random.Generator,
+    target: int | Mapping[int, int] | None = None,
+    k: int = 5,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Chawla et al. 2002 on embeddings: oversample each class up to `target` samples (an int for every class,
+    a per-class mapping, or None for the largest class's count). Returns originals followed by new points."""
+    y = np.asarray(y, dtype=np.int64)
+    counts = np.bincount(y)
+    if target is None:
+        target = int(counts.max())
+    goal = target if isinstance(target, Mapping) else dict.fromkeys(range(len(counts)), target)
+    new_x, new_y = [x], [y]
+    for c, want in goal.items():
+        have = int(counts[c]) if c < len(counts) else 0
+        if have == 0 or want <= have:
+            continue
+        new_x.append(_smote_class(x[y == c], want - have, k, rng))
+        new_y.append(np.full(want - have, c, dtype=np.int64))
+    return np.concatenate(new_x), np.concatenate(new_y)
+
+
+class Recombined(NamedTuple):
+    text: Tensor
+    audio: Tensor
+    labels: Tensor
+    source: Tensor  # [B], row whose audio embedding each row now carries
+
+
+def recombine_modalities(
+    text: Tensor,
+    audio: Tensor,
+    labels: Tensor,
+    rng: np.random.Generator,
+    has_text: Tensor | None = None,
+    has_audio: Tensor | None = None,
+    p: float = 1.0,
+) -> Recombined:
+    """Cross-modal recombination: rows that have both modalities swap audio embeddings with rows of the same
+    class (a random permutation within each class); each eligible row takes part with probability `p`.
+    The result pairs text i with audio source[i] under label i: new samples, same label distribution."""
+    y = to_numpy(labels).astype(np.int64)
+    eligible = np.ones(len(y), dtype=bool)
+    for mask in (has_text, has_audio):
+        if mask is not None:
+            eligible &= to_numpy(mask).astype(bool)
+    eligible &= rng.random(len(y)) < p
+    source = np.arange(len(y))
+    for c in np.unique(y[eligible]):
+        rows = np.flatnonzero(eligible & (y == c))
+        source[rows] = rng.permutation(rows)
+    index = torch.as_tensor(source, device=audio.device)
+    return Recombined(text, audio[index], labels, index)
