@@ -201,6 +201,8 @@ def quantize_encoder_int8(src: Path, dst: Path, reduce_range: bool = False) -> P
     # The exporter records value_info for initializers too; the quantizer rewrites Gemm(transB) as MatMul with
     # a transposed weight and its shape inference then trips over the stale [out, in] shape. Inference redoes it.
     del model.graph.value_info[:]
+    # The mel filterbank multiplies a power spectrum whose range spans many decades: int8 would erase quiet bands.
+    feature_nodes = [node.name for node in model.graph.node if any("fbank" in name for name in node.input)]
     quantize_dynamic(
         model,
         dst,
@@ -208,6 +210,7 @@ def quantize_encoder_int8(src: Path, dst: Path, reduce_range: bool = False) -> P
         op_types_to_quantize=["MatMul", "Gemm"],
         per_channel=True,
         reduce_range=reduce_range,
+        nodes_to_exclude=feature_nodes,
         extra_options={"MatMulConstBOnly": True},
     )
     onnx.checker.check_model(str(dst), full_check=True)

@@ -67,3 +67,20 @@ def sqlite_url(tmp_path: Path) -> str:
 def database_url(request: pytest.FixtureRequest) -> str:
     """Each database-backed test runs on SQLite and on PostgreSQL."""
     return request.getfixturevalue(f"{request.param}_url")
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete artifact (fp32 + int8 encoder) of a tiny random-weight model, exported once per session."""
+    import torch
+
+    from model.artifact import export_artifact
+    from model.labels import EMOTIONS
+    from model.network import EmotionModel, ModelConfig
+
+    torch.manual_seed(0)
+    model = EmotionModel(ModelConfig.tiny()).eval()
+    shares = dict.fromkeys(EMOTIONS, 1 / len(EMOTIONS))
+    path = tmp_path_factory.mktemp("tiny_artifact") / "tiny-0.1"
+    export_artifact(model, path, version="tiny-0.1", reference_distribution=shares, metrics={"macro_f1": 0.0})
+    return path

@@ -1,0 +1,224 @@
+"""ONNX Runtime inference over a verified model artifact: what the API micro-batcher and batch scoring call.
+
+`classify` encodes every turn once (length-bucketed batches of at most `max_batch_size` utterances), then runs
+the context head over the dialogues (bucketed by turn count). Padding never changes a result: both graphs mask
+padded tokens, samples and turns, so a dialogue scores the same alone or beside others (fp32: to ~1e-6,
+float rounding of differently shaped matrix products). The int8 encoder quantises activations per batch
+(dynamic quantisation), so its embeddings move slightly with the batch's contents (probabilities by ~1e-2);
+use fp32 where batch independence must hold to 1e-5.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnxruntime as ort
+
+from model.artifact import ModelArtifact, Precision, load_artifact
+from model.labels import LabelSet
+from model.preprocess import (
+    EncoderBatch,
+    PreprocessError,
+    Preprocessor,
+    collate,
+    context_batch,
+    in_original_order,
+    length_buckets,
+)
+
+log = logging.getLogger(__name__)
+Device = Literal["auto", "cpu", "cuda"]
+CUDA_PROVIDER, CPU_PROVIDER = "CUDAExecutionProvider", "CPUExecutionProvider"
+DEFAULT_MAX_BATCH_SIZE = 32
+
+
+class DeviceUnavailable(RuntimeError):
+    """The requested device cannot be used by this ONNX Runtime build or machine."""
+
+
+@dataclass(frozen=True)
+class UtteranceInput:
+    """One turn: text, decoded 16 kHz mono float32 audio, or both; `speaker` identifies it within its dialogue."""
+
+    text: str | None
+    audio: np.ndarray | None
+    speaker: str | None = None
+
+
+@dataclass(frozen=True)
+class TurnPrediction:
+    emotion: str
+    emotion_probs: np.ndarray  # float32 [C_emotion], softmax(logits / T)
+    sentiment: str
+    sentiment_probs: np.ndarray  # float32 [C_sentiment]
+    embedding: np.ndarray  # float32 [D], the utterance encoder's output (what head retraining consumes)
+
+
+EmbeddedDialogue = tuple[np.ndarray, Sequence[str | None]]  # embeddings [T, D] and the T speakers
+
+
+def select_providers(device: Device) -> list[str]:
+    """Execution providers for `device`: CUDA (with CPU fallback for unsupported nodes) or CPU."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', not {device!r}")
+    available = ort.get_available_providers()
+    if device != "cpu" and CUDA_PROVIDER in available:
+        return [CUDA_PROVIDER, CPU_PROVIDER]
+    if device == "cuda":
+        raise DeviceUnavailable(
+            f"device 'cuda' requested but this ONNX Runtime ({ort.__version__}) has no {CUDA_PROVIDER} "
+            f"(available: {', '.join(available)}); install onnxruntime-gpu on a CUDA host, "
+            "or use device 'auto' or 'cpu'"
+        )
+    return [CPU_PROVIDER]
+
+
+def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
+    if intra_op_threads < 0:
+        raise ValueError(f"intra_op_threads must be >= 0 (0: ONNX Runtime decides), not {intra_op_threads}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = intra_op_threads
+    return options
+
+
+def open_session(path: Path, device: Device, options: ort.SessionOptions) -> ort.InferenceSession:
+    providers = select_providers(device)
+    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    # ONNX Runtime falls back to CPU when the CUDA libraries cannot be loaded: fine for "auto", not for "cuda".
+    if device == "cuda" and CUDA_PROVIDER not in session.get_providers():
+        raise DeviceUnavailable(f"{path.name}: {CUDA_PROVIDER} failed to initialise (are CUDA and cuDNN installed?)")
+    if CUDA_PROVIDER in providers and CUDA_PROVIDER not in session.get_providers():
+        log.warning("%s: %s failed to initialise; running on CPU", path.name, CUDA_PROVIDER)
+    return session
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """softmax(logits / temperature) over the last axis, computed in float64, returned as float32."""
+    scaled = np.asarray(logits, dtype=np.float64) / temperature
+    scaled -= scaled.max(axis=-1, keepdims=True)
+    weights = np.exp(scaled)
+    return (weights / weights.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+class InferenceRuntime:
+    """The two ONNX Runtime sessions of one artifact, with its pre-processing and calibration."""
+
+    def __init__(
+        self,
+        artifact: ModelArtifact,
+        encoder: ort.InferenceSession,
+        context: ort.InferenceSession,
+        *,
+        precision: Precision = "fp32",
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, not {max_batch_size}")
+        self.artifact = artifact
+        self.version: str = artifact.version
+        self.emotions: LabelSet = artifact.emotions
+        self.sentiments: LabelSet = artifact.sentiments
+        self.providers: Sequence[str] = tuple(encoder.get_providers())
+        self.precision: Precision = precision
+        self.max_batch_size = max_batch_size
+        self.preprocessor = Preprocessor.from_file(artifact.tokenizer_path, artifact.preprocessing)
+        self._encoder, self._context = encoder, context
+
+    @classmethod
+    def load(
+        cls,
+        artifact_dir: Path | str | ModelArtifact,
+        device: Device = "auto",
+        intra_op_threads: int = 0,
+        precision: Precision = "fp32",
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    ) -> InferenceRuntime:
+        """Open an artifact (a directory, verified here, or an already verified ModelArtifact)."""
+        artifact = artifact_dir if isinstance(artifact_dir, ModelArtifact) else load_artifact(artifact_dir)
+        encoder_path = artifact.encoder_file(precision)
+        options = session_options(intra_op_threads)
+        return cls(
+            artifact,
+            open_session(encoder_path, device, options),
+            open_session(artifact.context_path, device, options),
+            precision=precision,
+            max_batch_size=max_batch_size,
+        )
+
+    @property
+    def embed_dim(self) -> int:
+        return self.artifact.embed_dim
+
+    def encode(self, utterances: Sequence[UtteranceInput]) -> np.ndarray:
+        """Utterance embeddings [N, D] in input order."""
+        if not utterances:
+            return np.zeros((0, self.embed_dim), dtype=np.float32)
+        prepared = self.preprocessor.prepare([u.text for u in utterances], [u.audio for u in utterances])
+        buckets = length_buckets([p.bucket_key for p in prepared], self.max_batch_size)
+        batches = (self.encode_batch(collate([prepared[i] for i in bucket])) for bucket in buckets)
+        return np.stack(in_original_order(buckets, batches))
+
+    def encode_batch(self, batch: EncoderBatch) -> np.ndarray:
+        """One encoder.onnx call on an already padded batch (benchmarks, callers that collate themselves)."""
+        return self._encoder.run(["embedding"], batch.feeds())[0]
+
+    def classify_embeddings(self, dialogues: Sequence[EmbeddedDialogue], causal: bool) -> list[list[TurnPrediction]]:
+        """Context head over dialogues of utterance embeddings; an empty dialogue gives an empty list."""
+        checked = [self._checked_dialogue(embeddings, speakers) for embeddings, speakers in dialogues]
+        live = [i for i, (embeddings, _) in enumerate(checked) if len(embeddings)]
+        buckets = length_buckets([len(checked[i][0]) for i in live], self.max_batch_size)
+        scored = in_original_order(
+            buckets, (self._run_context([checked[live[j]] for j in bucket], causal) for bucket in buckets)
+        )
+        results: list[list[TurnPrediction]] = [[] for _ in checked]
+        for i, turns in zip(live, scored, strict=True):
+            results[i] = turns
+        return results
+
+    def classify(self, dialogues: Sequence[Sequence[UtteranceInput]], causal: bool) -> list[list[TurnPrediction]]:
+        """Predictions per turn of each dialogue (a single utterance is a dialogue of one turn)."""
+        embeddings = self.encode([turn for dialogue in dialogues for turn in dialogue])
+        bounds = np.cumsum([len(dialogue) for dialogue in dialogues])[:-1]
+        per_dialogue = np.split(embeddings, bounds) if len(dialogues) else []
+        speakers = [[turn.speaker for turn in dialogue] for dialogue in dialogues]
+        return self.classify_embeddings(list(zip(per_dialogue, speakers, strict=True)), causal)
+
+    def _checked_dialogue(
+        self, embeddings: np.ndarray, speakers: Sequence[str | None]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        vectors = np.asarray(embeddings, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.embed_dim:
+            raise PreprocessError(f"dialogue embeddings must have shape [T, {self.embed_dim}], got {vectors.shape}")
+        if len(speakers) != len(vectors):
+            raise PreprocessError(f"{len(vectors)} turn embeddings but {len(speakers)} speakers")
+        if not np.isfinite(vectors).all():
+            raise PreprocessError("dialogue embeddings contain non-finite values")
+        return vectors, self.preprocessor.speaker_indices(speakers)
+
+    def _run_context(self, dialogues: list[tuple[np.ndarray, np.ndarray]], causal: bool) -> list[list[TurnPrediction]]:
+        emotion_logits, sentiment_logits = self._context.run(
+            ["emotion_logits", "sentiment_logits"], context_batch(dialogues, causal).feeds()
+        )
+        emotion = softmax(emotion_logits, self.artifact.calibration.temperature)
+        sentiment = softmax(sentiment_logits, self.artifact.calibration.sentiment_temperature)
+        return [
+            [self._prediction(emotion[row, t], sentiment[row, t], vectors[t]) for t in range(len(vectors))]
+            for row, (vectors, _) in enumerate(dialogues)
+        ]
+
+    def _prediction(self, emotion: np.ndarray, sentiment: np.ndarray, embedding: np.ndarray) -> TurnPrediction:
+        # Copies: views would keep the whole batch's arrays alive as long as any one prediction is.
+        return TurnPrediction(
+            emotion=self.emotions.name(int(emotion.argmax())),
+            emotion_probs=emotion.copy(),
+            sentiment=self.sentiments.name(int(sentiment.argmax())),
+            sentiment_probs=sentiment.copy(),
+            embedding=embedding.copy(),
+        )

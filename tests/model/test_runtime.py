@@ -1,0 +1,279 @@
+"""ONNX Runtime inference on the tiny artifact with real MELD text and real speech: probabilities, modality
+placeholders, batch-composition invariance, bucketing, causality, int8, device selection, pre-processing."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from model.artifact import ArtifactError, Calibration, derive_artifact, load_artifact
+from model.audio import decode_audio
+from model.data.meld import group_dialogues, read_utterances
+from model.data.speech import read_clips
+from model.labels import EMOTIONS, SENTIMENTS
+from model.preprocess import (
+    PreprocessError,
+    Preprocessor,
+    collate,
+    in_original_order,
+    length_buckets,
+    speaker_indices,
+)
+from model.runtime import CUDA_PROVIDER, DeviceUnavailable, InferenceRuntime, TurnPrediction, UtteranceInput
+
+INVARIANCE_TOLERANCE = 1e-5
+INT8_TOLERANCE = 0.02  # probability gap; int8 is an approximation by design
+Dialogue = list[UtteranceInput]
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_artifact: Path) -> InferenceRuntime:
+    return InferenceRuntime.load(tiny_artifact, device="cpu", intra_op_threads=1)
+
+
+@pytest.fixture(scope="module")
+def speech(data_dir: Path) -> list[np.ndarray]:
+    """Real clips of different lengths: RAVDESS (OGG) and EmoDB (FLAC)."""
+    clips = read_clips(data_dir, "ravdess")[::240] + read_clips(data_dir, "emodb")[::180]
+    return [decode_audio(clip.path) for clip in clips]
+
+
+@pytest.fixture(scope="module")
+def dialogues(data_dir: Path, speech: list[np.ndarray]) -> list[Dialogue]:
+    """Eight MELD dev dialogues of different lengths; turns cycle through text only, text + audio, audio only."""
+    meld = group_dialogues(read_utterances(data_dir, "dev"))
+    chosen = sorted(meld, key=lambda d: len(d.utterances))[:: len(meld) // 8][:8]
+    clips = itertools.cycle(speech)
+    result = []
+    for dialogue in chosen:
+        turns = []
+        for index, utterance in enumerate(dialogue.utterances):
+            text = utterance.text if index % 3 != 2 else None
+            audio = next(clips) if index % 3 != 0 else None
+            turns.append(UtteranceInput(text=text, audio=audio, speaker=utterance.speaker))
+        result.append(turns)
+    return result
+
+
+def probabilities(scored: list[list[TurnPrediction]]) -> np.ndarray:
+    return np.array([np.concatenate([t.emotion_probs, t.sentiment_probs]) for d in scored for t in d])
+
+
+def test_loads_the_artifact_and_gives_distributions_over_its_labels(
+    runtime: InferenceRuntime, dialogues: list[Dialogue]
+) -> None:
+    assert runtime.version == "tiny-0.1" and runtime.providers == ("CPUExecutionProvider",)
+    assert runtime.emotions.names == EMOTIONS and runtime.sentiments.names == SENTIMENTS
+    scored = runtime.classify(dialogues, causal=False)
+    assert [len(turns) for turns in scored] == [len(d) for d in dialogues]
+    for turn in itertools.chain.from_iterable(scored):
+        assert turn.emotion_probs.shape == (len(EMOTIONS),) and turn.sentiment_probs.shape == (len(SENTIMENTS),)
+        assert turn.emotion_probs.sum() == pytest.approx(1, abs=1e-6)
+        assert turn.sentiment_probs.sum() == pytest.approx(1, abs=1e-6)
+        assert (turn.emotion_probs >= 0).all() and np.isfinite(turn.embedding).all()
+        assert turn.emotion == EMOTIONS[int(turn.emotion_probs.argmax())]
+        assert turn.sentiment == SENTIMENTS[int(turn.sentiment_probs.argmax())]
+        assert turn.embedding.shape == (runtime.embed_dim,)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_results_do_not_depend_on_batch_composition(
+    tiny_artifact: Path, runtime: InferenceRuntime, dialogues: list[Dialogue], causal: bool
+) -> None:
+    together = probabilities(runtime.classify(dialogues, causal))
+    alone = probabilities([runtime.classify([d], causal)[0] for d in dialogues])
+    small_batches = InferenceRuntime.load(tiny_artifact, device="cpu", max_batch_size=3)
+    reordered = probabilities(small_batches.classify(dialogues[::-1], causal)[::-1])
+    np.testing.assert_allclose(together, alone, atol=INVARIANCE_TOLERANCE, rtol=0)
+    np.testing.assert_allclose(together, reordered, atol=INVARIANCE_TOLERANCE, rtol=0)
+
+
+def test_encode_restores_the_input_order(runtime: InferenceRuntime, dialogues: list[Dialogue]) -> None:
+    turns = list(itertools.chain.from_iterable(dialogues))
+    permutation = np.random.default_rng(0).permutation(len(turns))
+    embeddings = runtime.encode(turns)
+    shuffled = runtime.encode([turns[i] for i in permutation])
+    singly = np.concatenate([runtime.encode([turn]) for turn in turns[:6]])
+    np.testing.assert_allclose(shuffled, embeddings[permutation], atol=INVARIANCE_TOLERANCE, rtol=0)
+    np.testing.assert_allclose(singly, embeddings[:6], atol=INVARIANCE_TOLERANCE, rtol=0)
+
+
+def test_text_only_audio_only_and_both(runtime: InferenceRuntime, data_dir: Path, speech: list[np.ndarray]) -> None:
+    text = read_utterances(data_dir, "dev")[0].text
+    clip = speech[0]
+    rows = [
+        UtteranceInput(text, None),
+        UtteranceInput(text, np.zeros(0, np.float32)),  # empty audio = no audio
+        UtteranceInput(None, clip),
+        UtteranceInput("   ", clip),  # blank text = no text
+        UtteranceInput(text, clip),
+    ]
+    text_only, text_empty_audio, audio_only, audio_blank_text, both = runtime.encode(rows)
+    np.testing.assert_allclose(text_only, text_empty_audio, atol=INVARIANCE_TOLERANCE)
+    np.testing.assert_allclose(audio_only, audio_blank_text, atol=INVARIANCE_TOLERANCE)
+    for a, b in itertools.combinations([text_only, audio_only, both], 2):
+        assert np.abs(a - b).max() > 1e-3
+    batch = collate(runtime.preprocessor.prepare([text, None, text], [None, clip, clip]))
+    assert batch.has_text.tolist() == [True, False, True] and batch.has_audio.tolist() == [False, True, True]
+    assert batch.audio_lengths.tolist() == [1, len(clip), len(clip)]
+    assert batch.input_ids[1, :2].tolist() == [101, 102] and batch.attention_mask[1].sum() == 2
+
+
+def test_causal_and_bidirectional_differ_only_with_context(
+    runtime: InferenceRuntime, dialogues: list[Dialogue]
+) -> None:
+    dialogue = max(dialogues, key=len)
+    bidirectional = probabilities(runtime.classify([dialogue], causal=False))
+    causal = probabilities(runtime.classify([dialogue], causal=True))
+    assert np.abs(bidirectional[0] - causal[0]).max() > 1e-4  # the first turn sees the future only when bidirectional
+    np.testing.assert_allclose(bidirectional[-1], causal[-1], atol=INVARIANCE_TOLERANCE)  # the last sees all either way
+    single = [dialogue[:1]]
+    np.testing.assert_allclose(
+        probabilities(runtime.classify(single, causal=False)),
+        probabilities(runtime.classify(single, causal=True)),
+        atol=INVARIANCE_TOLERANCE,
+    )
+
+
+def test_classify_is_encode_then_classify_embeddings(runtime: InferenceRuntime, dialogues: list[Dialogue]) -> None:
+    pairs = [(runtime.encode(d), [t.speaker for t in d]) for d in dialogues[:3]]
+    direct = probabilities(runtime.classify(dialogues[:3], causal=True))
+    np.testing.assert_allclose(probabilities(runtime.classify_embeddings(pairs, causal=True)), direct, atol=1e-6)
+    assert runtime.classify([], causal=False) == []
+    assert runtime.classify([[], dialogues[0][:1]], causal=False)[0] == []
+    assert runtime.encode([]).shape == (0, runtime.embed_dim)
+    with pytest.raises(PreprocessError, match="speakers"):
+        runtime.classify_embeddings([(runtime.encode(dialogues[-1]), ["a"])], causal=False)
+    with pytest.raises(PreprocessError, match="shape"):
+        runtime.classify_embeddings([(np.zeros((2, 3), np.float32), ["a", "b"])], causal=False)
+
+
+def test_calibration_temperature_scales_the_logits(
+    tiny_artifact: Path, runtime: InferenceRuntime, dialogues: list[Dialogue], tmp_path: Path
+) -> None:
+    hot = derive_artifact(
+        load_artifact(tiny_artifact), tmp_path / "hot", version="tiny-hot", calibration=Calibration(2.0, 0.5)
+    )
+    base = runtime.classify(dialogues[:2], causal=False)
+    scaled = InferenceRuntime.load(hot.path, device="cpu").classify(dialogues[:2], causal=False)
+    for plain, calibrated in zip(itertools.chain(*base), itertools.chain(*scaled), strict=True):
+        # log p = logits + constant, so softmax(log p / T) = softmax(logits / T)
+        for probs, expected_of, t in (
+            (calibrated.emotion_probs, plain.emotion_probs, 2.0),
+            (calibrated.sentiment_probs, plain.sentiment_probs, 0.5),
+        ):
+            expected = np.exp(np.log(expected_of.astype(np.float64)) / t)
+            np.testing.assert_allclose(probs, expected / expected.sum(), atol=1e-5)
+
+
+def int8_gaps(fp32: InferenceRuntime, int8: InferenceRuntime, dialogues: list[Dialogue]) -> tuple[float, float]:
+    """Largest probability gap int8 vs fp32, and int8 scored alone vs together (dynamic quantisation scales
+    activations per batch, so int8 is only approximately batch-independent)."""
+    together = probabilities(int8.classify(dialogues, causal=False))
+    alone = probabilities([int8.classify([d], causal=False)[0] for d in dialogues])
+    reference = probabilities(fp32.classify(dialogues, causal=False))
+    return float(np.abs(together - reference).max()), float(np.abs(together - alone).max())
+
+
+@pytest.fixture(scope="module")
+def int8(tiny_artifact: Path) -> InferenceRuntime:
+    return InferenceRuntime.load(tiny_artifact, device="cpu", precision="int8")
+
+
+def test_int8_precision_loads_and_stays_close_on_text(
+    runtime: InferenceRuntime, int8: InferenceRuntime, dialogues: list[Dialogue]
+) -> None:
+    assert int8.precision == "int8" and int8.version == runtime.version
+    text_only = [[UtteranceInput(t.text, None, t.speaker) for t in d if t.text] for d in dialogues]
+    scored = probabilities(int8.classify(text_only, causal=False))
+    np.testing.assert_allclose(scored.sum(axis=1), 2.0, atol=1e-5)
+    to_fp32, batch_dependence = int8_gaps(runtime, int8, text_only)
+    assert to_fp32 < INT8_TOLERANCE and batch_dependence < INT8_TOLERANCE
+
+
+def test_int8_stays_close_with_audio(
+    runtime: InferenceRuntime, int8: InferenceRuntime, dialogues: list[Dialogue]
+) -> None:
+    to_fp32, batch_dependence = int8_gaps(runtime, int8, dialogues)
+    assert to_fp32 < INT8_TOLERANCE and batch_dependence < INT8_TOLERANCE
+
+
+def test_int8_needs_the_int8_graph(tiny_artifact: Path, tmp_path: Path) -> None:
+    fp32_only = derive_artifact(
+        load_artifact(tiny_artifact), tmp_path / "fp32", version="fp32-only", graphs={"encoder.int8.onnx": None}
+    )
+    with pytest.raises(ArtifactError, match="encoder.int8.onnx"):
+        InferenceRuntime.load(fp32_only.path, precision="int8")
+
+
+@pytest.mark.skipif(CUDA_PROVIDER in ort.get_available_providers(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_a_clear_error(tiny_artifact: Path) -> None:
+    with pytest.raises(DeviceUnavailable, match="device 'cuda' requested but .* has no CUDAExecutionProvider"):
+        InferenceRuntime.load(tiny_artifact, device="cuda")
+    assert InferenceRuntime.load(tiny_artifact, device="auto").providers == ("CPUExecutionProvider",)
+
+
+def test_cuda_that_fails_to_initialise_is_an_error_not_a_silent_cpu_fallback(
+    tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build that lists CUDA but cannot start it (no driver, no cuDNN) falls back to CPU inside ONNX Runtime."""
+    if CUDA_PROVIDER in ort.get_available_providers():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA_PROVIDER, "CPUExecutionProvider"])
+    with pytest.raises(DeviceUnavailable, match="failed to initialise"):
+        InferenceRuntime.load(tiny_artifact, device="cuda")
+    assert InferenceRuntime.load(tiny_artifact, device="auto").providers == ("CPUExecutionProvider",)
+
+
+def test_bad_arguments(tiny_artifact: Path) -> None:
+    with pytest.raises(ValueError, match="device"):
+        InferenceRuntime.load(tiny_artifact, device="tpu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="precision"):
+        InferenceRuntime.load(tiny_artifact, precision="fp16")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="intra_op_threads"):
+        InferenceRuntime.load(tiny_artifact, intra_op_threads=-1)
+
+
+# ------------------------------------------------------------------------------------------- pre-processing
+
+
+def test_length_buckets_are_sorted_bounded_and_restorable() -> None:
+    keys = [(5, 3), (1, 9), (5, 1), (2, 2), (9, 9), (1, 1), (3, 7)]
+    buckets = length_buckets(keys, max_batch_size=3)
+    assert [len(b) for b in buckets] == [3, 3, 1]
+    assert sorted(np.concatenate(buckets).tolist()) == list(range(len(keys)))
+    flat = [keys[i] for i in np.concatenate(buckets)]
+    assert flat == sorted(keys)
+    results = [[f"item{i}" for i in bucket] for bucket in buckets]
+    assert in_original_order(buckets, results) == [f"item{i}" for i in range(len(keys))]
+    assert length_buckets([], 4) == []
+    with pytest.raises(ValueError):
+        length_buckets(keys, 0)
+
+
+def test_speaker_indices_follow_first_appearance_and_clip_to_the_cap() -> None:
+    speakers = ["Ross", "Rachel", "Ross", None, "Joey", "Monica", "Chandler", None]
+    assert speaker_indices(speakers, max_speakers=4).tolist() == [0, 1, 0, 2, 3, 3, 3, 2]
+    assert speaker_indices([], 4).tolist() == []
+
+
+def test_text_is_truncated_and_audio_is_cut_and_checked(runtime: InferenceRuntime, data_dir: Path) -> None:
+    preprocessor: Preprocessor = runtime.preprocessor
+    config = preprocessor.config
+    longest = " ".join(u.text for u in read_utterances(data_dir, "dev")[:40])
+    (ids, has_text), (empty, has_empty) = preprocessor.tokenize([longest, None])
+    assert len(ids) == config.max_tokens and ids[0] == 101 and ids[-1] == 102 and has_text
+    assert empty.tolist() == [101, 102] and not has_empty
+    long_audio = np.full(config.max_samples + 500, 0.1, np.float32)
+    wave, has_audio = preprocessor.waveform(long_audio)
+    assert len(wave) == config.max_samples and has_audio
+    with pytest.raises(PreprocessError, match="non-finite"):
+        preprocessor.waveform(np.array([0.0, np.nan], np.float32))
+    with pytest.raises(PreprocessError, match="1-D"):
+        preprocessor.waveform(np.zeros((2, 100), np.float32))
+    with pytest.raises(PreprocessError, match="2 texts but 1 audio"):
+        preprocessor.prepare(["a", "b"], [None])
