@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from equipoise.settings import SettingsError, get_settings
 
-Handler = Callable[[argparse.Namespace], int]
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from equipoise.db.models import RetrainingJob
+    from equipoise.settings import Settings
+    from model.registry import ModelRegistry
+
+# Requests still running after this long are cut off so that the prediction log is flushed before exit.
+GRACEFUL_SHUTDOWN_S = 30
 
 
 def _db(args: argparse.Namespace) -> int:
+    if args.db_command == "purge":
+        return _purge(args)
     from equipoise.db import migrate
     from equipoise.db.session import make_engine
 
@@ -45,12 +57,287 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_yet(name: str) -> Handler:
-    def handler(_args: argparse.Namespace) -> int:
-        print(f"equipoise {name}: not available in this version yet", file=sys.stderr)
-        return 2
+def _purge(args: argparse.Namespace) -> int:
+    from api.retention import purge
+    from equipoise.db.session import get_engine
 
-    return handler
+    days = args.days or get_settings().retention_days
+    result = purge(get_engine(), days)
+    print(
+        f"purged {result.predictions} predictions (and their feedback) created before {result.cutoff:%Y-%m-%d %H:%M} "
+        f"UTC, and {result.audio_files} stored audio files"
+    )
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from equipoise.db.session import get_engine
+    from model.registry import RegistryError
+
+    registry = _registry(get_engine())
+    try:
+        if args.models_command == "list":
+            for row in registry.list():
+                promoted = f"{row.promoted_at:%Y-%m-%d %H:%M}" if row.promoted_at else "-"
+                print(f"{row.version}\t{row.status.value}\t{row.artifact_sha256[:12]}\t{promoted}")
+        elif args.models_command == "register":
+            row = registry.register(args.artifact_dir)
+            print(f"registered {row.version} ({row.status.value}) in {row.artifact_path}")
+            if args.promote:
+                print(f"promoted {registry.promote(row.version).version} to champion")
+        elif args.models_command == "promote":
+            print(f"promoted {registry.promote(args.version).version} to champion")
+        else:
+            print(f"rolled back: {registry.rollback().version} is the champion again")
+    except RegistryError as error:
+        print(f"equipoise models: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _registry(engine: Engine) -> ModelRegistry:
+    from model.registry import ModelRegistry
+
+    registry_dir = get_settings().registry_dir
+    assert registry_dir is not None  # derived from state_dir when not set
+    return ModelRegistry(engine, registry_dir)
+
+
+def _serve(_args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+    from sqlalchemy.exc import OperationalError
+
+    from api.app import create_app
+    from api.auth import StartupRefused, check_exposure
+    from equipoise.db import migrate
+    from equipoise.db.session import make_engine
+    from model.registry import RegistryError
+
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = make_engine(str(settings.database_url))
+    try:
+        migrate.upgrade(str(settings.database_url))
+        check_exposure(settings, engine)  # refuses early with a clear message; the app logs the warning
+        _register_default_model(settings, engine)
+    except (StartupRefused, RegistryError, OperationalError) as error:
+        print(f"equipoise serve: {error}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
+    return 0
+
+
+def _register_default_model(settings: Settings, engine: Engine) -> None:
+    """On a database without any model, register `default_model_dir` and make it the champion."""
+    registry = _registry(engine)
+    if registry.list():
+        return
+    source = settings.default_model_dir
+    if source is None or not source.is_dir():
+        print(
+            f"equipoise serve: no model registered and no artifact at EQUIPOISE_DEFAULT_MODEL_DIR ({source}); "
+            "serving without a model (/readyz answers 503) until one is promoted",
+            file=sys.stderr,
+        )
+        return
+    registry.promote(registry.register(source).version)
+
+
+def _score(args: argparse.Namespace) -> int:
+    from scoring.command import run
+
+    return run(args, get_settings())
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.cli import train_command
+    from training.recipe import RecipeError
+    from training.run import RunError
+
+    settings = get_settings()
+    if settings.data_dir is None:
+        print("equipoise train: no data directory; set EQUIPOISE_DATA_DIR", file=sys.stderr)
+        return 2
+    try:
+        train_command(
+            args.recipe,
+            args.out or settings.state_dir / "runs",
+            settings.data_dir,
+            settings.state_dir / "cache",
+            seed=args.seed,
+            resume=args.resume,
+            device=settings.device,
+            progress=not args.quiet,
+        )
+    except (RecipeError, RunError) as error:
+        print(f"equipoise train: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from training.cli import export_command
+    from training.run import RunError
+
+    try:
+        export_command(args.run_dir, args.out, version=args.version)
+    except RunError as error:
+        print(f"equipoise export: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _monitor(_args: argparse.Namespace) -> int:
+    from equipoise.db.session import get_engine
+    from monitoring.runner import monitor_champion
+
+    run = monitor_champion(get_engine(), get_settings())
+    if run is None:
+        print("nothing to monitor: no champion, or it has served less than one window")
+        return 0
+    print(f"snapshots {run.snapshots}; collapse events {run.events}; retraining jobs queued {run.jobs}")
+    return 0
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
+
+
+def _score_arguments(score: argparse.ArgumentParser) -> None:
+    score.add_argument("input", type=Path, help="turns: .jsonl/.ndjson, .csv or .parquet")
+    score.add_argument("--out", type=Path, required=True, help="per-utterance predictions (format by suffix)")
+    score.add_argument("--summary", type=Path, help="per-conversation summary (format by suffix)")
+    score.add_argument("--audio-root", type=Path, help="directory audio paths are relative to (default: the input's)")
+    score.add_argument("--context", choices=["bidirectional", "causal"], default="bidirectional")
+    score.add_argument("--engine", choices=["local", "ray"], default="local")
+    score.add_argument("--model", type=Path, help="artifact directory (default: the registry's champion)")
+    score.add_argument("--log-to-db", action="store_true", help="also write the predictions to the database")
+    score.add_argument("--batch-size", type=_positive, default=64, help="turns per model call (default 64)")
+    score.add_argument("--actors", type=_positive, default=2, help="Ray actors, each with its own model (default 2)")
+    score.add_argument("--customer-speaker", default="customer", help="speaker whose escalations count")
+    score.add_argument(
+        "--escalation-threshold",
+        type=float,
+        default=0.2,
+        help="rise in anger probability that counts as an escalation (default 0.2)",
+    )
+    score.add_argument("--commit-rows", type=_positive, default=5_000, help="rows between resume points (default 5000)")
+    score.add_argument("--restart", action="store_true", help="ignore an earlier run's manifest and start over")
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import logging
+
+    from retraining.worker import run_worker
+
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_worker(settings, once=args.once, poll_s=args.poll, lease_s=args.lease)
+    return 0
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    import json
+
+    from equipoise.db.models import JobStatus, RetrainingJob
+    from equipoise.db.session import get_engine, session_scope
+    from retraining.queue import list_jobs, submit_job
+
+    with session_scope(get_engine()) as session:
+        if args.jobs_command == "list":
+            for job in list_jobs(session, status=JobStatus(args.status) if args.status else None, limit=args.limit):
+                print(
+                    f"{job.id}\t{job.status.value}\ttier {job.tier or 'auto'}\t{job.engine}\t{job.trigger.value}\t"
+                    f"{job.attempts}/{job.max_attempts}\t{job.created_at:%Y-%m-%d %H:%M}\t"
+                    f"{job.candidate_version or '-'}\t{job.reason.splitlines()[0] if job.reason else ''}"
+                )
+        elif args.jobs_command == "show":
+            job = session.get(RetrainingJob, args.id)
+            if job is None:
+                print(f"no job {args.id}", file=sys.stderr)
+                return 1
+            _print_job(job)
+        else:
+            try:
+                params = json.loads(args.params)
+                if not isinstance(params, dict):
+                    raise ValueError("--params must be a JSON object")
+                job = submit_job(session, reason=args.reason, tier=args.tier, engine=args.engine, params=params)
+            except ValueError as error:
+                print(f"equipoise jobs submit: {error}", file=sys.stderr)
+                return 2
+            print(f"queued job {job.id} (tier {job.tier or 'auto'}, engine {job.engine})")
+    return 0
+
+
+def _print_job(job: RetrainingJob) -> None:
+    import json
+
+    for name in (column.key for column in job.__table__.columns if column.key not in ("params", "result", "log")):
+        value = getattr(job, name)
+        print(f"{name}: {getattr(value, 'value', value) if value is not None else '-'}")
+    print(f"params: {json.dumps(job.params, sort_keys=True)}")
+    print(f"result: {json.dumps(job.result, indent=2, sort_keys=True)}")
+    print(f"log:\n{job.log}", end="")
+
+
+def _retraining_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    worker = commands.add_parser("worker", help="run the retraining worker (SIGTERM stops it gracefully)")
+    worker.add_argument("--once", action="store_true", help="exit when no job is claimable instead of polling")
+    worker.add_argument("--poll", type=float, default=5.0, help="seconds between polls of an empty queue (default 5)")
+    worker.add_argument("--lease", type=float, default=120.0, help="job lease in seconds, renewed by heartbeats")
+    worker.set_defaults(handler=_worker)
+
+    jobs = commands.add_parser("jobs", help="retraining jobs")
+    jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True)
+    listing = jobs_commands.add_parser("list", help="list jobs, newest first")
+    listing.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    listing.add_argument("--limit", type=_positive, default=50)
+    jobs_commands.add_parser("show", help="a job's fields, result and log").add_argument("id", type=int)
+    submit = jobs_commands.add_parser("submit", help="queue a retraining job")
+    submit.add_argument("--reason", required=True)
+    submit.add_argument("--tier", type=int, choices=[1, 2, 3], help="default: chosen from the labels available")
+    submit.add_argument("--engine", choices=["local", "ray"], default="local")
+    submit.add_argument("--params", default="{}", help='JSON object, e.g. \'{"gate": {"min_macro_f1_gain": 0.01}}\'')
+    jobs.set_defaults(handler=_jobs)
+
+
+def _training_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    train = commands.add_parser("train", help="train a model from a recipe")
+    train.add_argument("recipe", help="recipe file, or the name of one in training/recipes (e.g. default)")
+    train.add_argument("--out", type=Path, help="runs directory (default: <state_dir>/runs)")
+    train.add_argument("--seed", type=int, help="override the recipe's seed")
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue from the last checkpoint (of RUN_DIR when given); a run directory that holds a checkpoint "
+        "is continued even without this flag",
+    )
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(handler=_train)
+
+    export = commands.add_parser("export", help="export a training run to a model artifact")
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("--out", type=Path, required=True, help="artifact directory to create")
+    export.add_argument("--version", help="model version (default: recipe, seed and run time)")
+    export.set_defaults(handler=_export)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     db_commands.add_parser("downgrade", help="migrate down to a revision").add_argument("revision")
     db_commands.add_parser("current", help="show the current revision")
+    db_commands.add_parser("purge", help="delete predictions, feedback and audio past retention").add_argument(
+        "--days", type=int, default=None, help="keep this many days (default: the retention_days setting)"
+    )
     db.set_defaults(handler=_db)
 
     keys = commands.add_parser("keys", help="API keys (stored hashed)")
@@ -75,15 +365,27 @@ def build_parser() -> argparse.ArgumentParser:
     keys_commands.add_parser("revoke", help="revoke a key by name").add_argument("name")
     keys.set_defaults(handler=_keys)
 
-    for name, text in [
-        ("serve", "run the HTTP service"),
-        ("train", "train a model from a recipe"),
-        ("export", "export a training run to a model artifact"),
-        ("score", "batch-score call-centre logs"),
-        ("monitor", "run the monitoring job"),
-        ("worker", "run the retraining worker"),
-    ]:
-        commands.add_parser(name, help=text).set_defaults(handler=_not_yet(name))
+    models = commands.add_parser("models", help="the model registry")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    models_commands.add_parser("list", help="list registered versions, newest first")
+    register = models_commands.add_parser("register", help="copy a verified artifact into the registry")
+    register.add_argument("artifact_dir", type=Path)
+    register.add_argument("--promote", action="store_true", help="make it the champion too")
+    models_commands.add_parser("promote", help="make a version the champion").add_argument("version")
+    models_commands.add_parser("rollback", help="reject the champion and re-crown the previous one")
+    models.set_defaults(handler=_models)
+
+    commands.add_parser("serve", help="run the HTTP service").set_defaults(handler=_serve)
+    monitor = commands.add_parser("monitor", help="monitoring of the champion's logged predictions")
+    monitor.add_subparsers(dest="monitor_command", required=True).add_parser(
+        "run", help="snapshot every complete window not yet monitored; queue retraining on collapse"
+    )
+    monitor.set_defaults(handler=_monitor)
+    score = commands.add_parser("score", help="batch-score call-centre logs (resumable)")
+    _score_arguments(score)
+    score.set_defaults(handler=_score)
+    _retraining_commands(commands)
+    _training_commands(commands)
     return parser
 
 

@@ -70,11 +70,14 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     intra_op_threads: int = Field(default=0, ge=0, le=256, description="0 lets ONNX Runtime decide.")
     precision: Literal["fp32", "int8"] = "fp32"
+    default_model_dir: Path | None = Field(default=None, description="Champion to register on a new database.")
+    model_poll_interval_s: float = Field(default=5.0, gt=0, description="How often the service checks the champion.")
 
     # Service
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     auth_enabled: bool | None = Field(default=None, description="Default: off on loopback, required elsewhere.")
+    api_key_cache_s: float = Field(default=30.0, ge=0, description="How long a checked API key is trusted.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # Limits (documented in README "Limits")
@@ -101,6 +104,7 @@ class Settings(BaseSettings):
     minority_classes: Annotated[tuple[str, ...], NoDecode] = ("sadness", "disgust", "fear")
     monitor_interval_s: float = Field(default=300.0, gt=0)
     monitor_window: int = Field(default=500, ge=10)
+    monitor_in_service: bool = Field(default=True, description="Run the monitor on a schedule inside `serve`.")
 
     @field_validator("minority_classes", mode="before")
     @classmethod
@@ -116,8 +120,12 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def binds_loopback(self) -> bool:
+        return _is_loopback(self.host)
+
+    @property
     def auth_required(self) -> bool:
-        return self.auth_enabled if self.auth_enabled is not None else not _is_loopback(self.host)
+        return self.auth_enabled if self.auth_enabled is not None else not self.binds_loopback
 
     @classmethod
     def settings_customise_sources(

@@ -1,0 +1,170 @@
+"""Micro-batching of concurrent requests into model calls.
+
+Requests wait in a bounded asyncio queue; a full queue refuses at once (`Overloaded`), so waiting is never
+unbounded. One task forms batches: it takes the first waiting request, then keeps adding requests until the
+batch holds `max_size` utterances or `max_wait_s` has passed since the first, and scores the batch on a single
+worker thread so the event loop never blocks on ONNX Runtime. A request that would overflow the batch opens
+the next one. Dialogues of the two context modes are scored in separate calls (`causal` is a graph input).
+If a batch call fails, its requests are retried one by one so one bad input cannot fail its neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from model.runtime import TurnPrediction, UtteranceInput
+
+from api.metrics import Metrics
+from api.reload import LoadedModel, ModelHolder
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(RuntimeError):
+    """The queue is full."""
+
+
+class ModelUnavailable(RuntimeError):
+    """No model is loaded, or the service is stopping."""
+
+
+@dataclass(frozen=True)
+class Scored:
+    model: LoadedModel
+    turns: list[TurnPrediction]
+
+
+@dataclass(eq=False)
+class _Request:
+    dialogue: list[UtteranceInput]
+    causal: bool
+    future: asyncio.Future[Scored] = field(repr=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.dialogue)
+
+
+Outcome = list[TurnPrediction] | Exception
+
+
+class MicroBatcher:
+    def __init__(
+        self, holder: ModelHolder, metrics: Metrics, *, max_size: int, max_wait_s: float, queue_limit: int
+    ) -> None:
+        self._holder = holder
+        self._metrics = metrics
+        self._max_size = max_size
+        self._max_wait_s = max_wait_s
+        self._queue: asyncio.Queue[_Request] = asyncio.Queue(maxsize=queue_limit)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="equipoise-model")
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="equipoise-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        while not self._queue.empty():
+            _fail(self._queue.get_nowait(), ModelUnavailable("the service is stopping"))
+        self._executor.shutdown(wait=True)
+
+    async def score(self, dialogue: list[UtteranceInput], causal: bool) -> Scored:
+        if self._holder.current is None:
+            raise ModelUnavailable(self._holder.last_error or "no model is loaded")
+        request = _Request(dialogue, causal, asyncio.get_running_loop().create_future())
+        try:
+            self._queue.put_nowait(request)
+        except asyncio.QueueFull:
+            self._metrics.rejected.inc()
+            raise Overloaded(f"{self._queue.maxsize} requests are already waiting") from None
+        self._metrics.queue_depth.set(self._queue.qsize())
+        return await request.future
+
+    async def _run(self) -> None:
+        carry: _Request | None = None
+        while True:
+            batch, carry = await self._collect(carry)
+            self._metrics.queue_depth.set(self._queue.qsize())
+            live = [request for request in batch if not request.future.done()]  # skip callers that left
+            if live:
+                try:
+                    await self._dispatch(live)
+                except Exception as error:  # never let one batch kill the loop
+                    log.exception("batch failed")
+                    for request in live:
+                        _fail(request, error)
+
+    async def _collect(self, carry: _Request | None) -> tuple[list[_Request], _Request | None]:
+        first = carry or await self._queue.get()
+        batch, size = [first], first.size
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._max_wait_s
+        while size < self._max_size:
+            try:
+                request = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    request = await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    break
+            if size + request.size > self._max_size:
+                return batch, request
+            batch.append(request)
+            size += request.size
+        return batch, None
+
+    async def _dispatch(self, batch: list[_Request]) -> None:
+        model = self._holder.current
+        if model is None:
+            for request in batch:
+                _fail(request, ModelUnavailable(self._holder.last_error or "no model is loaded"))
+            return
+        self._metrics.batch_size.observe(sum(request.size for request in batch))
+        loop = asyncio.get_running_loop()
+        outcomes = await loop.run_in_executor(self._executor, _score_batch, model, batch)
+        for request, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                _fail(request, outcome)
+            elif not request.future.done():
+                request.future.set_result(Scored(model, outcome))
+
+
+def _fail(request: _Request, error: Exception) -> None:
+    if not request.future.done():
+        request.future.set_exception(error)
+
+
+def _score_batch(model: LoadedModel, batch: list[_Request]) -> list[Outcome]:
+    """Runs on the model thread: one call per context mode, then one by one if a call fails."""
+    outcomes: dict[int, Outcome] = {}
+    groups: dict[bool, list[int]] = defaultdict(list)
+    for position, request in enumerate(batch):
+        groups[request.causal].append(position)
+    for causal, positions in groups.items():
+        outcomes.update(_score_group(model, [batch[p].dialogue for p in positions], positions, causal))
+    return [outcomes[position] for position in range(len(batch))]
+
+
+def _score_group(
+    model: LoadedModel, dialogues: list[list[UtteranceInput]], positions: list[int], causal: bool
+) -> dict[int, Outcome]:
+    try:
+        return dict(zip(positions, model.runtime.classify(dialogues, causal), strict=True))
+    except Exception as error:
+        if len(dialogues) == 1:
+            log.exception("model call failed for one request")
+            return {positions[0]: error}
+    outcomes: dict[int, Outcome] = {}
+    for position, dialogue in zip(positions, dialogues, strict=True):
+        outcomes.update(_score_group(model, [dialogue], [position], causal))
+    return outcomes

@@ -1,0 +1,56 @@
+"""Prometheus metrics of one app, in a registry of its own (several apps can live in one test process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+CONFIDENCE_BUCKETS = tuple(round(0.1 * step, 1) for step in range(1, 11))
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.request_latency = Histogram(
+            "equipoise_http_request_duration_seconds",
+            "HTTP request latency.",
+            ["route", "method", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge("equipoise_http_requests_in_flight", "HTTP requests being served.", registry=r)
+        self.batch_size = Histogram(
+            "equipoise_batch_size_utterances", "Utterances per model call.", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("equipoise_batch_queue_depth", "Requests waiting for the model.", registry=r)
+        self.rejected = Counter(
+            "equipoise_batch_rejected_total", "Requests refused because the queue was full.", registry=r
+        )
+        self.predictions = Counter(
+            "equipoise_predictions_total", "Predicted utterances.", ["emotion", "model_version"], registry=r
+        )
+        self.confidence = Histogram(
+            "equipoise_prediction_confidence",
+            "Probability of the predicted emotion.",
+            ["model_version"],
+            buckets=CONFIDENCE_BUCKETS,
+            registry=r,
+        )
+        self.log_lag = Gauge(
+            "equipoise_log_lag_seconds", "Age of the oldest prediction not yet in the database.", registry=r
+        )
+        self.spooled_rows = Gauge(
+            "equipoise_log_spooled_rows", "Prediction rows in the local spool, waiting for the database.", registry=r
+        )
+        self.log_rows = Counter(
+            "equipoise_log_rows_total", "Prediction rows by logging outcome.", ["outcome"], registry=r
+        )
+        self.model_info = Info("equipoise_model", "The model being served.", registry=r)
+        self.model_loaded = Gauge("equipoise_model_loaded", "1 while a model is loaded.", registry=r)
+        self.reloads = Counter("equipoise_model_reloads_total", "Model loads by outcome.", ["outcome"], registry=r)
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

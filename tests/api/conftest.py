@@ -1,0 +1,310 @@
+"""Fixtures of the API tests: a fake runtime for fast in-process apps, fabricated artifacts for the registry, and
+a real `equipoise serve` process for the integration tests."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, create_engine, make_url, text
+from sqlalchemy.exc import OperationalError
+
+from api.app import create_app
+from equipoise.db import migrate
+from equipoise.db.models import ModelStatus, ModelVersion
+from equipoise.db.session import make_engine, session_scope
+from equipoise.settings import Settings, load_settings
+from model.artifact import write_artifact
+from model.labels import EMOTIONS, SENTIMENTS, LabelSet
+from model.preprocess import PreprocessingConfig
+from model.runtime import TurnPrediction, UtteranceInput
+from tests.conftest import POSTGRES_ADMIN_URL, REQUIRE_POSTGRES
+
+FAKE_VERSION = "fake-1"
+
+
+def without_equipoise_environment(patch: pytest.MonkeyPatch) -> None:
+    """Settings are built explicitly here; stray EQUIPOISE_* variables (CI sets some) must not leak in."""
+    for key in [key for key in os.environ if key.startswith("EQUIPOISE_")]:
+        patch.delenv(key)
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    without_equipoise_environment(monkeypatch)
+
+
+# ------------------------------------------------------------------------------------------------ fake runtime
+
+
+@dataclass
+class FakeRuntime:
+    """Deterministic probabilities from a hash of each turn's text and position; records every call."""
+
+    version: str = FAKE_VERSION
+    emotions: LabelSet = LabelSet(EMOTIONS)
+    sentiments: LabelSet = LabelSet(SENTIMENTS)
+    providers: tuple[str, ...] = ("FakeExecutionProvider",)
+    delay_s: float = 0.0
+    poison: float = 1.0  # multiplies the probabilities: NaN or 2.0 make a model the probe must refuse
+    calls: list[tuple[list[int], bool]] = field(default_factory=list)
+
+    def classify(self, dialogues: list[list[UtteranceInput]], causal: bool) -> list[list[TurnPrediction]]:
+        self.calls.append(([len(dialogue) for dialogue in dialogues], causal))
+        if any(turn.text == "explode" for dialogue in dialogues for turn in dialogue):
+            raise RuntimeError("the fake model cannot score 'explode'")
+        time.sleep(self.delay_s)
+        return [[self._turn(turn, index, causal) for index, turn in enumerate(dialogue)] for dialogue in dialogues]
+
+    def _turn(self, turn: UtteranceInput, index: int, causal: bool) -> TurnPrediction:
+        seed = hashlib.sha256(f"{turn.text}|{turn.audio is not None}|{index}|{causal}".encode()).digest()
+        emotion = _softmax(np.frombuffer(seed[: len(self.emotions)], dtype=np.uint8) / 32.0) * self.poison
+        sentiment = _softmax(np.frombuffer(seed[8 : 8 + len(self.sentiments)], dtype=np.uint8) / 32.0)
+        return TurnPrediction(
+            emotion=self.emotions.name(int(np.nanargmax(emotion))) if np.isfinite(emotion).any() else "neutral",
+            emotion_probs=emotion.astype(np.float32),
+            sentiment=self.sentiments.name(int(sentiment.argmax())),
+            sentiment_probs=sentiment.astype(np.float32),
+            embedding=np.frombuffer(seed, dtype=np.uint8).astype(np.float32)[:16],
+        )
+
+
+def _softmax(values: np.ndarray) -> np.ndarray:
+    weights = np.exp(values - values.max())
+    return weights / weights.sum()
+
+
+def add_version(engine: Engine, version: str = FAKE_VERSION, status: ModelStatus = ModelStatus.CHAMPION) -> None:
+    """A model_versions row without an artifact, for apps served by FakeRuntime."""
+    with session_scope(engine) as session:
+        session.add(
+            ModelVersion(
+                version=version,
+                status=status,
+                artifact_path=f"/nonexistent/{version}",
+                artifact_sha256=hashlib.sha256(version.encode()).hexdigest(),
+                labels=list(EMOTIONS),
+            )
+        )
+
+
+# ------------------------------------------------------------------------------------------------ in-process app
+
+
+def settings_for(root: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "state_dir": root / "state",
+        "database_url": f"sqlite:///{root / 'equipoise.db'}",
+        "log_flush_interval_s": 0.05,
+        "model_poll_interval_s": 0.2,
+    }
+    return load_settings(**(values | overrides))
+
+
+@dataclass
+class InProcess:
+    client: TestClient
+    settings: Settings
+    engine: Engine
+    runtimes: list[FakeRuntime]
+
+    @property
+    def state(self) -> Any:
+        return self.client.app.state.service  # type: ignore[attr-defined]
+
+
+RuntimeFactory = Callable[[ModelVersion], FakeRuntime]
+
+
+@contextlib.contextmanager
+def in_process_app(
+    settings: Settings, runtime: RuntimeFactory | None = None, champion: bool = True
+) -> Iterator[InProcess]:
+    """The app on a migrated database whose champion (a row without artifact) is served by FakeRuntime."""
+    migrate.upgrade(str(settings.database_url))
+    engine = make_engine(str(settings.database_url))
+    if champion:
+        add_version(engine)
+    runtimes: list[FakeRuntime] = []
+
+    def loader(row: ModelVersion) -> FakeRuntime:
+        runtimes.append(runtime(row) if runtime else FakeRuntime(version=row.version))
+        return runtimes[-1]
+
+    try:
+        with TestClient(create_app(settings, loader=loader), raise_server_exceptions=False) as client:
+            yield InProcess(client, settings, engine, runtimes)
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture()
+def start_app(tmp_path: Path) -> Iterator[Callable[..., InProcess]]:
+    """start(runtime=None, champion=True, **settings) -> a running in-process app, stopped after the test."""
+    with contextlib.ExitStack() as stack:
+
+        def start(runtime: RuntimeFactory | None = None, champion: bool = True, **overrides: Any) -> InProcess:
+            return stack.enter_context(in_process_app(settings_for(tmp_path, **overrides), runtime, champion))
+
+        yield start
+
+
+def wait_for(condition: Callable[[], Any], timeout_s: float = 10.0, interval_s: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        time.sleep(interval_s)
+
+
+def count_rows(engine: Engine, table: str = "predictions") -> int:
+    with engine.connect() as connection:
+        return int(connection.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
+
+
+# ------------------------------------------------------------------------------------------------ artifacts
+
+
+def fake_artifact(directory: Path, version: str, emotions: tuple[str, ...] = EMOTIONS) -> Path:
+    """A verifiable artifact whose graphs are placeholders: enough for the registry, not for ONNX Runtime."""
+    parts = directory / f"{version}-parts"
+    parts.mkdir(parents=True)
+    for name in ("encoder.onnx", "context.onnx"):
+        (parts / name).write_bytes(f"{name} of {version}".encode())
+    (parts / "tokenizer.json").write_text(json.dumps({"version": version}))
+    write_artifact(
+        directory / version,
+        version=version,
+        graphs={"encoder.onnx": parts / "encoder.onnx", "context.onnx": parts / "context.onnx"},
+        tokenizer=parts / "tokenizer.json",
+        model_config={"emotions": list(emotions), "sentiments": list(SENTIMENTS), "embed_dim": 16},
+        preprocessing=PreprocessingConfig(),
+        card_text=f"# {version}\n",
+    )
+    return directory / version
+
+
+# ------------------------------------------------------------------------------------------------ PostgreSQL
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh PostgreSQL database (the same server and skip rules as tests/conftest.py's `postgres_url`), for
+    fixtures wider than one test."""
+    admin = create_engine(
+        POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}, pool_pre_ping=True
+    )
+    name = f"equipoise_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    except OperationalError as error:
+        admin.dispose()
+        if REQUIRE_POSTGRES:
+            pytest.fail(f"PostgreSQL required (EQUIPOISE_REQUIRE_POSTGRES=1) but unreachable: {error}")
+        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_ADMIN_URL}")
+    try:
+        yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+# ------------------------------------------------------------------------------------------------ real server
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    database_url: str
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30, **kwargs)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout_s: float = 30) -> int:
+        """Graceful stop (SIGTERM, as a process manager does); the exit status (uvicorn re-raises the signal
+        after its graceful shutdown, so -SIGTERM is a clean exit too)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait()
+
+
+def server_environment(state_dir: Path, database_url: str, **settings: str) -> dict[str, str]:
+    """The environment of a server process: nothing inherited from EQUIPOISE_*, test-friendly defaults."""
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("EQUIPOISE_")}
+    chosen = {
+        "state_dir": str(state_dir),
+        "database_url": database_url,
+        "device": "cpu",
+        "intra_op_threads": "1",
+        "log_flush_interval_s": "0.1",
+        "model_poll_interval_s": "0.5",
+    } | settings
+    environment.update({f"EQUIPOISE_{name.upper()}": value for name, value in chosen.items()})
+    return environment
+
+
+@contextlib.contextmanager
+def running_server(state_dir: Path, database_url: str, *, ready: bool = True, **settings: str) -> Iterator[Server]:
+    """`python -m equipoise serve` on a free loopback port; waits for /readyz (or /healthz when not `ready`)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log_path = state_dir / f"server-{port}.log"
+    environment = server_environment(state_dir, database_url, port=str(port), **settings)
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "equipoise", "serve"], stdout=log_file, stderr=subprocess.STDOUT, env=environment
+        )
+    server = Server(f"http://127.0.0.1:{port}", process, log_path, database_url)
+    try:
+        _wait_until_up(server, "/readyz" if ready else "/healthz")
+        yield server
+    finally:
+        server.stop()
+
+
+def _wait_until_up(server: Server, path: str, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise AssertionError(f"server exited with {server.process.returncode}:\n{server.log()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(server.url + path, timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"server not up on {path} within {timeout_s} s:\n{server.log()}")

@@ -1,0 +1,156 @@
+"""Micro-batching: concurrent requests share model calls, a full queue refuses at once, failures stay isolated."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from api.batcher import MicroBatcher, ModelUnavailable, Overloaded, Scored
+from api.metrics import Metrics
+from api.reload import LoadedModel, ModelHolder
+from model.runtime import UtteranceInput
+from tests.api.conftest import FakeRuntime
+
+
+def _holder(runtime: FakeRuntime) -> ModelHolder:
+    holder = ModelHolder()
+    holder.current = LoadedModel(runtime, runtime.version, "0" * 64)
+    return holder
+
+
+def run(test: Callable[[MicroBatcher], Awaitable[Any]], holder: ModelHolder, **options: Any) -> Any:
+    """Run `test` against a started batcher on a fresh event loop."""
+    settings = {"max_size": 16, "max_wait_s": 0.02, "queue_limit": 64} | options
+
+    async def main() -> Any:
+        batcher = MicroBatcher(holder, Metrics(), **settings)
+        batcher.start()
+        try:
+            return await test(batcher)
+        finally:
+            await batcher.stop()
+
+    return asyncio.run(main())
+
+
+def turn(text: str, speaker: str = "a") -> UtteranceInput:
+    return UtteranceInput(text=text, audio=None, speaker=speaker)
+
+
+def test_concurrent_requests_are_scored_together_and_get_their_own_results() -> None:
+    runtime = FakeRuntime(delay_s=0.02)
+
+    async def burst(batcher: MicroBatcher) -> list[Scored]:
+        return await asyncio.gather(*(batcher.score([turn(f"utterance {i}")], causal=False) for i in range(40)))
+
+    results = run(burst, _holder(runtime))
+    sizes = [sum(lengths) for lengths, _causal in runtime.calls]
+    assert sum(sizes) == 40 and max(sizes) <= 16 and len(runtime.calls) <= 6
+    alone = FakeRuntime()
+    for i, result in enumerate(results):
+        (expected,) = alone.classify([[turn(f"utterance {i}")]], causal=False)[0]
+        np.testing.assert_array_equal(result.turns[0].emotion_probs, expected.emotion_probs)
+
+
+def test_a_full_queue_refuses_immediately_instead_of_queuing() -> None:
+    runtime = FakeRuntime(delay_s=0.3)
+
+    async def overload(batcher: MicroBatcher) -> float:
+        first = asyncio.ensure_future(batcher.score([turn("busy")], causal=False))
+        await asyncio.sleep(0.05)  # the first request is on the model thread now
+        waiting = [asyncio.ensure_future(batcher.score([turn(f"wait {i}")], causal=False)) for i in range(2)]
+        await asyncio.sleep(0)
+        started = time.perf_counter()
+        with pytest.raises(Overloaded):
+            await batcher.score([turn("one too many")], causal=False)
+        refused_after = time.perf_counter() - started
+        await asyncio.gather(first, *waiting)
+        return refused_after
+
+    assert run(overload, _holder(runtime), max_size=1, queue_limit=2) < 0.05
+
+
+def test_context_modes_are_scored_in_separate_calls() -> None:
+    runtime = FakeRuntime(delay_s=0.05)
+
+    async def mixed(batcher: MicroBatcher) -> None:
+        await asyncio.gather(
+            batcher.score([turn("a"), turn("b", "x")], causal=True),
+            batcher.score([turn("c")], causal=False),
+            batcher.score([turn("d")], causal=True),
+        )
+
+    run(mixed, _holder(runtime))
+    by_mode: dict[bool, int] = {}
+    for lengths, causal in runtime.calls:
+        by_mode[causal] = by_mode.get(causal, 0) + sum(lengths)
+    assert by_mode == {True: 3, False: 1}
+
+
+def test_a_failing_request_does_not_fail_its_batch_neighbours() -> None:
+    runtime = FakeRuntime(delay_s=0.01)
+
+    async def neighbours(batcher: MicroBatcher) -> list[Any]:
+        return await asyncio.gather(
+            batcher.score([turn("fine")], causal=False),
+            batcher.score([turn("explode")], causal=False),
+            batcher.score([turn("also fine")], causal=False),
+            return_exceptions=True,
+        )
+
+    fine, exploded, also_fine = run(neighbours, _holder(runtime))
+    assert isinstance(fine, Scored) and isinstance(also_fine, Scored)
+    assert isinstance(exploded, RuntimeError)
+
+
+def test_a_dialogue_longer_than_the_batch_is_scored_alone() -> None:
+    runtime = FakeRuntime()
+
+    async def long_dialogue(batcher: MicroBatcher) -> Scored:
+        return await batcher.score([turn(str(i)) for i in range(40)], causal=False)
+
+    assert len(run(long_dialogue, _holder(runtime)).turns) == 40
+    assert runtime.calls == [([40], False)]
+
+
+def test_without_a_model_requests_are_refused() -> None:
+    async def no_model(batcher: MicroBatcher) -> None:
+        with pytest.raises(ModelUnavailable):
+            await batcher.score([turn("hello")], causal=False)
+
+    run(no_model, ModelHolder())
+
+
+def test_a_swap_during_a_call_leaves_in_flight_requests_on_the_old_model() -> None:
+    old, new = FakeRuntime(version="old", delay_s=0.2), FakeRuntime(version="new")
+    holder = _holder(old)
+
+    async def swap(batcher: MicroBatcher) -> tuple[str, str]:
+        in_flight = asyncio.ensure_future(batcher.score([turn("hello")], causal=False))
+        await asyncio.sleep(0.08)
+        holder.current = LoadedModel(new, "new", "1" * 64)
+        after = await batcher.score([turn("hello")], causal=False)
+        return (await in_flight).model.version, after.model.version
+
+    assert run(swap, holder) == ("old", "new")
+
+
+def test_the_event_loop_keeps_running_while_the_model_works() -> None:
+    runtime = FakeRuntime(delay_s=0.3)
+
+    async def responsiveness(batcher: MicroBatcher) -> float:
+        work = asyncio.ensure_future(batcher.score([turn("slow")], causal=False))
+        await asyncio.sleep(0.03)
+        worst = 0.0
+        while not work.done():
+            started = time.perf_counter()
+            await asyncio.sleep(0.01)
+            worst = max(worst, time.perf_counter() - started)
+        return worst
+
+    assert run(responsiveness, _holder(runtime)) < 0.2  # a blocked loop would stall for the whole 0.3 s

@@ -1,0 +1,215 @@
+"""Prediction logging: batched, redacted, spooled through a database outage and replayed once, in order."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Connection, Engine, select
+from sqlalchemy.exc import OperationalError
+
+from api import crud
+from api.metrics import Metrics
+from api.prediction_log import PredictionLogger, PredictionRecord, RowPreparer, Spool
+from equipoise.db import migrate
+from equipoise.db.models import Prediction, RequestKind
+from equipoise.db.session import make_engine, session_scope
+from tests.api.conftest import FAKE_VERSION, add_version, count_rows, wait_for
+
+
+def record(text: str | None = "hello", *, version: str = FAKE_VERSION, audio: bytes | None = None) -> PredictionRecord:
+    return PredictionRecord(
+        id=uuid.uuid4(),
+        created_at=datetime.now(UTC),
+        model_version=version,
+        request_kind=RequestKind.UTTERANCE,
+        context_mode=None,
+        conversation_id=None,
+        turn_index=None,
+        speaker="customer",
+        text=text,
+        has_audio=audio is not None,
+        audio=audio,
+        audio_seconds=1.0 if audio else None,
+        label="joy",
+        label_index=1,
+        confidence=0.5,
+        probabilities=[0.1, 0.5, 0.1, 0.1, 0.1, 0.05, 0.05],
+        sentiment="positive",
+        latency_ms=3.0,
+        embedding=b"\0\0\x80?" * 4,
+    )
+
+
+@pytest.fixture()
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    add_version(engine)
+    yield engine
+    engine.dispose()
+
+
+class Outage:
+    """Makes the prediction insert fail like an unreachable database while `down`; records inserted ids."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.down = False
+        self.inserted: list[uuid.UUID] = []
+        real = crud.insert_predictions_if_absent
+
+        def insert(connection: Connection, rows: list[dict[str, Any]]) -> None:
+            if self.down:
+                raise OperationalError("INSERT", {}, Exception("connection refused"))
+            real(connection, rows)
+            self.inserted.extend(row["id"] for row in rows)
+
+        monkeypatch.setattr(crud, "insert_predictions_if_absent", insert)
+
+
+def make_logger(engine: Engine, tmp_path: Path, **options: Any) -> tuple[PredictionLogger, Metrics]:
+    metrics = Metrics()
+    preparer = RowPreparer(redact_text=options.pop("redact_text", True), audio_dir=options.pop("audio_dir", None))
+    settings = {"flush_rows": 8, "flush_interval_s": 0.05} | options
+    logger = PredictionLogger(engine, Spool(tmp_path / "spool"), preparer, metrics, **settings)
+    logger.RETRY_FIRST_S = 0.05
+    return logger, metrics
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    assert value is not None
+    return value
+
+
+def test_rows_are_written_once_with_redacted_text_and_the_hash_of_the_original(engine: Engine, tmp_path: Path) -> None:
+    logger, _ = make_logger(engine, tmp_path)
+    logger.start()
+    original = "call me on +1 415 555 0100 or write to ann@example.com"
+    records = [record(original), record(None), *(record(f"turn {i}") for i in range(20))]
+    logger.submit(records)
+    assert logger.flush(timeout_s=5)
+    logger.close()
+    with session_scope(engine) as session:
+        rows = {row.id: row for row in session.scalars(select(Prediction))}
+    assert set(rows) == {r.id for r in records}
+    first = rows[records[0].id]
+    assert first.text == "call me on [PHONE] or write to [EMAIL]" and first.text_redacted
+    assert first.text_sha256 == hashlib.sha256(original.encode()).hexdigest()
+    assert rows[records[1].id].text is None and not rows[records[1].id].has_text
+    assert first.embedding == records[0].embedding and first.probabilities == records[0].probabilities
+
+
+def test_without_redaction_the_text_is_stored_as_sent(engine: Engine, tmp_path: Path) -> None:
+    logger, _ = make_logger(engine, tmp_path, redact_text=False)
+    logger.start()
+    logger.submit([record("ann@example.com")])
+    logger.close()
+    with session_scope(engine) as session:
+        assert session.scalars(select(Prediction.text)).one() == "ann@example.com"
+
+
+def test_raw_audio_is_stored_only_when_enabled(engine: Engine, tmp_path: Path) -> None:
+    logger, _ = make_logger(engine, tmp_path, audio_dir=tmp_path / "audio")
+    logger.start()
+    stored, text_only = record(audio=b"RIFF....WAVEfmt "), record()
+    logger.submit([stored, text_only])
+    logger.close()
+    with session_scope(engine) as session:
+        paths = dict(session.execute(select(Prediction.id, Prediction.audio_path)).all())
+    assert paths[text_only.id] is None
+    assert Path(paths[stored.id]).suffix == ".wav" and Path(paths[stored.id]).read_bytes() == stored.audio
+
+
+def test_an_outage_spools_then_replays_every_row_once_in_order(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outage = Outage(monkeypatch)
+    logger, metrics = make_logger(engine, tmp_path)
+    logger.start()
+    before = [record(f"before {i}") for i in range(5)]
+    logger.submit(before)
+    assert logger.flush(5)
+    outage.down = True
+    during = [record(f"during {i}") for i in range(30)]
+    for start in range(0, 30, 3):
+        logger.submit(during[start : start + 3])
+    assert logger.flush(5)
+    assert logger.spooled_rows == 30 and sample(metrics, "equipoise_log_spooled_rows") == 30
+    assert list((tmp_path / "spool").glob("segment-*.jsonl")) and count_rows(engine) == 5
+    outage.down = False
+    after = [record(f"after {i}") for i in range(4)]
+    logger.submit(after)
+    wait_for(lambda: count_rows(engine) == 39)
+    logger.close()
+    assert outage.inserted == [r.id for r in before + during + after]
+    assert logger.spooled_rows == 0 and not list((tmp_path / "spool").glob("segment-*.jsonl"))
+    assert sample(metrics, "equipoise_log_spooled_rows") == 0
+    assert sample(metrics, "equipoise_log_rows_total", outcome="replayed") >= 30  # `after` may queue behind
+
+
+def test_replay_is_idempotent_when_rows_are_already_stored(engine: Engine, tmp_path: Path) -> None:
+    logger, _ = make_logger(engine, tmp_path)
+    logger.start()
+    records = [record(f"r{i}") for i in range(6)]
+    logger.submit(records)
+    logger.close()
+    # A crash after the insert committed but before the segment was deleted leaves stored rows in the spool.
+    preparer = RowPreparer(redact_text=True, audio_dir=None)
+    Spool(tmp_path / "spool").append([preparer(r) for r in records[:4]] + [preparer(record("only in spool"))])
+    restarted, _ = make_logger(engine, tmp_path)
+    assert restarted.spooled_rows == 5
+    restarted.start()
+    wait_for(lambda: restarted.spooled_rows == 0)
+    restarted.close()
+    assert count_rows(engine) == 7
+
+
+def test_a_torn_last_spool_line_is_skipped(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    preparer = RowPreparer(redact_text=True, audio_dir=None)
+    spool.append([preparer(record("kept"))])
+    (segment,) = spool.segments()
+    with segment.open("a") as handle:
+        handle.write('{"id": "torn')
+    reopened = Spool(tmp_path / "spool")
+    assert reopened.rows == 1 and [row["text"] for row in reopened.read(segment)] == ["kept"]
+    reopened.append([preparer(record("next"))])
+    assert len(reopened.segments()) == 2  # a new process never appends behind a torn line
+
+
+def test_a_row_the_database_refuses_is_set_aside_without_blocking_the_others(engine: Engine, tmp_path: Path) -> None:
+    logger, metrics = make_logger(engine, tmp_path)
+    logger.start()
+    good, orphan = record("good"), record("orphan", version="no-such-version")
+    logger.submit([good, orphan, record("good too")])
+    logger.close()
+    assert count_rows(engine) == 2
+    (line,) = (tmp_path / "spool" / "rejected.jsonl").read_text().splitlines()
+    assert json.loads(line)["row"]["id"] == str(orphan.id)
+    assert sample(metrics, "equipoise_log_rows_total", outcome="rejected") == 1
+
+
+def test_close_writes_what_is_still_in_memory_to_the_spool_when_the_database_is_down(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outage = Outage(monkeypatch)
+    logger, _ = make_logger(engine, tmp_path, flush_interval_s=60.0, flush_rows=1000)
+    logger.start()
+    outage.down = True
+    records = [record(f"last words {i}") for i in range(7)]
+    logger.submit(records)
+    logger.close()
+    assert Spool(tmp_path / "spool").rows == 7
+    outage.down = False
+    restarted, _ = make_logger(engine, tmp_path)
+    restarted.start()
+    wait_for(lambda: count_rows(engine) == 7)
+    restarted.close()

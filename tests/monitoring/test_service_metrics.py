@@ -1,0 +1,41 @@
+"""The running service monitors itself on a schedule and exports every series the dashboard and alerts read."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.api.conftest import running_server
+from tests.monitoring.test_prometheus_files import metrics_used
+
+FEEDBACK = ["anger", "fear", "sadness", "disgust", "neutral"]
+TEXTS = ["I can't believe you did that!", "Okay, fine.", "That is wonderful news!", "I'm so sorry for your loss."]
+
+
+def _sample_names(client: httpx.Client) -> set[str]:
+    text = client.get("/metrics").text
+    return {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_service_schedules_monitoring_and_exports_every_series_used(tmp_path: Path, tiny_artifact: Path) -> None:
+    settings = {
+        "default_model_dir": str(tiny_artifact),
+        "monitor_window": "20",
+        "monitor_interval_s": "0.5",
+    }
+    database = f"sqlite:///{tmp_path / 'equipoise.db'}"
+    with running_server(tmp_path / "state", database, **settings) as server, server.client() as client:
+        for i in range(60):
+            response = client.post("/v1/predict/utterance", json={"text": TEXTS[i % len(TEXTS)]})
+            assert response.status_code == 200, response.text
+            if i % 2 == 0:  # feedback on every other prediction, minority classes included
+                label = FEEDBACK[(i // 2) % len(FEEDBACK)]
+                body = {"prediction_id": response.json()["prediction_id"], "label": label}
+                assert client.post("/v1/feedback", json=body).status_code == 201
+        deadline = time.monotonic() + 60
+        while (missing := sorted(metrics_used() - _sample_names(client))) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    assert missing == [], f"used by the dashboard or the rules but not exported: {missing}"
