@@ -1,0 +1,121 @@
+"""`equipoise score`: the command-line options turned into a scoring run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from equipoise.settings import Settings
+from model.registry import RegistryError
+from model.runtime import DeviceUnavailable
+from scoring.engine import Engine, RuntimeSpec
+from scoring.pipeline import ScoreConfig, run_header, run_key, run_scoring
+from scoring.summary import SummaryOptions
+
+if TYPE_CHECKING:
+    from scoring.database import PredictionLog
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    with ExitStack() as cleanup:
+        try:
+            config = _config(args, settings)
+            spec = _spec(args, settings)
+            engine = _engine(args, spec, cleanup)
+            log = _log(args, settings, config, engine, spec, cleanup)
+            report = run_scoring(config, engine, log=log)
+        except (ValueError, LookupError, OSError, DeviceUnavailable, RegistryError) as error:  # the user can fix these
+            print(f"equipoise score: {error}", file=sys.stderr)
+            return 2
+    print(report.text())
+    return 0
+
+
+def _config(args: argparse.Namespace, settings: Settings) -> ScoreConfig:
+    return ScoreConfig(
+        input=args.input,
+        output=args.out,
+        summary=args.summary,
+        audio_root=args.audio_root,
+        causal=args.context == "causal",
+        batch_turns=args.batch_size,
+        commit_rows=args.commit_rows,
+        max_text_chars=settings.max_text_chars,
+        max_audio_bytes=settings.max_audio_bytes,
+        max_audio_seconds=settings.max_audio_seconds,
+        summary_options=SummaryOptions(customer=args.customer_speaker, escalation_threshold=args.escalation_threshold),
+        restart=args.restart,
+    )
+
+
+def _spec(args: argparse.Namespace, settings: Settings) -> RuntimeSpec:
+    return RuntimeSpec(_model_dir(args, settings), settings.device, _threads(args, settings), settings.precision)
+
+
+def _model_dir(args: argparse.Namespace, settings: Settings) -> Path:
+    """--model, else the registry's champion, else the configured default model."""
+    if args.model is not None:
+        return args.model
+    champion = _champion_dir(settings)
+    if champion is not None:
+        return champion
+    if settings.default_model_dir is not None:
+        return settings.default_model_dir
+    raise LookupError("no model: pass --model ARTIFACT_DIR (the registry has no champion)")
+
+
+def _champion_dir(settings: Settings) -> Path | None:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from equipoise.db.session import make_engine
+    from model.registry import ModelRegistry
+
+    engine = make_engine(str(settings.database_url))
+    try:
+        champion = ModelRegistry(engine, Path(settings.registry_dir)).champion()
+    except SQLAlchemyError:  # no database yet: no champion
+        return None
+    finally:
+        engine.dispose()
+    return Path(champion.artifact_path) if champion is not None else None
+
+
+def _threads(args: argparse.Namespace, settings: Settings) -> int:
+    # Ray actors get one CPU each; ONNX Runtime's default (every core) would oversubscribe the node.
+    return settings.intra_op_threads or (1 if args.engine == "ray" else 0)
+
+
+def _engine(args: argparse.Namespace, spec: RuntimeSpec, cleanup: ExitStack) -> Engine:
+    if args.engine == "local":
+        from scoring.local import LocalEngine
+
+        return LocalEngine.load(spec)
+    import ray
+
+    from scoring.ray_engine import RayEngine
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)  # RAY_ADDRESS selects a running cluster
+        cleanup.callback(ray.shutdown)
+    return RayEngine.from_spec(spec, actors=args.actors)
+
+
+def _log(
+    args: argparse.Namespace,
+    settings: Settings,
+    config: ScoreConfig,
+    engine: Engine,
+    spec: RuntimeSpec,
+    cleanup: ExitStack,
+) -> PredictionLog | None:
+    if not args.log_to_db:
+        return None
+    from scoring.database import PredictionLog
+
+    log = PredictionLog(settings, run_key(run_header(config, engine.model)), engine.model.version, config.causal)
+    cleanup.callback(log.close)
+    log.ensure_model_version(spec.artifact_dir)
+    return log
