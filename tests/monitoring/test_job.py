@@ -44,7 +44,9 @@ def engine(database_url: str) -> Iterator[Engine]:
     migrate.upgrade(database_url)
     engine = make_engine(database_url)
     with session_scope(engine) as session:
-        session.add(ModelVersion(version="v1", status=ModelStatus.CHAMPION, artifact_path="-", artifact_sha256="0" * 64))
+        session.add(
+            ModelVersion(version="v1", status=ModelStatus.CHAMPION, artifact_path="-", artifact_sha256="0" * 64)
+        )
     yield engine
     engine.dispose()
 

@@ -1,0 +1,231 @@
+"""Collapse simulation on real MELD test turns: does monitoring stay quiet when it should and fire when it must?
+
+A real model scores MELD dev (the reference) and test (the stream) once. Windows are bootstrap samples of
+test turns. The *stationary* stream serves the healthy model's probabilities in every window; the
+*collapse* stream switches, after a few healthy windows, to a degraded model whose head is biased toward
+the majority class (a constant added to its logit), the way a model drifts when its priors go stale.
+Every window goes through the production analysis (`analyse_window`) and detector (`CollapseDetector`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from equipoise.settings import get_settings
+from model.data.meld import group_dialogues, read_utterances
+from model.runtime import InferenceRuntime, UtteranceInput
+from monitoring.analysis import ReferenceProfile, analyse_window
+from monitoring.collapse import CollapseDetector, CollapseRules
+from monitoring.estimation import class_shares, mean_recall, measure_recall
+
+
+@dataclass(frozen=True)
+class ScoredSplit:
+    """A model's probabilities, embeddings and the gold labels of one split."""
+
+    names: tuple[str, ...]
+    probabilities: np.ndarray
+    embeddings: np.ndarray
+    true: np.ndarray
+
+
+@dataclass(frozen=True)
+class WindowRecord:
+    window: int
+    degraded: bool
+    majority_share: float
+    drifted: bool
+    js_distance: float
+    minority_recall_measured: float | None
+    minority_recall_estimated: float | None
+    suspicious: bool
+    fired: bool
+
+
+def degrade(probabilities: np.ndarray, names: Sequence[str], majority: str, bias: float) -> np.ndarray:
+    """The same model with `bias` added to the majority class's logit."""
+    logits = np.log(np.clip(probabilities, 1e-12, 1.0))
+    logits[:, list(names).index(majority)] += bias
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def reference_profile(dev: ScoredSplit, minority: Sequence[str], reference_rows: int = 1000) -> ReferenceProfile:
+    predicted = dev.probabilities.argmax(axis=1)
+    rows = np.random.default_rng(0).choice(len(dev.embeddings), min(reference_rows, len(dev.embeddings)), replace=False)
+    return ReferenceProfile(
+        names=dev.names,
+        class_shares=class_shares(predicted, dev.names),
+        minority=tuple(minority),
+        minority_recall=mean_recall(measure_recall(dev.true, predicted, dev.names), minority),
+        embeddings=dev.embeddings[rows],
+    )
+
+
+def run_stream(
+    test: ScoredSplit,
+    reference: ReferenceProfile,
+    *,
+    windows: int,
+    window_size: int,
+    degrade_from: int | None,
+    bias: float,
+    rules: CollapseRules,
+    seed: int,
+    report_dir: Path | None = None,
+) -> list[WindowRecord]:
+    """Score `windows` bootstrap windows through analysis and detection; all turns carry labels, so the
+    measured recall is exact and the estimate can be judged against it. With `report_dir`, the Evidently
+    report of the first window on which the detector fires is kept there."""
+    rng = np.random.default_rng(seed)
+    degraded = degrade(test.probabilities, test.names, reference.majority, bias)
+    detector = CollapseDetector(rules)
+    records: list[WindowRecord] = []
+    for w in range(windows):
+        rows = rng.choice(len(test.true), window_size, replace=True)
+        is_degraded = degrade_from is not None and w >= degrade_from
+        probabilities = (degraded if is_degraded else test.probabilities)[rows]
+        keep_report = report_dir is not None and not any(r.fired for r in records) and is_degraded
+        findings = analyse_window(
+            probabilities,
+            test.true[rows],
+            reference,
+            embeddings=test.embeddings[rows],
+            report_dir=report_dir / f"window_{w:03d}" if keep_report and report_dir else None,
+        )
+        decision = detector.observe(findings.signals(reference))
+        records.append(
+            WindowRecord(
+                window=w,
+                degraded=is_degraded,
+                majority_share=findings.majority_share,
+                drifted=findings.drift.drifted,
+                js_distance=findings.drift.js_distance,
+                minority_recall_measured=findings.minority_recall_measured,
+                minority_recall_estimated=findings.minority_recall_estimated,
+                suspicious=decision.suspicious,
+                fired=decision.fired,
+            )
+        )
+    return records
+
+
+def tracking_error(records: Sequence[WindowRecord]) -> dict[str, float]:
+    """How far the label-free minority recall strays from the measured one, over windows."""
+    gaps = np.array(
+        [
+            abs(r.minority_recall_estimated - r.minority_recall_measured)
+            for r in records
+            if r.minority_recall_estimated is not None and r.minority_recall_measured is not None
+        ]
+    )
+    return {
+        "mean_abs": float(gaps.mean()),
+        "max_abs": float(gaps.max()),
+        "share_within_0.1": float((gaps <= 0.1).mean()),
+    }
+
+
+def plot_stream(records: Sequence[WindowRecord], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    windows = [r.window for r in records]
+    figure, axis = plt.subplots(figsize=(9, 4))
+    axis.plot(windows, [r.majority_share for r in records], label="majority share")
+    axis.plot(windows, [r.minority_recall_measured for r in records], label="minority recall (measured)")
+    axis.plot(windows, [r.minority_recall_estimated for r in records], "--", label="minority recall (estimated)")
+    for r in records:
+        if r.fired:
+            axis.axvline(r.window, color="red", linestyle=":", label="collapse event")
+    first_degraded = next((r.window for r in records if r.degraded), None)
+    if first_degraded is not None:
+        axis.axvspan(first_degraded - 0.5, windows[-1] + 0.5, color="grey", alpha=0.15, label="degraded model")
+    axis.set(xlabel="window", ylim=(0, 1), title=title)
+    axis.legend(loc="upper left", fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def summarise(records: Sequence[WindowRecord]) -> dict[str, object]:
+    fired = [r.window for r in records if r.fired]
+    first_degraded = next((r.window for r in records if r.degraded), None)
+    delay = None if first_degraded is None or not fired else fired[0] - first_degraded + 1
+    return {
+        "windows": len(records),
+        "events": fired,
+        "windows_to_detect": delay,
+        "false_alarms": [w for w in fired if first_degraded is None or w < first_degraded],
+        "tracking": tracking_error(records),
+        "healthy_tracking": tracking_error([r for r in records if not r.degraded]),
+        "records": [asdict(r) for r in records],
+    }
+
+
+def score_meld(runtime: InferenceRuntime, data_dir: Path, split: str) -> ScoredSplit:
+    """Score every MELD dialogue of `split` with bidirectional context, as batch scoring does."""
+    dialogues = group_dialogues(read_utterances(data_dir, split))
+    inputs = [[UtteranceInput(u.text, None, u.speaker) for u in d.utterances] for d in dialogues]
+    turns = [turn for dialogue in runtime.classify(inputs, causal=False) for turn in dialogue]
+    names = runtime.emotions.names
+    return ScoredSplit(
+        names=names,
+        probabilities=np.stack([t.emotion_probs for t in turns]).astype(np.float64),
+        embeddings=np.stack([t.embedding for t in turns]),
+        true=np.array([names.index(u.emotion) for d in dialogues for u in d.utterances]),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="model artifact directory")
+    parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=Path("docs/simulation"))
+    parser.add_argument("--windows", type=int, default=100)
+    parser.add_argument("--window-size", type=int, default=500)
+    parser.add_argument("--bias", type=float, default=2.0, help="logit added to the majority class when degraded")
+    args = parser.parse_args(argv)
+    data_dir = args.data_dir or get_settings().data_dir
+    runtime = InferenceRuntime.load(args.model, device="cpu")
+    dev, test = score_meld(runtime, data_dir, "dev"), score_meld(runtime, data_dir, "test")
+    reference = reference_profile(dev, get_settings().minority_classes)
+    rules = CollapseRules(min_predictions=args.window_size)
+    common = {"window_size": args.window_size, "bias": args.bias, "rules": rules}
+    stationary = run_stream(test, reference, windows=args.windows, degrade_from=None, seed=1, **common)
+    collapse = run_stream(
+        test, reference, windows=20, degrade_from=10, seed=2, report_dir=args.out / "evidently", **common
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot_stream(stationary, "Stationary stream (healthy model)", args.out / "stationary.png")
+    plot_stream(
+        collapse, f"Collapse stream (+{args.bias} on the majority logit from window 10)", args.out / "collapse.png"
+    )
+    summary = {
+        "model": runtime.version,
+        "reference": {"class_shares": dict(reference.class_shares), "minority_recall": reference.minority_recall},
+        "stationary": summarise(stationary),
+        "collapse": summarise(collapse),
+    }
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    for name in ("stationary", "collapse"):
+        part = summary[name]
+        print(
+            f"{name}: events {part['events']}, windows to detect {part['windows_to_detect']}, "
+            f"tracking {part['tracking']}, healthy tracking {part['healthy_tracking']}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
