@@ -4,7 +4,8 @@
     tokenizer.json                                              the text tokenizer
     config.json                     {"format", "version", "model": ModelConfig dict (label sets included),
                                      "preprocessing": {max_tokens, sample_rate, max_audio_seconds, max_speakers}}
-    calibration.json                {"temperature", "sentiment_temperature"}: probs = softmax(logits / T)
+    calibration.json                {"temperature", "sentiment_temperature", "estimation_weights"}:
+                                    probs = softmax(logits / T); monitoring's posteriors = normalise(probs * w)
     reference_distribution.json     {emotion: predicted share on dev} for drift monitoring ({} if not measured)
     metrics.json, MODEL_CARD.md
     manifest.json                   {"format", "files": {name: {"sha256", "size"}}}, every other file
@@ -24,7 +25,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -72,11 +73,21 @@ class ArtifactError(ValueError):
 class Calibration:
     temperature: float = 1.0
     sentiment_temperature: float = 1.0
+    # Per-class weights w for label-free recall estimation: posteriors = normalise(probs * w). A model trained to
+    # favour rare classes (logit-adjusted loss, post-hoc offsets) serves probabilities whose argmax is the
+    # decision rule but whose values under-state the majority class; w, fitted on dev, restores calibrated
+    # posteriors for monitoring without touching the served labels. None = all ones.
+    estimation_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         for name, value in (("temperature", self.temperature), ("sentiment_temperature", self.sentiment_temperature)):
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive finite number, not {value!r}")
+        if self.estimation_weights is not None:
+            weights = tuple(float(w) for w in self.estimation_weights)
+            if not all(math.isfinite(w) and w > 0 for w in weights):
+                raise ValueError(f"estimation_weights must be positive finite numbers, not {weights!r}")
+            object.__setattr__(self, "estimation_weights", weights)
 
 
 @dataclass(frozen=True)
@@ -247,6 +258,7 @@ def export_artifact(
     version: str,
     calibration_temperature: float = 1.0,
     sentiment_temperature: float = 1.0,
+    estimation_weights: Sequence[float] | None = None,
     reference_distribution: Mapping[str, float] | None = None,
     metrics: Mapping[str, Any] | None = None,
     card_text: str | None = None,
@@ -277,7 +289,11 @@ def export_artifact(
             tokenizer=pretrained_dir() / TOKENIZER_FILE,
             model_config=config.to_dict(),
             preprocessing=preprocessing,
-            calibration=Calibration(calibration_temperature, sentiment_temperature),
+            calibration=Calibration(
+                calibration_temperature,
+                sentiment_temperature,
+                None if estimation_weights is None else tuple(estimation_weights),
+            ),
             reference_distribution=reference_distribution,
             metrics=metrics,
             card_text=card_text,
@@ -453,6 +469,10 @@ def _parse_metadata(root: Path, files: Mapping[str, FileEntry], sha256: str) -> 
         calibration = Calibration(**calibration_data)
     except (TypeError, ValueError) as error:
         raise ArtifactError(f"{CALIBRATION_FILE} is malformed: {error}", file=CALIBRATION_FILE) from None
+    weights = calibration.estimation_weights
+    if weights is not None and len(weights) != len(emotions.names):
+        message = f"{CALIBRATION_FILE}: {len(weights)} estimation weights for {len(emotions.names)} emotions"
+        raise ArtifactError(message, file=CALIBRATION_FILE)
     metrics = _read_json(root, METRICS_FILE)
     if not isinstance(metrics, dict):
         raise ArtifactError(f"{METRICS_FILE} must hold a JSON object", file=METRICS_FILE)

@@ -1,9 +1,11 @@
-"""Temperature scaling (Guo et al. 2017): one scalar T fitted on dev logits by minimising the NLL."""
+"""Calibration fitted on dev: temperature scaling (Guo et al. 2017), one scalar T minimising the NLL; and the
+per-class estimation weights of the artifact (model/artifact.py Calibration), which turn served probabilities
+into calibrated posteriors for label-free recall estimation."""
 
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import minimize_scalar
+from scipy.optimize import minimize, minimize_scalar
 from scipy.special import log_softmax
 
 from training.common import ArrayLike, Logits, to_numpy
@@ -32,3 +34,19 @@ def apply_temperature(logits: Logits, temperature: float) -> Logits:
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     return logits / temperature
+
+
+def fit_estimation_weights(probs: ArrayLike, labels: ArrayLike) -> tuple[float, ...]:
+    """Per-class w minimising dev NLL of normalise(probs * w): a bias on the log-probabilities, convex, so
+    L-BFGS finds the optimum; w is scaled so that its geometric mean is 1."""
+    log_p = np.log(np.clip(to_numpy(probs).astype(np.float64), 1e-12, None))
+    y = to_numpy(labels).astype(np.int64)
+    rows = np.arange(len(y))
+
+    def nll_and_grad(bias: np.ndarray) -> tuple[float, np.ndarray]:
+        log_q = log_softmax(log_p + bias, axis=1)
+        grad = np.exp(log_q).sum(axis=0) - np.bincount(y, minlength=log_p.shape[1])
+        return float(-log_q[rows, y].sum() / len(y)), grad / len(y)
+
+    bias = minimize(nll_and_grad, np.zeros(log_p.shape[1]), jac=True, method="L-BFGS-B").x
+    return tuple(float(w) for w in np.exp(bias - bias.mean()))

@@ -1,0 +1,1 @@
+"""Benchmarks that train recipes over several seeds and write docs/ (see meld_imbalance.py)."""
