@@ -142,7 +142,7 @@ def _register_default_model(settings: Settings, engine: Engine) -> None:
     registry = _registry(engine)
     if registry.list():
         return
-    source = settings.default_model_dir
+    source = settings.default_model_dir or _shipped_default(settings)
     if source is None or not source.is_dir():
         print(
             f"equipoise serve: no model registered and no artifact at EQUIPOISE_DEFAULT_MODEL_DIR ({source}); "
@@ -151,6 +151,40 @@ def _register_default_model(settings: Settings, engine: Engine) -> None:
         )
         return
     registry.promote(registry.register(source).version)
+
+
+def _shipped_default(settings: Settings) -> Path | None:
+    """The default model shipped in model/default/, assembled on first use (None when it cannot be)."""
+    from model.default_model import DefaultModelError, shipped_artifact
+
+    if not settings.shipped_default:
+        return None
+    print("equipoise: assembling the shipped default model (first start only, about a minute)", file=sys.stderr)
+    try:
+        return shipped_artifact(settings.state_dir)
+    except (DefaultModelError, ModuleNotFoundError, OSError) as error:
+        print(f"equipoise: the shipped default model cannot be assembled: {error}", file=sys.stderr)
+        return None
+
+
+def _default(args: argparse.Namespace) -> int:
+    from model.default_model import SHIPPED_DIR, shipped_artifact
+
+    settings = get_settings()
+    if args.default_command == "assemble":
+        print(shipped_artifact(settings.state_dir))
+        return 0
+    if settings.data_dir is None:
+        print("equipoise default: no data directory; set EQUIPOISE_DATA_DIR", file=sys.stderr)
+        return 2
+    from training.release import rebuild, release_from_run
+
+    if args.default_command == "build":
+        release_from_run(args.run_dir, args.into or SHIPPED_DIR, settings.data_dir, args.version)
+        return 0
+    out = args.out or settings.state_dir / "default-rebuilt"
+    print(rebuild(settings.state_dir / "runs", settings.data_dir, settings.state_dir / "cache", out))
+    return 0
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -338,6 +372,19 @@ def _training_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     export.add_argument("--out", type=Path, required=True, help="artifact directory to create")
     export.add_argument("--version", help="model version (default: recipe, seed and run time)")
     export.set_defaults(handler=_export)
+
+    default = commands.add_parser("default", help="the shipped default model (model/default/)")
+    default_commands = default.add_subparsers(dest="default_command", required=True)
+    default_commands.add_parser("assemble", help="assemble and verify it into the state directory; print the path")
+    build = default_commands.add_parser("build", help="write model/default/ (delta, release, card) from a run")
+    build.add_argument("run_dir", type=Path)
+    build.add_argument("--into", type=Path, help="directory to write (default: model/default/)")
+    build.add_argument("--version", required=True, help="release version, e.g. equipoise-default-1.1.0")
+    rebuild = default_commands.add_parser(
+        "rebuild", help="train the default recipe from the data directory and compare with the committed card"
+    )
+    rebuild.add_argument("--out", type=Path, help="release directory to write (default: STATE/default-rebuilt)")
+    default.set_defaults(handler=_default)
 
 
 def build_parser() -> argparse.ArgumentParser:

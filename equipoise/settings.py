@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(default=0, ge=0, le=256, description="0 lets ONNX Runtime decide.")
     precision: Literal["fp32", "int8"] = "fp32"
     default_model_dir: Path | None = Field(default=None, description="Champion to register on a new database.")
+    shipped_default: bool = Field(
+        default=True,
+        description="Without default_model_dir, assemble the default shipped in model/default/ and use it.",
+    )
     model_poll_interval_s: float = Field(default=5.0, gt=0, description="How often the service checks the champion.")
 
     # Service

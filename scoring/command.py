@@ -56,7 +56,7 @@ def _spec(args: argparse.Namespace, settings: Settings) -> RuntimeSpec:
 
 
 def _model_dir(args: argparse.Namespace, settings: Settings) -> Path:
-    """--model, else the registry's champion, else the configured default model."""
+    """--model, else the registry's champion, else the configured default model, else the shipped default."""
     if args.model is not None:
         return args.model
     champion = _champion_dir(settings)
@@ -64,7 +64,11 @@ def _model_dir(args: argparse.Namespace, settings: Settings) -> Path:
         return champion
     if settings.default_model_dir is not None:
         return settings.default_model_dir
-    raise LookupError("no model: pass --model ARTIFACT_DIR (the registry has no champion)")
+    if not settings.shipped_default:
+        raise LookupError("no model: pass --model ARTIFACT_DIR (the registry has no champion)")
+    from model.default_model import shipped_artifact
+
+    return shipped_artifact(settings.state_dir)
 
 
 def _champion_dir(settings: Settings) -> Path | None:

@@ -35,8 +35,12 @@ class Commit:
         return sum(rows for _, rows in self.conversations) + len(self.records)
 
     def to_json(self) -> dict[str, Any]:
-        return {"positions": self.positions, "conversations": self.conversations, "records": self.records,
-                "errors": self.errors}
+        return {
+            "positions": self.positions,
+            "conversations": self.conversations,
+            "records": self.records,
+            "errors": self.errors,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Commit:
@@ -141,5 +145,7 @@ def _read_lines(path: Path) -> tuple[list[dict[str, Any]], int]:
 def _mismatch(path: Path, found: dict[str, Any], expected: dict[str, Any]) -> str:
     keys = sorted(key for key in found.keys() | expected.keys() if found.get(key) != expected.get(key))
     details = "; ".join(f"{key}: {found.get(key)!r} then, {expected.get(key)!r} now" for key in keys)
-    return (f"{path} belongs to another run ({details}); pass --restart to score from the beginning, "
-            "or choose another output")
+    return (
+        f"{path} belongs to another run ({details}); pass --restart to score from the beginning, "
+        "or choose another output"
+    )

@@ -101,8 +101,13 @@ def run_scoring(config: ScoreConfig, engine: Engine, *, log: PredictionLog | Non
     finally:
         manifest.close()
     return RunReport(
-        progress.rows, progress.conversations, progress.errors, resumed, time.perf_counter() - start,
-        _outputs(config), log.written if log is not None else 0,
+        progress.rows,
+        progress.conversations,
+        progress.errors,
+        resumed,
+        time.perf_counter() - start,
+        _outputs(config),
+        log.written if log is not None else 0,
     )
 
 
@@ -144,8 +149,16 @@ def run_header(config: ScoreConfig, model: ModelInfo) -> dict[str, Any]:
 
 def run_key(header: dict[str, Any]) -> str:
     """Identifies the predictions of a run whatever its outputs: the input, the model and the context."""
-    keys = ("input", "input_size", "input_mtime_ns", "model_version", "model_sha256", "precision", "context",
-            "audio_root")
+    keys = (
+        "input",
+        "input_size",
+        "input_mtime_ns",
+        "model_version",
+        "model_sha256",
+        "precision",
+        "context",
+        "audio_root",
+    )
     return hashlib.sha256(json.dumps([header[key] for key in keys]).encode()).hexdigest()
 
 
@@ -168,8 +181,15 @@ def _score(
         for name, path in zip((OUTPUT, SUMMARY), _outputs(config), strict=False):
             sinks[name] = open_sink(path, schemas[name], positions.get(name))
         committer = _Committer(config, engine.model, sinks, manifest, progress, log)
-        with tqdm(total=scan.records, initial=progress.rows, unit=" turns", desc="scoring", disable=_hidden(config),
-                  dynamic_ncols=True, smoothing=0.05) as bar:
+        with tqdm(
+            total=scan.records,
+            initial=progress.rows,
+            unit=" turns",
+            desc="scoring",
+            disable=_hidden(config),
+            dynamic_ncols=True,
+            smoothing=0.05,
+        ) as bar:
             for chunk in engine.score(_plan(config, scan, progress), _options(config, log)):
                 for item in chunk:
                     committer.add(item)

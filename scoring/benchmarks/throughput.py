@@ -90,8 +90,9 @@ def peak_rss_mib() -> float:
 
 def measure(engine: LocalEngine, source: Path, work: Path, batch_size: int) -> Measurement:
     out = work / f"scored-{source.suffix.lstrip('.')}.jsonl"
-    config = ScoreConfig(input=source, output=out, summary=out.with_suffix(".summary.jsonl"), batch_turns=batch_size,
-                         restart=True)
+    config = ScoreConfig(
+        input=source, output=out, summary=out.with_suffix(".summary.jsonl"), batch_turns=batch_size, restart=True
+    )
     reset = reset_peak_rss()
     report = run_scoring(config, engine)
     return Measurement(source.suffix.lstrip("."), report, peak_rss_mib(), reset)
@@ -101,22 +102,27 @@ def markdown(measurements: Iterable[Measurement]) -> str:
     lines = ["| input | turns | conversations | errors | wall s | turns/s | peak RSS MiB |", "|" + "---|" * 7]
     for m in measurements:
         r = m.report
-        lines.append(f"| {m.source} | {r.rows:,} | {r.conversations:,} | {sum(r.errors.values()):,} | "
-                     f"{r.seconds:,.1f} | {r.throughput:,.0f} | {m.peak_rss_mib:,.0f}{'' if m.peak_reset else ' *'} |")
+        lines.append(
+            f"| {m.source} | {r.rows:,} | {r.conversations:,} | {sum(r.errors.values()):,} | "
+            f"{r.seconds:,.1f} | {r.throughput:,.0f} | {m.peak_rss_mib:,.0f}{'' if m.peak_reset else ' *'} |"
+        )
     return "\n".join(lines)
 
 
 def describe(engine: LocalEngine, args: argparse.Namespace, write_seconds: dict[str, float]) -> str:
     written = ", ".join(f"{kind} {seconds:.1f} s" for kind, seconds in write_seconds.items())
     model = engine.model
-    return "\n".join([
-        f"- model: {model.version} ({model.precision}), artifact sha256 {(model.sha256 or '?')[:12]}",
-        f"- input: MELD test replicated to {args.turns:,} turns (text only); writing the inputs took {written}",
-        f"- scoring: local engine, bidirectional context, batch {args.batch_size} turns, per-utterance JSONL output "
-        "and JSONL summary; wall time includes the counting pass, reading, inference, writing and commits",
-        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs; ONNX Runtime "
-        f"{ort.__version__} intra-op threads {args.threads or 'default'}; python {platform.python_version()}",
-    ])
+    return "\n".join(
+        [
+            f"- model: {model.version} ({model.precision}), artifact sha256 {(model.sha256 or '?')[:12]}",
+            f"- input: MELD test replicated to {args.turns:,} turns (text only); writing the inputs took {written}",
+            f"- scoring: local engine, bidirectional context, batch {args.batch_size} turns, per-utterance JSONL "
+            "output "
+            "and JSONL summary; wall time includes the counting pass, reading, inference, writing and commits",
+            f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs; ONNX Runtime "
+            f"{ort.__version__} intra-op threads {args.threads or 'default'}; python {platform.python_version()}",
+        ]
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

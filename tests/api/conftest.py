@@ -220,7 +220,7 @@ def postgres_database() -> Iterator[str]:
     except OperationalError as error:
         admin.dispose()
         if REQUIRE_POSTGRES:
-            pytest.fail(f"PostgreSQL required (EQUIPOISE_REQUIRE_POSTGRES=1) but unreachable: {error}")
+            pytest.fail(f"PostgreSQL required (TESTS_REQUIRE_POSTGRES=1) but unreachable: {error}")
         pytest.skip(f"PostgreSQL not reachable at {POSTGRES_ADMIN_URL}")
     try:
         yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
@@ -274,6 +274,7 @@ def server_environment(state_dir: Path, database_url: str, **settings: str) -> d
         "intra_op_threads": "1",
         "log_flush_interval_s": "0.1",
         "model_poll_interval_s": "0.5",
+        "shipped_default": "false",  # assembling it takes a minute; tests of it ask for it
     } | settings
     environment.update({f"EQUIPOISE_{name.upper()}": value for name, value in chosen.items()})
     return environment

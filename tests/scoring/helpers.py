@@ -65,17 +65,22 @@ def assert_same_predictions(rows: list[dict[str, Any]], expected: list[dict[str,
                 assert abs(other[column] - row[column]) <= atol, (key, column)
 
 
-def score_command(*args: str | Path, state_dir: Path, **popen: Any) -> subprocess.Popen[str]:
+def score_command(
+    *args: str | Path, state_dir: Path, shipped_default: bool = True, **popen: Any
+) -> subprocess.Popen[str]:
     """`python -m equipoise score ...` in a subprocess with isolated settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EQUIPOISE_")}
     env.update(EQUIPOISE_STATE_DIR=str(state_dir), PYTHONPATH=str(REPO_ROOT), EQUIPOISE_INTRA_OP_THREADS="1")
+    env.update(EQUIPOISE_SHIPPED_DEFAULT=str(shipped_default).lower())
     command = [sys.executable, "-m", "equipoise", "score", *map(str, args)]
     popen.setdefault("stdout", subprocess.PIPE)
     popen.setdefault("stderr", subprocess.PIPE)
     return subprocess.Popen(command, env=env, text=True, **popen)
 
 
-def run_score(*args: str | Path, state_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    process = score_command(*args, state_dir=state_dir)
+def run_score(
+    *args: str | Path, state_dir: Path, timeout: float = 300, shipped_default: bool = True
+) -> subprocess.CompletedProcess[str]:
+    process = score_command(*args, state_dir=state_dir, shipped_default=shipped_default)
     stdout, stderr = process.communicate(timeout=timeout)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)

@@ -89,8 +89,16 @@ def test_bad_rows_are_recorded_and_counted(tmp_path: Path, local_engine: LocalEn
 
 def test_the_command_reports_errors_by_kind_and_succeeds(tmp_path: Path, tiny_artifact: Path) -> None:
     source = _source(tmp_path)
-    result = run_score(source, "--out", tmp_path / "out.csv", "--audio-root", tmp_path / "audio",
-                       "--model", tiny_artifact, state_dir=tmp_path / "state")
+    result = run_score(
+        source,
+        "--out",
+        tmp_path / "out.csv",
+        "--audio-root",
+        tmp_path / "audio",
+        "--model",
+        tiny_artifact,
+        state_dir=tmp_path / "state",
+    )
     assert result.returncode == 0, result.stderr
     assert f"turns: {len(TURNS) + 2}" in result.stdout
     expected = ", ".join(f"{kind} {count}" for kind, count in sorted(EXPECTED_ERRORS.items()))

@@ -20,8 +20,9 @@ from tests.scoring.helpers import REPO_ROOT, assert_same_predictions, read_rows,
 def _db_upgrade(state_dir: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EQUIPOISE_")}
     env.update(EQUIPOISE_STATE_DIR=str(state_dir), PYTHONPATH=str(REPO_ROOT))
-    result = subprocess.run([sys.executable, "-m", "equipoise", "db", "upgrade"], env=env, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "equipoise", "db", "upgrade"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -54,7 +55,7 @@ def test_log_to_db_writes_batch_predictions_once(tmp_path: Path, meld_turns: lis
 def test_without_a_model_the_command_says_how_to_give_one(tmp_path: Path, meld_turns: list[Turn]) -> None:
     source = tmp_path / "turns.jsonl"
     write_turns(meld_turns[:3], source)
-    result = run_score(source, "--out", tmp_path / "out.jsonl", state_dir=tmp_path / "state")
+    result = run_score(source, "--out", tmp_path / "out.jsonl", state_dir=tmp_path / "state", shipped_default=False)
     assert result.returncode == 2
     assert "pass --model" in result.stderr
 
@@ -78,7 +79,17 @@ def test_the_ray_engine_from_the_command_line(tmp_path: Path, meld_turns: list[T
     source = tmp_path / "turns.csv"
     write_turns(meld_turns, source)
     for engine in ("local", "ray"):
-        result = run_score(source, "--out", tmp_path / f"{engine}.parquet", "--engine", engine, "--actors", "2",
-                           "--model", tiny_artifact, state_dir=tmp_path / "state")
+        result = run_score(
+            source,
+            "--out",
+            tmp_path / f"{engine}.parquet",
+            "--engine",
+            engine,
+            "--actors",
+            "2",
+            "--model",
+            tiny_artifact,
+            state_dir=tmp_path / "state",
+        )
         assert result.returncode == 0, result.stderr[-3000:]
     assert_same_predictions(read_rows(tmp_path / "ray.parquet"), read_rows(tmp_path / "local.parquet"))

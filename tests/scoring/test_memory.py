@@ -30,10 +30,22 @@ def _peak_rss_of_scoring(source: Path, out: Path, model: Path, state_dir: Path) 
         "print('PEAK_KIB', re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1))\n"
         "sys.exit(code)\n"
     )
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT), "EQUIPOISE_STATE_DIR": str(state_dir),
-           "EQUIPOISE_INTRA_OP_THREADS": "1"}
-    args = ["score", str(source), "--out", str(out), "--summary", str(out.with_suffix(".summary.jsonl")),
-            "--model", str(model)]
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(REPO_ROOT),
+        "EQUIPOISE_STATE_DIR": str(state_dir),
+        "EQUIPOISE_INTRA_OP_THREADS": "1",
+    }
+    args = [
+        "score",
+        str(source),
+        "--out",
+        str(out),
+        "--summary",
+        str(out.with_suffix(".summary.jsonl")),
+        "--model",
+        str(model),
+    ]
     result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"turns: {source.stem.split('-')[1]}" in result.stdout.replace(",", "")

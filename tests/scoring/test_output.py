@@ -16,8 +16,18 @@ SCHEMA = prediction_schema(("neutral", "anger"))
 
 def _rows(conversation: str, n: int) -> list[dict[str, object]]:
     return [
-        {"conversation_id": conversation, "turn": t, "speaker": "customer", "label": "anger", "p_neutral": 0.25,
-         "p_anger": 0.75, "sentiment": "negative", "confidence": 0.75, "model_version": "v", "error": None}
+        {
+            "conversation_id": conversation,
+            "turn": t,
+            "speaker": "customer",
+            "label": "anger",
+            "p_neutral": 0.25,
+            "p_anger": 0.75,
+            "sentiment": "negative",
+            "confidence": 0.75,
+            "model_version": "v",
+            "error": None,
+        }
         for t in range(n)
     ]
 
@@ -52,7 +62,11 @@ def test_manifest_resumes_from_complete_lines_and_drops_a_torn_one(tmp_path: Pat
 
     manifest, progress = Manifest.open(path, {"input": "x"})
     assert (progress.rows, progress.positions, progress.done_conversations, progress.done_records) == (
-        3, {"output": 10}, {"a"}, {7})
+        3,
+        {"output": 10},
+        {"a"},
+        {7},
+    )
     manifest.commit(Commit({"output": 20}, [("b", 1)], [], {}))
     manifest.close()
     lines = [json.loads(line) for line in path.read_text().splitlines()]

@@ -49,10 +49,13 @@ def meld_test_turns(data_dir: Path) -> list[Turn]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("source_name", "out_name", "summary_name"), [
-    ("turns.jsonl", "out.jsonl", "summary.csv"),  # grouped input: streamed
-    ("turns.parquet", "out.parquet", "summary.parquet"),  # interleaved input: sorted through spilled runs
-])
+@pytest.mark.parametrize(
+    ("source_name", "out_name", "summary_name"),
+    [
+        ("turns.jsonl", "out.jsonl", "summary.csv"),  # grouped input: streamed
+        ("turns.parquet", "out.parquet", "summary.parquet"),  # interleaved input: sorted through spilled runs
+    ],
+)
 def test_killed_run_resumes_to_the_uninterrupted_result(
     tmp_path: Path,
     meld_test_turns: list[Turn],
@@ -67,8 +70,19 @@ def test_killed_run_resumes_to_the_uninterrupted_result(
         random.Random(0).shuffle(turns)
     source, output, summary = tmp_path / source_name, tmp_path / out_name, tmp_path / summary_name
     write_turns(turns, source)
-    args = (source, "--out", output, "--summary", summary, "--model", tiny_artifact,
-            "--commit-rows", str(COMMIT_ROWS), "--batch-size", "32")
+    args = (
+        source,
+        "--out",
+        output,
+        "--summary",
+        summary,
+        "--model",
+        tiny_artifact,
+        "--commit-rows",
+        str(COMMIT_ROWS),
+        "--batch-size",
+        "32",
+    )
 
     _kill_after_first_commits(output, *args, state_dir=tmp_path / "state")
     assert _commits(output) > 0 and "complete" not in manifest_path(output).read_text()

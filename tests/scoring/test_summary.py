@@ -11,8 +11,14 @@ from scoring.summary import SummaryOptions, summarize
 
 def _row(turn: int, speaker: str, label: str | None, anger: float = 0.0, sentiment: str = "neutral") -> dict[str, Any]:
     error = None if label is not None else "audio_undecodable: bad file"
-    return {"turn": turn, "speaker": speaker, "label": label, "p_anger": anger if label else None,
-            "sentiment": sentiment if label else None, "error": error}
+    return {
+        "turn": turn,
+        "speaker": speaker,
+        "label": label,
+        "p_anger": anger if label else None,
+        "sentiment": sentiment if label else None,
+        "error": error,
+    }
 
 
 def test_summary_of_a_conversation() -> None:

@@ -1,0 +1,125 @@
+"""The shipped default model: a trained delta committed in model/default/, assembled into a full artifact offline.
+
+    model/default/delta.safetensors, config.json   the trained tensors (model/delta.py), float16
+    model/default/release.json                     version, sha256 of the delta, calibration, reference class mix,
+                                                   the card's metrics, and a probe set with its expected outputs
+    model/default/MODEL_CARD.md                    the model card
+
+Assembly loads the pinned pretrained text encoder (hash-checked), applies the delta (sha256-checked), exports
+and parity-checks the ONNX graphs, then scores the probe set through the serving runtime and refuses the result
+unless it matches the recorded outputs. `equipoise serve` assembles it once into the state directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.artifact import ArtifactError, ModelArtifact, load_artifact
+
+SHIPPED_DIR = Path(__file__).resolve().parent / "default"
+RELEASE_FILE = "release.json"
+CARD_FILE = "MODEL_CARD.md"
+# Probe outputs are float32 graphs run on CPU: they agree to ~1e-6 across machines; a wrong base model or delta
+# moves them by far more.
+PROBE_TOLERANCE = 1e-3
+PROBE_TEXTS = (
+    "I can't believe you did that, this is the third time I've called!",
+    "Thank you so much, that's exactly what I needed.",
+    "Okay.",
+    "Wait, what? You cancelled my account?",
+    "I'm really scared something happened to my son.",
+    "Ugh, that's disgusting.",
+)
+
+
+class DefaultModelError(RuntimeError):
+    """The shipped default cannot be assembled as released (wrong delta, base weights or probe outputs)."""
+
+
+def read_release(source: Path = SHIPPED_DIR) -> dict[str, Any]:
+    return json.loads((source / RELEASE_FILE).read_text(encoding="utf-8"))
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def probe_audio(sample_rate: int = 16000) -> np.ndarray:
+    """A fixed 1.5 s rising tone with a tremolo: deterministic audio input for the probe."""
+    t = np.arange(int(1.5 * sample_rate), dtype=np.float64) / sample_rate
+    tone = np.sin(2 * math.pi * (180 * t + 60 * t**2)) * (0.5 + 0.3 * np.sin(2 * math.pi * 5 * t))
+    return (0.3 * tone).astype(np.float32)
+
+
+def probe_outputs(artifact: Path | ModelArtifact) -> list[list[float]]:
+    """Emotion probabilities of the probe set: the texts as one dialogue, the tone alone, and text with tone."""
+    from model.runtime import InferenceRuntime, UtteranceInput
+
+    runtime = InferenceRuntime.load(artifact, device="cpu")
+    audio = probe_audio(runtime.artifact.preprocessing.sample_rate)
+    dialogue = [UtteranceInput(text, None, f"s{i % 2}") for i, text in enumerate(PROBE_TEXTS)]
+    dialogues = [dialogue, [UtteranceInput(None, audio)], [UtteranceInput(PROBE_TEXTS[0], audio)]]
+    turns = [turn for scored in runtime.classify(dialogues, causal=False) for turn in scored]
+    return [[round(float(p), 6) for p in turn.emotion_probs] for turn in turns]
+
+
+def check_probe(artifact: Path | ModelArtifact, expected: list[list[float]]) -> float:
+    """Largest probability difference from the recorded probe outputs; raises beyond PROBE_TOLERANCE."""
+    got = np.array(probe_outputs(artifact))
+    want = np.array(expected)
+    if got.shape != want.shape:
+        raise DefaultModelError(f"probe outputs have shape {got.shape}, the release recorded {want.shape}")
+    worst = float(np.abs(got - want).max())
+    if worst > PROBE_TOLERANCE:
+        raise DefaultModelError(f"probe outputs differ from the release by {worst:.2e} (> {PROBE_TOLERANCE})")
+    return worst
+
+
+def assemble(out_dir: Path, source: Path = SHIPPED_DIR) -> ModelArtifact:
+    """Build the artifact of the shipped default into `out_dir` (which must not exist) and verify it."""
+    from model.artifact import export_artifact
+    from model.delta import DELTA_FILE, load_delta
+
+    release = read_release(source)
+    actual = sha256_of(source / DELTA_FILE)
+    if actual != release["delta_sha256"]:
+        raise DefaultModelError(f"{source / DELTA_FILE}: sha256 {actual} is not the released {release['delta_sha256']}")
+    model = load_delta(source)
+    artifact = export_artifact(
+        model,
+        out_dir,
+        version=release["version"],
+        calibration_temperature=release["calibration_temperature"],
+        reference_distribution=release["reference_distribution"],
+        estimation_weights=release.get("estimation_weights"),
+        metrics=release["metrics"],
+        card_text=(source / CARD_FILE).read_text(encoding="utf-8"),
+    )
+    try:
+        check_probe(artifact, release["probe"])
+    except DefaultModelError:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    return artifact
+
+
+def shipped_artifact(state_dir: Path, source: Path = SHIPPED_DIR) -> Path:
+    """The assembled default under `state_dir`, built on first use (about a minute on two CPU cores)."""
+    version = read_release(source)["version"]
+    target = Path(state_dir) / "default-model" / version
+    if target.is_dir():
+        try:
+            load_artifact(target)
+            return target
+        except ArtifactError:
+            shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    assemble(target, source)
+    return target

@@ -1,0 +1,109 @@
+"""The shipped default (model/default/): assembled offline from the pinned encoder + the committed delta, it
+scores the data sets as its model card says, refuses a tampered delta or probe, and becomes the first champion."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from model.default_model import (
+    SHIPPED_DIR,
+    DefaultModelError,
+    assemble,
+    check_probe,
+    read_release,
+    shipped_artifact,
+)
+from model.delta import DELTA_FILE
+from tests.api.conftest import running_server
+from training.evaluate import score_meld, score_speech
+
+BUDGET_BYTES = 40 * 2**20
+POINTS = 0.005  # the card's metrics must hold within half a point
+
+
+@pytest.fixture(scope="session")
+def default_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A state directory holding the assembled default (about a minute: export, int8, parity, probe)."""
+    state = tmp_path_factory.mktemp("default-state")
+    shipped_artifact(state)
+    return state
+
+
+@pytest.fixture(scope="session")
+def default_runtime(default_state: Path):  # noqa: ANN201
+    from model.runtime import InferenceRuntime
+
+    return InferenceRuntime.load(shipped_artifact(default_state), device="cpu")
+
+
+def _assert_close(measured, card: dict, what: str) -> None:  # noqa: ANN001
+    for key in ("weighted_f1", "macro_f1"):
+        assert getattr(measured, key) == pytest.approx(card[key], abs=POINTS), f"{what} {key}"
+    for name, stated in card["per_class"].items():
+        assert measured[name].f1 == pytest.approx(stated["f1"], abs=POINTS), f"{what} F1 of {name}"
+
+
+def test_the_committed_default_fits_the_size_budget() -> None:
+    total = sum(p.stat().st_size for p in SHIPPED_DIR.rglob("*") if p.is_file())
+    assert total <= BUDGET_BYTES, f"model/default/ holds {total / 2**20:.1f} MB"
+
+
+def test_meld_test_scores_as_the_card_states(default_runtime, data_dir: Path) -> None:  # noqa: ANN001
+    card = read_release()["metrics"]["meld_test"]
+    measured = score_meld(default_runtime, data_dir, "test").report(default_runtime.emotions.names)
+    _assert_close(measured, card, "MELD test")
+
+
+@pytest.mark.parametrize("corpus", ["ravdess", "tess"])
+def test_audio_only_on_held_out_speakers_scores_as_the_card_states(
+    default_runtime, data_dir: Path, corpus: str
+) -> None:  # noqa: ANN001, E501
+    card = read_release()["metrics"]["audio_only"][corpus]
+    measured = score_speech(default_runtime, data_dir, corpus).report(default_runtime.emotions.names)
+    assert measured.macro_f1 == pytest.approx(card["macro_f1"], abs=POINTS)
+    _assert_close(measured, card, f"{corpus} audio only")
+
+
+def test_the_card_prints_the_released_metrics() -> None:
+    release, card = read_release(), (SHIPPED_DIR / "MODEL_CARD.md").read_text(encoding="utf-8")
+    meld = release["metrics"]["meld_test"]
+    assert f"| {100 * meld['weighted_f1']:.2f} | {100 * meld['macro_f1']:.2f} |" in card
+    assert release["version"] in card and "calm" in card and "boredom" in card
+
+
+def test_a_tampered_delta_is_refused_before_anything_is_built(tmp_path: Path) -> None:
+    source = tmp_path / "default"
+    shutil.copytree(SHIPPED_DIR, source)
+    data = bytearray((source / DELTA_FILE).read_bytes())
+    data[-1] ^= 0x01
+    (source / DELTA_FILE).write_bytes(bytes(data))
+    with pytest.raises(DefaultModelError, match="sha256"):
+        assemble(tmp_path / "artifact", source)
+    assert not (tmp_path / "artifact").exists()
+
+
+def test_probe_outputs_that_differ_from_the_release_are_refused(default_state: Path) -> None:
+    artifact = shipped_artifact(default_state)
+    expected = read_release()["probe"]
+    assert check_probe(artifact, expected) <= 1e-4
+    shifted = [[p + (0.01 if i == 0 else 0.0) for i, p in enumerate(row)] for row in expected]
+    with pytest.raises(DefaultModelError, match="probe"):
+        check_probe(artifact, shifted)
+
+
+def test_a_new_database_gets_the_shipped_default_as_its_first_champion(default_state: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    shutil.copytree(default_state / "default-model", state / "default-model")  # assembled once per session
+    url = f"sqlite:///{tmp_path / 'equipoise.db'}"
+    with running_server(state, url, shipped_default="true") as server:
+        models = httpx.get(server.url + "/v1/models").json()
+        reply = httpx.post(server.url + "/v1/predict/utterance", json={"text": "This is outrageous, I want a refund!"})
+    version = read_release()["version"]
+    champions = [m for m in models["versions"] if m["status"] == "champion"]
+    assert [m["version"] for m in champions] == [version] and models["serving"] == version
+    assert reply.status_code == 200 and reply.json()["model_version"] == version
+    assert reply.json()["emotion"] in read_release()["recipe"]["model"]["emotions"]

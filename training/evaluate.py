@@ -1,0 +1,89 @@
+"""A model artifact scored on the data sets through the serving runtime (model/runtime.py, the code path of the
+API and batch scoring): MELD dialogues as text with bidirectional context, and the held-out speakers of the
+acted-speech corpora as audio only (each clip a one-turn dialogue, no transcript)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from model.audio import decode_audio
+from model.data.meld import group_dialogues, read_utterances
+from model.data.speech import read_clips, split_by_speaker
+from model.labels import DEFAULT_MINORITY
+from model.runtime import InferenceRuntime, UtteranceInput
+from training.metrics import MetricsReport, compute_metrics
+
+DIALOGUES_PER_CALL = 64
+
+
+@dataclass(frozen=True)
+class Scored:
+    labels: np.ndarray  # [N] true class index
+    probs: np.ndarray  # [N, C] calibrated probabilities
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.probs.argmax(axis=1)
+
+    def report(self, emotions: Sequence[str]) -> MetricsReport:
+        minority = [m for m in DEFAULT_MINORITY if m in emotions]
+        return compute_metrics(self.labels, self.predicted, emotions, self.probs, minority=minority)
+
+
+def _score(runtime: InferenceRuntime, dialogues: list[list[UtteranceInput]], labels: list[str], what: str) -> Scored:
+    probs: list[np.ndarray] = []
+    for start in tqdm(range(0, len(dialogues), DIALOGUES_PER_CALL), desc=what, unit="call", leave=False):
+        for turns in runtime.classify(dialogues[start : start + DIALOGUES_PER_CALL], causal=False):
+            probs += [turn.emotion_probs for turn in turns]
+    index = np.array([runtime.emotions.index(name) for name in labels], dtype=np.int64)
+    return Scored(index, np.stack(probs))
+
+
+def score_meld(runtime: InferenceRuntime, data_dir: Path, split: str = "test") -> Scored:
+    """Every MELD dialogue of `split` as text turns with their speakers, bidirectional context."""
+    dialogues = group_dialogues(read_utterances(data_dir, split))
+    turns = [[UtteranceInput(u.text, None, u.speaker) for u in d.utterances] for d in dialogues]
+    labels = [u.emotion for d in dialogues for u in d.utterances]
+    return _score(runtime, turns, labels, f"MELD {split}")
+
+
+def score_speech(runtime: InferenceRuntime, data_dir: Path, corpus: str, split: str = "test") -> Scored:
+    """The clips of `corpus`'s speaker-independent `split`, audio only."""
+    clips = getattr(split_by_speaker(read_clips(data_dir, corpus)), split)
+    turns = [[UtteranceInput(None, decode_audio(clip.path), None)] for clip in clips]
+    return _score(runtime, turns, [clip.emotion for clip in clips], f"{corpus} {split} audio")
+
+
+def evaluate_artifact(
+    artifact_dir: Path, data_dir: Path, corpora: Sequence[str] = ("ravdess", "tess", "emodb"), precision: str = "fp32"
+) -> dict[str, Any]:
+    """{"meld_test": report, "audio_only": {corpus: report}} as dicts (training/metrics.py MetricsReport)."""
+    runtime = InferenceRuntime.load(artifact_dir, device="cpu", precision=precision)  # type: ignore[arg-type]
+    emotions = runtime.emotions.names
+    return {
+        "meld_test": score_meld(runtime, data_dir).report(emotions).to_dict(),
+        "audio_only": {c: score_speech(runtime, data_dir, c).report(emotions).to_dict() for c in corpora},
+    }
+
+
+def int8_label_agreement(artifact_dir: Path, data_dir: Path, split: str = "dev") -> float:
+    """Share of MELD `split` turns whose label is the same with the int8 encoder as with the fp32 one."""
+    labels = [
+        score_meld(InferenceRuntime.load(artifact_dir, device="cpu", precision=p), data_dir, split).predicted
+        for p in ("fp32", "int8")
+    ]
+    return float((labels[0] == labels[1]).mean())
+
+
+def estimation_weights(artifact_dir: Path, data_dir: Path) -> tuple[float, ...]:
+    """The artifact's per-class estimation weights (model/artifact.py Calibration), fitted on MELD dev."""
+    from training.calibration import fit_estimation_weights
+
+    dev = score_meld(InferenceRuntime.load(artifact_dir, device="cpu"), data_dir, "dev")
+    return fit_estimation_weights(dev.probs, dev.labels)
