@@ -13,7 +13,7 @@ import numpy as np
 
 from monitoring.collapse import WindowSignals
 from monitoring.drift import ClassMixDrift, class_mix_drift, embedding_drift
-from monitoring.estimation import class_shares, estimate_recall, mean_recall, measure_recall
+from monitoring.estimation import class_shares, estimate_recall, mean_recall, measure_recall, posteriors
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class ReferenceProfile:
     minority: tuple[str, ...]
     minority_recall: float | None = None
     embeddings: np.ndarray | None = None
+    estimation_weights: Sequence[float] | None = None  # the champion's (model/artifact.py Calibration)
 
     @property
     def majority(self) -> str:
@@ -71,7 +72,7 @@ def analyse_window(
     labelled = true >= 0
     shares = class_shares(predicted, names)
     measured = measure_recall(true[labelled], predicted[labelled], names)
-    estimated = estimate_recall(probabilities, names)
+    estimated = estimate_recall(posteriors(probabilities, reference.estimation_weights), names, predicted)
     compare_embeddings = embeddings is not None and reference.embeddings is not None and len(embeddings) >= 20
     return WindowFindings(
         n_predictions=len(predicted),

@@ -19,10 +19,13 @@ import numpy as np
 MIN_EXPECTED_SUPPORT = 1.0
 
 
-def estimate_recall(probabilities: np.ndarray, names: Sequence[str]) -> dict[str, float | None]:
-    """Label-free recall per class; None where the window is expected to hold under one example of it."""
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    predicted = probabilities.argmax(axis=1)
+def estimate_recall(
+    posteriors: np.ndarray, names: Sequence[str], predicted: np.ndarray | None = None
+) -> dict[str, float | None]:
+    """Label-free recall per class of the `predicted` labels (default: the argmax of `posteriors`); None where
+    the window is expected to hold under one example of the class."""
+    probabilities = np.asarray(posteriors, dtype=np.float64)
+    predicted = probabilities.argmax(axis=1) if predicted is None else np.asarray(predicted)
     expected_support = probabilities.sum(axis=0)
     estimates: dict[str, float | None] = {}
     for k, name in enumerate(names):
@@ -32,6 +35,15 @@ def estimate_recall(probabilities: np.ndarray, names: Sequence[str]) -> dict[str
         expected_hits = probabilities[predicted == k, k].sum()
         estimates[name] = float(expected_hits / expected_support[k])
     return estimates
+
+
+def posteriors(probabilities: np.ndarray, weights: Sequence[float] | None) -> np.ndarray:
+    """Served probabilities -> calibrated posteriors, normalise(p * w); unchanged without weights. The argmax
+    (the served label) is not re-derived from them: estimation asks how often the served label is right."""
+    if weights is None:
+        return np.asarray(probabilities, dtype=np.float64)
+    weighted = np.asarray(probabilities, dtype=np.float64) * np.asarray(weights, dtype=np.float64)
+    return weighted / weighted.sum(axis=1, keepdims=True)
 
 
 def measure_recall(true: Sequence[int], predicted: Sequence[int], names: Sequence[str]) -> dict[str, float | None]:

@@ -53,6 +53,7 @@ def reference_profile(
         minority=tuple(name for name in minority if name in names),
         minority_recall=reference_minority_recall(artifact.metrics),
         embeddings=first.embeddings,
+        estimation_weights=artifact.calibration.estimation_weights,
     )
 
 

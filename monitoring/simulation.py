@@ -57,7 +57,12 @@ def degrade(probabilities: np.ndarray, names: Sequence[str], majority: str, bias
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-def reference_profile(dev: ScoredSplit, minority: Sequence[str], reference_rows: int = 1000) -> ReferenceProfile:
+def reference_profile(
+    dev: ScoredSplit,
+    minority: Sequence[str],
+    estimation_weights: Sequence[float] | None = None,
+    reference_rows: int = 1000,
+) -> ReferenceProfile:
     predicted = dev.probabilities.argmax(axis=1)
     rows = np.random.default_rng(0).choice(len(dev.embeddings), min(reference_rows, len(dev.embeddings)), replace=False)
     return ReferenceProfile(
@@ -66,6 +71,7 @@ def reference_profile(dev: ScoredSplit, minority: Sequence[str], reference_rows:
         minority=tuple(minority),
         minority_recall=mean_recall(measure_recall(dev.true, predicted, dev.names), minority),
         embeddings=dev.embeddings[rows],
+        estimation_weights=estimation_weights,
     )
 
 
@@ -199,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_dir = args.data_dir or get_settings().data_dir
     runtime = InferenceRuntime.load(args.model, device="cpu")
     dev, test = score_meld(runtime, data_dir, "dev"), score_meld(runtime, data_dir, "test")
-    reference = reference_profile(dev, get_settings().minority_classes)
+    weights = runtime.artifact.calibration.estimation_weights
+    reference = reference_profile(dev, get_settings().minority_classes, weights)
     rules = CollapseRules(min_predictions=args.window_size)
     common = {"window_size": args.window_size, "bias": args.bias, "rules": rules}
     stationary = run_stream(test, reference, windows=args.windows, degrade_from=None, seed=1, **common)

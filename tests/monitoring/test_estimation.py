@@ -44,3 +44,26 @@ def test_absent_classes_have_no_estimate() -> None:
 def test_class_shares_sum_to_one_and_count_absent_classes() -> None:
     shares = class_shares([0, 0, 1, 0], NAMES)
     assert shares == {"a": 0.75, "b": 0.25, "c": 0.0}
+
+
+def test_estimation_weights_undo_a_served_bias_toward_rare_classes() -> None:
+    """A model that serves prior-shifted probabilities (as a logit-adjusted one does) mis-estimates recall; the
+    weights fitted on labelled dev data restore calibrated posteriors, and recall of the served labels."""
+    from monitoring.estimation import posteriors
+    from training.calibration import fit_estimation_weights
+
+    rng = np.random.default_rng(2)
+    dev_p, dev_y = _calibrated_window(rng, 20_000)
+    live_p, live_y = _calibrated_window(rng, 20_000)
+    shift = np.array([0.25, 1.0, 4.0])  # served probabilities favour class c
+    served_dev, served_live = (p * shift / (p * shift).sum(1, keepdims=True) for p in (dev_p, live_p))
+    weights = fit_estimation_weights(served_dev, dev_y)
+    assert np.allclose(np.array(weights) / weights[1], 1 / shift, rtol=0.1)
+
+    served_labels = served_live.argmax(1)
+    measured = measure_recall(live_y, served_labels, NAMES)
+    naive = estimate_recall(served_live, NAMES, served_labels)
+    corrected = estimate_recall(posteriors(served_live, weights), NAMES, served_labels)
+    assert max(abs(naive[name] - measured[name]) for name in NAMES) > 0.05
+    for name in NAMES:
+        assert corrected[name] == pytest.approx(measured[name], abs=0.02)
