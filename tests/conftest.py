@@ -28,14 +28,14 @@ def data_dir() -> Path:
 
 
 POSTGRES_ADMIN_URL = os.environ.get("EQUIPOISE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-REQUIRE_POSTGRES = os.environ.get("EQUIPOISE_REQUIRE_POSTGRES") == "1"
+REQUIRE_POSTGRES = os.environ.get("TESTS_REQUIRE_POSTGRES") == "1"
 
 
 @pytest.fixture()
 def postgres_url() -> Iterator[str]:
     """A fresh, empty PostgreSQL database, dropped afterwards.
 
-    Skips when the server is unreachable, unless EQUIPOISE_REQUIRE_POSTGRES=1 (CI), where it fails.
+    Skips when the server is unreachable, unless TESTS_REQUIRE_POSTGRES=1 (CI), where it fails.
     """
     from sqlalchemy import create_engine, make_url, text
     from sqlalchemy.exc import OperationalError
@@ -48,7 +48,7 @@ def postgres_url() -> Iterator[str]:
     except OperationalError as error:
         admin.dispose()
         if REQUIRE_POSTGRES:
-            pytest.fail(f"PostgreSQL required (EQUIPOISE_REQUIRE_POSTGRES=1) but unreachable: {error}")
+            pytest.fail(f"PostgreSQL required (TESTS_REQUIRE_POSTGRES=1) but unreachable: {error}")
         pytest.skip(f"PostgreSQL not reachable at {POSTGRES_ADMIN_URL}")
     try:
         yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)

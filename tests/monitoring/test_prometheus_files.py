@@ -22,8 +22,8 @@ METRIC_NAME = re.compile(r"\bequipoise_[a-z0-9_]+")
 def promtool() -> str:
     found = shutil.which("promtool")
     if found is None:
-        if os.environ.get("EQUIPOISE_REQUIRE_PROMTOOL") == "1":
-            pytest.fail("promtool required (EQUIPOISE_REQUIRE_PROMTOOL=1) but not installed; run `make tools`")
+        if os.environ.get("TESTS_REQUIRE_PROMTOOL") == "1":
+            pytest.fail("promtool required (TESTS_REQUIRE_PROMTOOL=1) but not installed; run `make tools`")
         pytest.skip("promtool not installed (Debian package `prometheus`; `make tools` installs it)")
     return found
 
