@@ -16,10 +16,9 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from model.runtime import TurnPrediction, UtteranceInput
-
 from api.metrics import Metrics
 from api.reload import LoadedModel, ModelHolder
+from model.runtime import TurnPrediction, UtteranceInput
 
 log = logging.getLogger(__name__)
 

@@ -104,7 +104,9 @@ async def _json(request: Request) -> Any:
     body = await request.body()
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except RecursionError:  # the parser recurses once per level of nesting
+        raise invalid("body", "The request body is nested too deeply to parse.", status=400) from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4,300 digits
         raise invalid("body", f"The request body is not valid UTF-8 JSON: {error}", status=400) from None
 
 
@@ -129,7 +131,9 @@ def _json_field(value: Any, field: str) -> Any:
         raise invalid(field, f"the `{field}` field is required: a JSON array of turns")
     try:
         return json.loads(value)
-    except json.JSONDecodeError as error:
+    except RecursionError:
+        raise invalid(field, f"the `{field}` field is nested too deeply to parse", status=400) from None
+    except ValueError as error:  # JSONDecodeError, an integer of more than 4,300 digits
         raise invalid(field, f"the `{field}` field is not valid JSON: {error}", status=400) from None
 
 

@@ -1,17 +1,59 @@
 """Request and response bodies. Limits that are settings (text length, turns, audio size) are checked in
-api/inputs.py against the live settings; the static bounds here only keep stored columns in range."""
+api/inputs.py against the live settings; the static bounds here only keep stored columns in range.
+
+Every string a request stores or hands to the model is `Text`: without NUL characters (PostgreSQL text columns
+cannot hold them) and without lone surrogates (JSON's `\\ud800` escapes decode to them, and neither the tokenizer
+nor a UTF-8 response can take them), so such input is a 422 on every database rather than a 500 on some.
+"""
 
 from __future__ import annotations
 
+import math
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from equipoise.db.models import ContextMode, JobStatus, JobTrigger, ModelStatus
 
-Name = Annotated[str, StringConstraints(max_length=256)]
+
+def storable_text(value: str) -> str:
+    """`value` unchanged if every database can store it and UTF-8 can encode it; ValueError otherwise."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL (U+0000) characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode: it contains a lone surrogate (an unpaired \\uD800-\\uDFFF)") from None
+    return value
+
+
+def storable_json(value: Any, max_depth: int | None = None) -> Any:
+    """`value` unchanged if it can be stored as JSON on every database and answered back: strings (keys
+    included) are `Text`, numbers are finite (JSON has no NaN or infinity) and containers nest at most
+    `max_depth` deep (the response serializer gives up at a few hundred levels, after the row is written).
+    Iterative, so the check itself cannot overflow the stack."""
+    pending = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list | tuple) and max_depth is not None and depth >= max_depth:
+            raise ValueError(f"must not nest objects and arrays more than {max_depth} levels deep")
+        if isinstance(item, dict):
+            pending.extend((key, depth) for key in item)
+            pending.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend((child, depth + 1) for child in item)
+        elif isinstance(item, str):
+            storable_text(item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ValueError("numbers must be finite: JSON has no NaN or infinity")
+    return value
+
+
+MAX_PARAMS_DEPTH = 32  # nesting of a job's `params` (the dict itself is level 1)
+Text = Annotated[str, AfterValidator(storable_text)]
+Name = Annotated[str, StringConstraints(max_length=256), AfterValidator(storable_text)]
 
 
 class ProblemFieldError(BaseModel):
@@ -37,7 +79,7 @@ class _Strict(BaseModel):
 class UtteranceRequest(_Strict):
     """One utterance: text, audio (base64 of a WAV, FLAC or OGG file), or both."""
 
-    text: str | None = Field(default=None, description="The words spoken; empty counts as absent.")
+    text: Text | None = Field(default=None, description="The words spoken; empty counts as absent.")
     audio: str | None = Field(default=None, description="Base64 of a WAV, FLAC or OGG file.")
     speaker: Name | None = None
 
@@ -73,9 +115,9 @@ class DialoguePrediction(BaseModel):
 
 class FeedbackRequest(_Strict):
     prediction_id: uuid.UUID
-    label: str = Field(max_length=32, description="The true emotion; one of the model's labels.")
-    sentiment: str | None = Field(default=None, max_length=32)
-    source: str | None = Field(default=None, max_length=64)
+    label: Text = Field(max_length=32, description="The true emotion; one of the model's labels.")
+    sentiment: Text | None = Field(default=None, max_length=32)
+    source: Text | None = Field(default=None, max_length=64)
 
 
 class FeedbackResponse(BaseModel):
@@ -109,9 +151,16 @@ class ModelList(BaseModel):
 
 
 class JobRequest(_Strict):
-    reason: str = Field(min_length=1, max_length=2_000)
+    reason: Text = Field(min_length=1, max_length=2_000)
     tier: Literal[1, 2, 3] | None = Field(default=None, description="1 prior correction, 2 head, 3 full; null: auto.")
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(
+        default_factory=dict, description=f"Options of the retraining run; at most {MAX_PARAMS_DEPTH} levels deep."
+    )
+
+    @field_validator("params")
+    @classmethod
+    def _storable_params(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return storable_json(value, max_depth=MAX_PARAMS_DEPTH)  # type: ignore[no-any-return]
 
 
 class JobOut(BaseModel):

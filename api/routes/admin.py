@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Path
 from starlette.concurrency import run_in_threadpool
 
 from api import crud
@@ -12,10 +13,13 @@ from api.deps import AdminKey, SessionDep, StateDep, require_json
 from api.errors import Problem, problem_responses
 from api.schemas import JobOut, JobRequest, ModelList, ModelVersionOut
 from equipoise.db.models import ModelVersion
+from model.artifact import VERSION_PATTERN
 from model.registry import RegistryError, UnknownVersion
 
 router = APIRouter(prefix="/v1", tags=["admin"])
 PROBLEMS = problem_responses(401, 403, 404, 409, 503)
+# Job ids are 32-bit on PostgreSQL: a larger id is refused (422) before it reaches the database (which errs on it).
+JobId = Annotated[int, Path(ge=1, le=2**31 - 1, description="The id returned when the job was created.")]
 
 
 @router.get("/models", response_model=ModelList, responses=PROBLEMS)
@@ -29,6 +33,8 @@ async def list_models(state: StateDep, _key: AdminKey) -> ModelList:
 @router.post("/models/{version}/promote", response_model=ModelVersionOut, responses=PROBLEMS)
 async def promote_model(version: str, state: StateDep, _key: AdminKey) -> ModelVersionOut:
     """Make `version` the champion (the old one is retired); the service reloads it within moments."""
+    if not VERSION_PATTERN.fullmatch(version):  # never registered; and a NUL in it would make PostgreSQL err
+        raise Problem(404, str(UnknownVersion(f"no model version {version!r}")), kind="not-found")
     row = await _registry_call(lambda: state.registry.promote(version))
     state.reloader.poke()
     return ModelVersionOut.model_validate(row)
@@ -73,7 +79,7 @@ def create_job(body: JobRequest, session: SessionDep, state: StateDep, _key: Adm
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=PROBLEMS)
-def get_job(job_id: int, session: SessionDep, _key: AdminKey) -> JobOut:
+def get_job(job_id: JobId, session: SessionDep, _key: AdminKey) -> JobOut:
     job = crud.get_job(session, job_id)
     if job is None:
         raise Problem(404, f"No job with id {job_id}.", kind="not-found")
