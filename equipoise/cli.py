@@ -231,6 +231,12 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from equipoise.demo.command import run
+
+    return run(args, get_settings())
+
+
 def _monitor(_args: argparse.Namespace) -> int:
     from equipoise.db.session import get_engine
     from monitoring.runner import monitor_champion
@@ -388,6 +394,8 @@ def _training_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from equipoise.demo.command import add_arguments as demo_arguments
+
     parser = argparse.ArgumentParser(prog="equipoise", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -428,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="snapshot every complete window not yet monitored; queue retraining on collapse"
     )
     monitor.set_defaults(handler=_monitor)
+    demo = commands.add_parser("demo", help="the whole loop on real data: collapse, retraining, promotion, report")
+    demo_arguments(demo)
+    demo.set_defaults(handler=_demo)
     score = commands.add_parser("score", help="batch-score call-centre logs (resumable)")
     _score_arguments(score)
     score.set_defaults(handler=_score)

@@ -91,3 +91,20 @@ def plot_runs(
     _grouped_bars(ax, labels, means, stds)
     ax.set_title(title or f"per-class {metric}, mean ± std over runs")
     return _save(fig, path)
+
+
+def plot_models(
+    reports: Mapping[str, MetricsReport], path: str | Path, metric: str = "recall", title: str | None = None
+) -> Path:
+    """One per-class metric of several models on the same data, one bar per model; the legend shows macro F1."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    first = next(iter(reports.values()))
+    if any(r.labels != first.labels for r in reports.values()):
+        raise ValueError("the reports use different label sets")
+    ticks = [f"{name}\nn={n}" for name, n in zip(first.labels, first.support, strict=True)]
+    series = {f"{name} (macro F1 {r.macro_f1:.3f})": getattr(r, metric) for name, r in reports.items()}
+    fig, ax = _figure(len(first.labels))
+    _grouped_bars(ax, ticks, series, None)
+    ax.set_title(title or f"per-class {metric}")
+    return _save(fig, path)
