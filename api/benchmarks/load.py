@@ -33,9 +33,7 @@ import os
 import platform
 import random
 import signal
-import socket
 import ssl
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +48,7 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
+from equipoise.processes import running_service
 from equipoise.settings import Settings
 
 OVERLOADED = "overloaded"  # the last segment of the problem type of the service's 503 for a full queue
@@ -449,68 +448,6 @@ def failed_checks(result: LoadResult, log: LogCheck | None, max_refusal_p99_ms: 
 # ------------------------------------------------------------------------------------------------ the service
 
 
-@dataclass
-class LocalServer:
-    url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self, timeout_s: float = 60) -> int:
-        """SIGTERM (graceful: the prediction log is flushed); the exit status, -15 being a clean exit too."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        return self.process.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@contextlib.contextmanager
-def local_server(state_dir: Path, settings: dict[str, str], ready_timeout_s: float = 300) -> Iterator[LocalServer]:
-    """`python -m equipoise serve` on a free loopback port with exactly these settings (no inherited EQUIPOISE_*
-    variable), up once /readyz answers 200; stopped gracefully on exit. (tests/api/conftest.py's
-    `running_server` does the same for the tests, which cannot be imported from here.)"""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("EQUIPOISE_")}
-    chosen = settings | {"state_dir": str(state_dir), "host": "127.0.0.1", "port": str(port)}
-    environment.update({f"EQUIPOISE_{name.upper()}": value for name, value in chosen.items()})
-    log_path = state_dir / "server.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "equipoise", "serve"], stdout=log_file, stderr=subprocess.STDOUT, env=environment
-        )
-    server = LocalServer(f"http://127.0.0.1:{port}", process, log_path)
-    try:
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            if not server.alive():
-                raise RuntimeError(f"the service exited with {process.returncode}:\n{_tail(log_path)}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(server.url + "/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the service was not ready within {ready_timeout_s:.0f} s:\n{_tail(log_path)}")
-            time.sleep(0.2)
-        yield server
-    finally:
-        server.stop()
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
 @contextlib.contextmanager
 def database(url: str | None, root: Path) -> Iterator[str]:
     """A new SQLite file under `root`; or, for a PostgreSQL URL, a new database on that server (dropped
@@ -685,9 +622,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="equipoise-load-") as work, database(args.database_url, Path(work)) as url:
         state_dir = Path(work) / "state"
         before = stored_prediction_ids(url)
-        with local_server(state_dir, settings | {"database_url": url}) as server:
-            result = run_phases(server.url, jobs, plan, server.alive)
-            exit_status = server.stop()
+        service_settings = settings | {"database_url": url, "state_dir": str(state_dir)}
+        with running_service(service_settings, state_dir / "server.log") as server:
+            result = run_phases(server.url, jobs, plan, server.process.alive)
+            exit_status = server.process.stop()  # graceful: the prediction log is flushed
         log = check_log(url, result.accepted_ids, state_dir, before)
         database_kind = url.split(":", 1)[0].split("+", 1)[0]
     failures = failed_checks(result, log, args.max_refusal_p99_ms)

@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from equipoise.demo.scenario import DemoConfig, run_demo
     from equipoise.demo.services import DemoError
+    from equipoise.processes import ProcessError
 
     data_dir = args.data_dir or settings.data_dir
     if data_dir is None or not (Path(data_dir) / "meld").is_dir():
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     )
     try:
         summary = run_demo(config)
-    except DemoError as error:
+    except (DemoError, ProcessError) as error:  # a phase failed, or a process of the demo died or hung
         print(f"equipoise demo: {error}", file=sys.stderr)
         return 1
     recall = {role: summary["heldout"][role]["minority_recall"] for role in summary["heldout"]}

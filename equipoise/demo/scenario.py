@@ -25,16 +25,9 @@ from tqdm import tqdm
 
 from equipoise.db.models import CollapseEvent, JobStatus, MonitoringSnapshot, RetrainingJob
 from equipoise.db.session import make_engine, session_scope
-from equipoise.demo.services import (
-    DemoError,
-    Deployment,
-    Process,
-    Service,
-    running_service,
-    running_worker,
-    wait_for,
-)
+from equipoise.demo.services import DemoError, Deployment, Service, running_service, running_worker
 from equipoise.demo.traffic import Stream, meld_conversations
+from equipoise.processes import Process, wait_for
 from model.artifact import CONTEXT_FILE, ModelArtifact, derive_artifact, load_artifact
 
 MAJORITY = "neutral"

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -26,6 +23,8 @@ from statistics import quantiles
 
 import httpx
 
+from equipoise import processes
+from equipoise.processes import Service, free_port
 from model.data.turns import Turn
 
 DIALOGUE_PATH = "/v1/predict/dialogue"
@@ -85,23 +84,6 @@ class ServiceResult:
         return max(self.levels, key=lambda level: level.throughput)
 
 
-@dataclass
-class _Server:
-    url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    database: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def server_settings(state_dir: Path, model: Path, port: int, threads: int) -> dict[str, str]:
     """The server's settings: production defaults (logging on, micro-batching, monitor) except the paths, the
     loopback port, the CPU and the model registered as champion on the new database."""
@@ -119,47 +101,14 @@ def server_settings(state_dir: Path, model: Path, port: int, threads: int) -> di
 
 
 @contextlib.contextmanager
-def running_service(model: Path, threads: int, work_dir: Path | None = None) -> Iterator[tuple[_Server, dict]]:
+def running_service(model: Path, threads: int, work_dir: Path | None = None) -> Iterator[tuple[Service, dict]]:
     """`python -m equipoise serve` on a free loopback port with a fresh SQLite database; waits for /readyz."""
     with tempfile.TemporaryDirectory(prefix="equipoise-service-bench-", dir=work_dir) as temp:
         state_dir = Path(temp)
-        port = _free_port()
+        port = free_port()
         settings = server_settings(state_dir, model.resolve(), port, threads)
-        environment = {key: value for key, value in os.environ.items() if not key.startswith("EQUIPOISE_")}
-        environment.update({f"EQUIPOISE_{name.upper()}": value for name, value in settings.items()})
-        log_path = state_dir / "server.log"
-        with log_path.open("wb") as log_file:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "equipoise", "serve"], stdout=log_file, stderr=subprocess.STDOUT, env=environment
-            )
-        server = _Server(f"http://127.0.0.1:{port}", process, log_path, state_dir / "equipoise.db")
-        try:
-            _wait_ready(server)
+        with processes.running_service(settings, state_dir / "server.log", port=port, timeout_s=180) as server:
             yield server, settings
-        finally:
-            _stop(server)
-
-
-def _wait_ready(server: _Server, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"the server exited with {server.process.returncode}:\n{server.log()}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(server.url + "/readyz", timeout=5).status_code == 200:
-                return
-        time.sleep(0.25)
-    raise RuntimeError(f"the server was not ready within {timeout_s} s:\n{server.log()}")
-
-
-def _stop(server: _Server, timeout_s: float = 30) -> None:
-    if server.process.poll() is None:
-        server.process.send_signal(signal.SIGTERM)
-        try:
-            server.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait()
 
 
 def _process_peak_rss_mib(pid: int) -> float | None:
@@ -268,9 +217,9 @@ def measure_service(
         warmup = run_level(server.url, requests, 1, seconds=float("inf"), max_requests=warmup_requests)
         levels = []
         for level_concurrency in concurrency:
-            cpu_before = process_cpu_seconds(server.process.pid)
+            cpu_before = process_cpu_seconds(server.process.popen.pid)
             level = run_level(server.url, requests, level_concurrency, seconds, max_requests)
-            cpu_after = process_cpu_seconds(server.process.pid)
+            cpu_after = process_cpu_seconds(server.process.popen.pid)
             if cpu_before is not None and cpu_after is not None:
                 level.cpu_seconds = cpu_after - cpu_before
             level.load_average = load_average()
@@ -282,9 +231,9 @@ def measure_service(
                     file=sys.stderr,
                 )
             levels.append(level)
-        peak = _process_peak_rss_mib(server.process.pid)
+        peak = _process_peak_rss_mib(server.process.popen.pid)
         time.sleep(2.0)  # the logger flushes every 0.5 s by default: let the last predictions reach the database
-        logged = _count_predictions(server.database)
+        logged = _count_predictions(Path(settings["state_dir"]) / "equipoise.db")
     answered = warmup.utterances + sum(level.utterances for level in levels)
     return ServiceResult(levels, version, settings, peak, logged, answered)
 

@@ -7,10 +7,6 @@ import contextlib
 import hashlib
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,9 +22,11 @@ from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.exc import OperationalError
 
 from api.app import create_app
+from equipoise import processes
 from equipoise.db import migrate
 from equipoise.db.models import ModelStatus, ModelVersion
 from equipoise.db.session import make_engine, session_scope
+from equipoise.processes import Service, equipoise_environment, free_port, running_service
 from equipoise.settings import Settings, load_settings
 from model.artifact import write_artifact
 from model.labels import EMOTIONS, SENTIMENTS, LabelSet
@@ -166,14 +164,7 @@ def start_app(tmp_path: Path) -> Iterator[Callable[..., InProcess]]:
 
 
 def wait_for(condition: Callable[[], Any], timeout_s: float = 10.0, interval_s: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        time.sleep(interval_s)
+    return processes.wait_for(condition, timeout_s, "the condition", interval_s)
 
 
 def count_rows(engine: Engine, table: str = "predictions") -> int:
@@ -233,41 +224,26 @@ def postgres_database() -> Iterator[str]:
 # ------------------------------------------------------------------------------------------------ real server
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @dataclass
-class Server:
-    url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
+class Server(Service):
+    """A running `equipoise serve` (equipoise.processes) and the database it logs to."""
+
     database_url: str
 
     def client(self, **kwargs: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30, **kwargs)
+        return super().client(**{"timeout": 30.0} | kwargs)
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.process.log()
 
     def stop(self, timeout_s: float = 30) -> int:
-        """Graceful stop (SIGTERM, as a process manager does); the exit status (uvicorn re-raises the signal
-        after its graceful shutdown, so -SIGTERM is a clean exit too)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        return self.process.wait()
+        """Graceful stop (SIGTERM); the exit status, -SIGTERM being a clean exit too."""
+        return self.process.stop(timeout_s)
 
 
-def server_environment(state_dir: Path, database_url: str, **settings: str) -> dict[str, str]:
-    """The environment of a server process: nothing inherited from EQUIPOISE_*, test-friendly defaults."""
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("EQUIPOISE_")}
-    chosen = {
+def server_settings(state_dir: Path, database_url: str, **settings: str) -> dict[str, str]:
+    """The settings of a server process in the tests: these, with test-friendly defaults."""
+    return {
         "state_dir": str(state_dir),
         "database_url": database_url,
         "device": "cpu",
@@ -276,36 +252,22 @@ def server_environment(state_dir: Path, database_url: str, **settings: str) -> d
         "model_poll_interval_s": "0.5",
         "shipped_default": "false",  # assembling it takes a minute; tests of it ask for it
     } | settings
-    environment.update({f"EQUIPOISE_{name.upper()}": value for name, value in chosen.items()})
-    return environment
+
+
+def server_environment(state_dir: Path, database_url: str, **settings: str) -> dict[str, str]:
+    """The environment of a server process: nothing inherited from EQUIPOISE_*, test-friendly defaults."""
+    return equipoise_environment(server_settings(state_dir, database_url, **settings))
 
 
 @contextlib.contextmanager
 def running_server(state_dir: Path, database_url: str, *, ready: bool = True, **settings: str) -> Iterator[Server]:
     """`python -m equipoise serve` on a free loopback port; waits for /readyz (or /healthz when not `ready`)."""
-    state_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    log_path = state_dir / f"server-{port}.log"
-    environment = server_environment(state_dir, database_url, port=str(port), **settings)
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "equipoise", "serve"], stdout=log_file, stderr=subprocess.STDOUT, env=environment
-        )
-    server = Server(f"http://127.0.0.1:{port}", process, log_path, database_url)
-    try:
-        _wait_until_up(server, "/readyz" if ready else "/healthz")
-        yield server
-    finally:
-        server.stop()
-
-
-def _wait_until_up(server: Server, path: str, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise AssertionError(f"server exited with {server.process.returncode}:\n{server.log()}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(server.url + path, timeout=2).status_code == 200:
-                return
-        time.sleep(0.2)
-    raise AssertionError(f"server not up on {path} within {timeout_s} s:\n{server.log()}")
+    with running_service(
+        server_settings(state_dir, database_url, **settings),
+        state_dir / f"server-{port}.log",
+        port=port,
+        ready_path="/readyz" if ready else "/healthz",
+        timeout_s=90,
+    ) as service:
+        yield Server(service.process, service.url, database_url)

@@ -75,7 +75,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_artifact: Path) -> Iterat
         batch_queue_limit=str(QUEUE_LIMIT),
         batch_max_size="8",
     ) as server:
-        result = run_phases(server.url, jobs(), PLAN, alive=lambda: server.process.poll() is None)
+        result = run_phases(server.url, jobs(), PLAN, alive=server.process.alive)
         exit_status = server.stop()  # graceful: the prediction log is flushed before the rows are counted
     assert exit_status in (0, -15), server.log()
     overload = result.phases["overload"]

@@ -13,7 +13,6 @@ registered but never served.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
 import sys
@@ -40,12 +39,13 @@ from equipoise.db.models import (
     RetrainingJob,
 )
 from equipoise.db.session import make_engine, session_scope
+from equipoise.processes import Process, equipoise_environment, spawn, wait_for
 from model.artifact import derive_artifact, load_artifact
 from model.data.meld import Dialogue, group_dialogues, read_utterances
 from model.labels import EMOTIONS
 from monitoring.estimation import mean_recall, measure_recall
 from retraining.dataset import is_heldout
-from tests.api.conftest import Server, running_server, server_environment
+from tests.api.conftest import Server, running_server, server_settings
 
 pytestmark = [pytest.mark.data, pytest.mark.slow]
 
@@ -90,15 +90,15 @@ class Production:
         return subprocess.run(
             [sys.executable, "-m", "equipoise", *args],
             cwd=REPO_ROOT,
-            env=self.environment(**settings),
+            env=equipoise_environment(self.settings(**settings)),
             capture_output=True,
             text=True,
             timeout=timeout_s,
             check=False,
         )
 
-    def environment(self, **settings: str) -> dict[str, str]:
-        return server_environment(self.state_dir, self.database_url, **settings)
+    def settings(self, **settings: str) -> dict[str, str]:
+        return server_settings(self.state_dir, self.database_url, **settings)
 
 
 def _context(index: int) -> str:
@@ -116,14 +116,6 @@ def _post_dialogue(client: httpx.Client, dialogue: Dialogue, index: int, suffix:
     return response.json()
 
 
-def _wait_for(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
-        time.sleep(interval_s)
-    return result
-
-
 def _serving(client: httpx.Client) -> str | None:
     response = client.get("/v1/models")
     assert response.status_code == 200, response.text
@@ -136,13 +128,15 @@ def _job(client: httpx.Client, job_id: int) -> dict[str, Any]:
     return response.json()
 
 
-def _finished(client: httpx.Client, job_id: int, worker: subprocess.Popen[bytes] | None = None) -> Callable[[], Any]:
+def _finished(client: httpx.Client, job_id: int, worker: Process | None = None) -> Callable[[], Any]:
     def check() -> dict[str, Any] | None:
         job = _job(client, job_id)
         if job["status"] in (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value):
             return job
-        if worker is not None and worker.poll() is not None:
-            pytest.fail(f"the worker exited with {worker.returncode} before job {job_id} finished: {job['status']}")
+        if worker is not None and not worker.alive():
+            pytest.fail(
+                f"the worker exited with {worker.popen.returncode} before job {job_id} finished: {job['status']}"
+            )
         return None
 
     return check
@@ -160,26 +154,13 @@ def _minority_recall(labels: Sequence[str], predicted: Sequence[str]) -> float:
 
 
 @contextlib.contextmanager
-def _worker(production: Production, log_path: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+def _worker(production: Production, log_path: Path, *args: str) -> Iterator[Process]:
     """`python -m equipoise worker ARGS`, stopped with SIGTERM (then killed) however the block ends."""
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "equipoise", "worker", *args],
-            cwd=REPO_ROOT,
-            env=production.environment(data_dir=str(production.data_dir)),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    worker = spawn("worker", ["worker", *args], production.settings(data_dir=str(production.data_dir)), log_path)
     try:
-        yield process
+        yield worker
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=30)
+        worker.stop()
 
 
 @pytest.fixture(scope="module")
@@ -268,10 +249,9 @@ def test_a_collapse_is_retrained_gated_promoted_and_served(production: Productio
         # The worker runs it: tier 2, on the CPU, within the budget.
         started = time.monotonic()
         with _worker(production, tmp_path / "worker.log", "--poll", "0.5") as worker:
-            job = _wait_for(_finished(client, job_id, worker), JOB_BUDGET_S + 60, f"job {job_id}", interval_s=1)
+            job = wait_for(_finished(client, job_id, worker), JOB_BUDGET_S + 60, f"job {job_id}", interval_s=1)
             waited = time.monotonic() - started
-            worker.terminate()
-            assert worker.wait(timeout=60) == 0, (tmp_path / "worker.log").read_text()
+            assert worker.stop() == 0, worker.log()
         log = (tmp_path / "worker.log").read_text()
         assert job["status"] == JobStatus.SUCCEEDED.value, f"{job['error']}\n{log}"
         result = job["result"]
@@ -298,7 +278,7 @@ def test_a_collapse_is_retrained_gated_promoted_and_served(production: Productio
         assert versions[production.champion]["status"] == ModelStatus.RETIRED.value
 
         # The running service hot-reloads the new champion and answers with it.
-        _wait_for(lambda: _serving(client) == new, 60, f"the service serving {new}")
+        wait_for(lambda: _serving(client) == new, 60, f"the service serving {new}")
         probe = client.post("/v1/predict/utterance", json={"text": "I am so sad, I cannot stop crying."})
         assert probe.status_code == 200 and probe.json()["model_version"] == new
 
@@ -335,8 +315,8 @@ def test_a_candidate_the_gate_rejects_is_never_served(production: Production, tm
                 seen.add(_serving(client))
                 return _finished(client, job_id, None)()
 
-            job = _wait_for(done, JOB_BUDGET_S + 60, f"job {job_id}")
-            assert worker.wait(timeout=60) == 0, (tmp_path / "worker.log").read_text()
+            job = wait_for(done, JOB_BUDGET_S + 60, f"job {job_id}")
+            assert worker.popen.wait(timeout=60) == 0, worker.log()
         assert job["status"] == JobStatus.SUCCEEDED.value, job["error"]
         result, rejected = job["result"], job["candidate_version"]
         assert not result["promoted"] and any("macro F1" in reason for reason in result["reasons"])
@@ -376,17 +356,17 @@ def test_a_worker_killed_mid_fine_tuning_is_taken_over_and_the_champion_is_untou
         job_id = response.json()["id"]
 
         with _worker(production, tmp_path / "killed.log", "--poll", "0.5", "--lease", SHORT_LEASE_S) as killed:
-            _wait_for(lambda: "step finetune: started" in _job_row(production, job_id).log, 120, "fine-tuning")
+            wait_for(lambda: "step finetune: started" in _job_row(production, job_id).log, 120, "fine-tuning")
             time.sleep(3.0)  # inside the training loop by now
-            os.kill(killed.pid, signal.SIGKILL)
-            assert killed.wait(timeout=30) == -signal.SIGKILL
+            killed.popen.kill()
+            assert killed.popen.wait(timeout=30) == -signal.SIGKILL
         orphan = _job_row(production, job_id)
         assert (orphan.status, orphan.attempts, orphan.candidate_version) == (JobStatus.RUNNING, 1, None)
         assert _registry_rows(production) == registry_before and _serving(client) == serving
 
         with _worker(production, tmp_path / "successor.log", "--poll", "0.5") as successor:
             started = time.monotonic()
-            job = _wait_for(_finished(client, job_id, successor), 300, f"job {job_id} after the takeover", 1)
+            job = wait_for(_finished(client, job_id, successor), 600, f"job {job_id} after the takeover", 1)
             print(f"job {job_id}: finished {time.monotonic() - started:.1f} s after the successor started")
         log = (tmp_path / "successor.log").read_text()
         assert job["status"] == JobStatus.SUCCEEDED.value, f"{job['error']}\n{log}"
