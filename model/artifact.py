@@ -263,12 +263,14 @@ def export_artifact(
     metrics: Mapping[str, Any] | None = None,
     card_text: str | None = None,
     int8: bool = True,
+    int8_ranges: Mapping[str, np.ndarray] | None = None,
     max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS,
     check: bool = True,
 ) -> ModelArtifact:
-    """Export `model` to ONNX (parity-checked unless check=False), quantise the encoder to int8 when asked, and
-    write the complete artifact to `out_dir`."""
-    from model.export import export_model, quantize_encoder_int8
+    """Export `model` to ONNX (parity-checked unless check=False), quantise the encoder to int8 when asked
+    (smoothed with `int8_ranges`, model/quantize.py), and write the complete artifact to `out_dir`."""
+    from model.export import export_model
+    from model.quantize import quantize_encoder_int8
     from model.text_encoder import pretrained_dir
 
     config = model.config
@@ -281,7 +283,8 @@ def export_artifact(
     with tempfile.TemporaryDirectory(prefix="equipoise-export-") as work:
         graphs = export_model(model, Path(work), check=check)
         if int8:
-            graphs[ENCODER_INT8_FILE] = quantize_encoder_int8(graphs[ENCODER_FILE], Path(work) / ENCODER_INT8_FILE)
+            int8_path = Path(work) / ENCODER_INT8_FILE
+            graphs[ENCODER_INT8_FILE] = quantize_encoder_int8(graphs[ENCODER_FILE], int8_path, dict(int8_ranges or {}))
         return write_artifact(
             out_dir,
             version=version,

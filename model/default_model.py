@@ -1,8 +1,10 @@
 """The shipped default model: a trained delta committed in model/default/, assembled into a full artifact offline.
 
     model/default/delta.safetensors, config.json   the trained tensors (model/delta.py), float16
-    model/default/release.json                     version, sha256 of the delta, calibration, reference class mix,
-                                                   the card's metrics, and a probe set with its expected outputs
+    model/default/int8_ranges.safetensors          activation ranges that smooth the int8 encoder (model/quantize.py)
+    model/default/release.json                     version, sha256 of the delta and the ranges, calibration,
+                                                   reference class mix, the card's metrics, and a probe set with
+                                                   its expected outputs
     model/default/MODEL_CARD.md                    the model card
 
 Assembly loads the pinned pretrained text encoder (hash-checked), applies the delta (sha256-checked), exports
@@ -51,6 +53,14 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def verified(path: Path, expected_sha256: str) -> Path:
+    """`path`, if its sha256 is the released one."""
+    actual = sha256_of(path) if path.is_file() else "missing"
+    if actual != expected_sha256:
+        raise DefaultModelError(f"{path}: sha256 {actual} is not the released {expected_sha256}")
+    return path
+
+
 def probe_audio(sample_rate: int = 16000) -> np.ndarray:
     """A fixed 1.5 s rising tone with a tremolo: deterministic audio input for the probe."""
     t = np.arange(int(1.5 * sample_rate), dtype=np.float64) / sample_rate
@@ -86,12 +96,12 @@ def assemble(out_dir: Path, source: Path = SHIPPED_DIR) -> ModelArtifact:
     """Build the artifact of the shipped default into `out_dir` (which must not exist) and verify it."""
     from model.artifact import export_artifact
     from model.delta import DELTA_FILE, load_delta
+    from model.quantize import RANGES_FILE, load_ranges
 
     release = read_release(source)
-    actual = sha256_of(source / DELTA_FILE)
-    if actual != release["delta_sha256"]:
-        raise DefaultModelError(f"{source / DELTA_FILE}: sha256 {actual} is not the released {release['delta_sha256']}")
-    model = load_delta(source)
+    model = load_delta(verified(source / DELTA_FILE, release["delta_sha256"]).parent)
+    ranges_sha256 = release.get("int8_ranges_sha256")
+    int8_ranges = load_ranges(verified(source / RANGES_FILE, ranges_sha256)) if ranges_sha256 else None
     artifact = export_artifact(
         model,
         out_dir,
@@ -99,6 +109,7 @@ def assemble(out_dir: Path, source: Path = SHIPPED_DIR) -> ModelArtifact:
         calibration_temperature=release["calibration_temperature"],
         reference_distribution=release["reference_distribution"],
         estimation_weights=release.get("estimation_weights"),
+        int8_ranges=int8_ranges,
         metrics=release["metrics"],
         card_text=(source / CARD_FILE).read_text(encoding="utf-8"),
     )

@@ -1,4 +1,4 @@
-"""ONNX export of the two graphs of docs/ARCHITECTURE.md, int8 quantisation, and parity / agreement checks.
+"""ONNX export of the two graphs of docs/ARCHITECTURE.md, and parity / agreement checks (int8: model/quantize.py).
 
 Export uses the torch.export-based exporter (dynamo=True) with `dynamic_shapes`: it traces BERT of
 transformers 5 and the in-graph log-mel without custom symbolics, and names the dynamic axes.
@@ -15,7 +15,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from onnxruntime.quantization import QuantType, quantize_dynamic
 from torch import nn
 from torch.export import Dim
 
@@ -191,30 +190,6 @@ def export_model(model: EmotionModel, out_dir: Path, check: bool = True) -> dict
         ENCODER_FILE: export_encoder(model.encoder, out_dir / ENCODER_FILE, check=check),
         CONTEXT_FILE: export_context_head(model.head, out_dir / CONTEXT_FILE, check=check),
     }
-
-
-def quantize_encoder_int8(src: Path, dst: Path) -> Path:
-    """Dynamic int8 weights (per output channel) for MatMul / Gemm only: Conv stays fp32 (ConvInteger is slow or
-    missing on EPs), attention score MatMuls (no constant B) stay fp32 (MatMulConstBOnly), and so does the word
-    embedding table (a Gather). Weights are uint8: ONNX Runtime's u8s8 kernels saturate 16-bit sums on x86 CPUs
-    without VNNI (probability errors of 0.1 and more on such machines), its u8u8 kernels do not."""
-    model = onnx.load(str(src))
-    # The exporter records value_info for initializers too; the quantizer rewrites Gemm(transB) as MatMul with
-    # a transposed weight and its shape inference then trips over the stale [out, in] shape. Inference redoes it.
-    del model.graph.value_info[:]
-    # The mel filterbank multiplies a power spectrum whose range spans many decades: int8 would erase quiet bands.
-    feature_nodes = [node.name for node in model.graph.node if any("fbank" in name for name in node.input)]
-    quantize_dynamic(
-        model,
-        dst,
-        weight_type=QuantType.QUInt8,
-        op_types_to_quantize=["MatMul", "Gemm"],
-        per_channel=True,
-        nodes_to_exclude=feature_nodes,
-        extra_options={"MatMulConstBOnly": True},
-    )
-    onnx.checker.check_model(str(dst), full_check=True)
-    return dst
 
 
 def predict_emotions(

@@ -36,6 +36,7 @@ from training.losses import CrossEntropyLoss, build_loss
 STATE_FILE, CONFIG_FILE = "model.pt", "model_config.json"
 # Losses after which the raw logits assume a uniform class prior (Menon et al. 2021; Cui et al. 2019).
 BALANCED_LOSSES = ("logit_adjusted", "balanced_softmax", "weighted_ce")
+INT8_CALIBRATION_TEXTS = 2_000  # training texts whose activation ranges smooth the int8 encoder (model/quantize.py)
 
 
 @dataclass(frozen=True)
@@ -228,11 +229,16 @@ def load_model(directory: Path) -> EmotionModel:
 
 
 def _export(out: Path, inputs: TierInputs, model: EmotionModel) -> None:
-    from model.export import export_model, quantize_encoder_int8
+    from model.export import export_model
+    from model.quantize import measure_activation_ranges, quantize_encoder_int8, text_calibration
 
     graphs = export_model(model, out, check=True)
     if inputs.base.encoder_int8_path is not None:
-        quantize_encoder_int8(graphs["encoder.onnx"], out / ENCODER_INT8_FILE)
+        preprocessing = _preprocessing(inputs, model.config.to_dict())
+        preprocessor = Preprocessor.from_file(pretrained_dir() / "tokenizer.json", preprocessing)
+        texts = [text for text in inputs.data.texts if text][:INT8_CALIBRATION_TEXTS]
+        ranges = measure_activation_ranges(graphs["encoder.onnx"], text_calibration(preprocessor, texts))
+        quantize_encoder_int8(graphs["encoder.onnx"], out / ENCODER_INT8_FILE, ranges)
 
 
 def build(ctx: JobContext, inputs: TierInputs) -> Draft:

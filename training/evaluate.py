@@ -16,6 +16,7 @@ from model.audio import decode_audio
 from model.data.meld import group_dialogues, read_utterances
 from model.data.speech import read_clips, split_by_speaker
 from model.labels import DEFAULT_MINORITY
+from model.quantize import ActivationRanges
 from model.runtime import InferenceRuntime, UtteranceInput
 from training.metrics import MetricsReport, compute_metrics
 
@@ -87,3 +88,18 @@ def estimation_weights(artifact_dir: Path, data_dir: Path) -> tuple[float, ...]:
 
     dev = score_meld(InferenceRuntime.load(artifact_dir, device="cpu"), data_dir, "dev")
     return fit_estimation_weights(dev.probs, dev.labels)
+
+
+def meld_int8_ranges(artifact_dir: Path, data_dir: Path, texts: int = 2_000, seed: int = 0) -> ActivationRanges:
+    """Activation ranges of the artifact's fp32 encoder for the int8 encoder's smoothing (model/quantize.py),
+    measured on `texts` random MELD train utterances: never dev, where the int8 agreement is reported."""
+    from model.artifact import load_artifact
+    from model.preprocess import Preprocessor
+    from model.quantize import measure_activation_ranges, text_calibration
+
+    artifact = load_artifact(artifact_dir)
+    train = [u.text for u in read_utterances(data_dir, "train") if u.text]
+    chosen = np.random.default_rng(seed).choice(len(train), size=min(texts, len(train)), replace=False)
+    preprocessor = Preprocessor.from_file(artifact.tokenizer_path, artifact.preprocessing)
+    calibration = text_calibration(preprocessor, [train[i] for i in sorted(chosen)])
+    return measure_activation_ranges(artifact.encoder_path, calibration)

@@ -17,7 +17,8 @@ from model.data.speech import MAPPING_NOTES
 from model.default_model import CARD_FILE, RELEASE_FILE, SHIPPED_DIR, probe_outputs, read_release, sha256_of
 from model.delta import DELTA_FILE, save_delta
 from model.network import EmotionModel
-from training.evaluate import estimation_weights, evaluate_artifact, int8_label_agreement
+from model.quantize import RANGES_FILE, save_ranges
+from training.evaluate import estimation_weights, evaluate_artifact, int8_label_agreement, meld_int8_ranges
 from training.metrics import MetricsReport
 from training.recipe import Recipe
 from training.run import RunDir
@@ -45,9 +46,12 @@ def build_release(
     save_delta(model, into)
     shipped = load_delta(into)  # what users get: the float16 delta on the pinned base
     with tempfile.TemporaryDirectory(prefix="equipoise-release-") as work:
+        export_artifact(shipped, Path(work) / "fp32", version=version, int8=False)
+        ranges = meld_int8_ranges(Path(work) / "fp32", data_dir)
+        save_ranges(ranges, into / RANGES_FILE)
         artifact_dir = Path(work) / "artifact"
         export_artifact(shipped, artifact_dir, version=version, calibration_temperature=final["temperature"],
-                        reference_distribution=final["reference_distribution"])  # fmt: skip
+                        reference_distribution=final["reference_distribution"], int8_ranges=ranges)  # fmt: skip
         metrics = evaluate_artifact(artifact_dir, data_dir)
         metrics["int8_label_agreement_meld_dev"] = int8_label_agreement(artifact_dir, data_dir)
         weights = estimation_weights(artifact_dir, data_dir)
@@ -57,6 +61,7 @@ def build_release(
         "recipe": recipe.to_dict(),
         "seed": recipe.train.seed,
         "delta_sha256": sha256_of(into / DELTA_FILE),
+        "int8_ranges_sha256": sha256_of(into / RANGES_FILE),
         "calibration_temperature": final["temperature"],
         "reference_distribution": final["reference_distribution"],
         "estimation_weights": list(weights),
@@ -132,7 +137,8 @@ Label mapping of the speech corpora onto the MELD label set:
 {chr(10).join(metrics_table(metrics))}
 
 F1 per class in %. Audio-only rows give the clip without its transcript. The int8 encoder agrees with the fp32
-one on {100 * metrics["int8_label_agreement_meld_dev"]:.2f}% of MELD dev labels.
+one on {100 * metrics["int8_label_agreement_meld_dev"]:.2f}% of MELD dev labels (its activations are smoothed with
+ranges measured on MELD train, model/quantize.py).
 
 ## Intended use and limits
 

@@ -28,10 +28,17 @@ from model.export import (
     label_agreement,
     max_abs_diff,
     ort_session,
-    quantize_encoder_int8,
     to_feeds,
 )
 from model.network import EmotionModel, ModelConfig
+from model.quantize import (
+    RANGES_FILE,
+    load_ranges,
+    measure_activation_ranges,
+    quantize_encoder_int8,
+    save_ranges,
+    smooth,
+)
 from model.text_encoder import load_tokenizer
 
 pytestmark = pytest.mark.data
@@ -217,6 +224,45 @@ def test_int8_encoder_label_agreement_runs(
     feeds = meld_dialogue_feeds(tokenizer, dialogues[:5], tiny_model.config.max_speakers)
     agreement = label_agreement(graphs[ENCODER_FILE], int8, graphs[CONTEXT_FILE], feeds)
     assert 0.0 <= agreement <= 1.0
+
+
+def test_smoothing_measures_every_linear_and_keeps_the_fp32_function(
+    tiny_model: EmotionModel,
+    graphs: dict[str, Path],
+    tokenizer: Tokenizer,
+    dialogues: list[Dialogue],
+    speech: list[np.ndarray],
+    tmp_path: Path,
+) -> None:
+    texts = [u.text for d in dialogues[:6] for u in d.utterances]
+    calibration = [
+        to_feeds(encoder_batch(tokenizer, texts[:16], [None] * 16)),
+        to_feeds(encoder_batch(tokenizer, texts[16:20], speech[:4])),
+    ]
+    ranges = measure_activation_ranges(graphs[ENCODER_FILE], calibration)
+    linears = {name: m for name, m in tiny_model.encoder.named_modules() if isinstance(m, torch.nn.Linear)}
+    text_layers = [f"text.bert.encoder.layer.{i}" for i in range(len(tiny_model.encoder.text.bert.encoder.layer))]
+    for layer in text_layers:  # every text Linear whose weight is a MatMul, keyed by its module path
+        for part in ("attention.self.query", "attention.output.dense", "intermediate.dense", "output.dense"):
+            assert f"{layer}.{part}" in ranges
+    assert any(name.startswith("audio.") for name in ranges)
+    for name, amax in ranges.items():
+        assert amax.shape == (linears[name].in_features,) and (amax >= 0).all() and amax.max() > 0
+    assert load_ranges(save_ranges(ranges, tmp_path / RANGES_FILE)).keys() == ranges.keys()
+
+    model = onnx.load(str(graphs[ENCODER_FILE]))
+    assert smooth(model, ranges) > 0
+    onnx.save(model, tmp_path / "smoothed.onnx")
+    plain, smoothed = ort_session(graphs[ENCODER_FILE]), ort_session(tmp_path / "smoothed.onnx")
+    for feeds in calibration:
+        assert np.abs(plain.run(None, feeds)[0] - smoothed.run(None, feeds)[0]).max() <= PARITY_TOLERANCE
+
+    int8 = onnx.load(quantize_encoder_int8(graphs[ENCODER_FILE], tmp_path / "int8.onnx", ranges))
+    assert any(n.name.endswith("_smooth") for n in int8.graph.node)
+    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in int8.graph.node)
+    wrong = {name: np.ones(3, np.float32) for name in ranges}
+    with pytest.raises(ValueError, match="activation ranges"):
+        smooth(onnx.load(str(graphs[ENCODER_FILE])), wrong)
 
 
 @pytest.mark.slow
