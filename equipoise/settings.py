@@ -173,3 +173,12 @@ def load_settings(**overrides: Any) -> Settings:
 def get_settings() -> Settings:
     """Process-wide settings, read once."""
     return load_settings()
+
+
+def data_dir_or_exit(given: Path | None) -> Path:
+    """The corpora directory for a command-line tool: `given`, else the data_dir setting; exits with a message
+    when neither names one."""
+    found = given or load_settings().data_dir
+    if found is None:
+        raise SystemExit(f"no data directory: pass --data-dir or set {ENV_PREFIX}DATA_DIR")
+    return found

@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from api.benchmarks.load import Job, Phase, drive, percentile_ms
 from equipoise.processes import Process, free_port, running_service, wait_for
-from equipoise.settings import Settings, load_settings
+from equipoise.settings import Settings, data_dir_or_exit
 
 UTTERANCE_PATH = "/v1/predict/utterance"
 BASELINE = "baseline"
@@ -573,9 +573,7 @@ def context_of(
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     load_before = os.getloadavg()[0]
-    data_dir = args.data_dir or load_settings().data_dir
-    if data_dir is None:
-        raise SystemExit("no data directory: pass --data-dir or set EQUIPOISE_DATA_DIR")
+    data_dir = data_dir_or_exit(args.data_dir)
     workloads = {"text": text_jobs(data_dir, seed=args.seed)}
     if args.audio_seconds:
         workloads["text+audio"] = audio_jobs(workloads["text"], speech_wav(data_dir, args.audio_seconds))

@@ -49,7 +49,7 @@ import numpy as np
 from tqdm import tqdm
 
 from equipoise.processes import running_service
-from equipoise.settings import Settings
+from equipoise.settings import Settings, data_dir_or_exit
 
 OVERLOADED = "overloaded"  # the last segment of the problem type of the service's 503 for a full queue
 REFUSAL_STATUSES = (429, 503)
@@ -579,21 +579,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _data_dir(given: Path | None) -> Path:
-    if given is not None:
-        return given
-    from equipoise.settings import load_settings
-
-    configured = load_settings().data_dir
-    if configured is None:
-        raise SystemExit("no data directory: pass --data-dir or set EQUIPOISE_DATA_DIR")
-    return configured
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     load_before = os.getloadavg()[0]
-    jobs = meld_jobs(_data_dir(args.data_dir), args.split, args.dialogue_share, args.max_turns, args.seed)
+    jobs = meld_jobs(data_dir_or_exit(args.data_dir), args.split, args.dialogue_share, args.max_turns, args.seed)
     plan = LoadPlan(
         clients=args.clients,
         requests=args.requests,

@@ -29,6 +29,7 @@ import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
+from equipoise.settings import data_dir_or_exit
 from model.artifact import ModelArtifact, export_artifact, load_artifact
 from model.data.meld import group_dialogues, read_utterances
 from model.network import EmotionModel, ModelConfig
@@ -71,17 +72,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=Path, default=None, help="EmotionModel state_dict for --artifact")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
-
-
-def data_dir(given: Path | None) -> Path:
-    if given is not None:
-        return given
-    from equipoise.settings import load_settings
-
-    configured = load_settings().data_dir
-    if configured is None:
-        raise SystemExit("no data directory: pass --data-dir or set EQUIPOISE_DATA_DIR")
-    return configured
 
 
 def sample_texts(root: Path, n: int, seed: int) -> list[str]:
@@ -225,7 +215,7 @@ def describe(artifact: ModelArtifact, prepared: Sequence[PreparedUtterance], arg
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    root = data_dir(args.data_dir)
+    root = data_dir_or_exit(args.data_dir)
     if args.threads:
         torch.set_num_threads(args.threads)
     texts = sample_texts(root, args.n, args.seed)

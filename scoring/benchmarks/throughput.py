@@ -150,13 +150,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def meld_test_turns(data_dir: Path | None) -> list[Turn]:
-    if data_dir is None:
-        from equipoise.settings import load_settings
+    from equipoise.settings import data_dir_or_exit
 
-        data_dir = load_settings().data_dir
-    if data_dir is None:
-        raise SystemExit("no data directory: pass --data-dir or set EQUIPOISE_DATA_DIR")
-    return list(meld_to_turns(group_dialogues(read_utterances(data_dir, "test"))))
+    return list(meld_to_turns(group_dialogues(read_utterances(data_dir_or_exit(data_dir), "test"))))
 
 
 def reset_peak_rss() -> bool:
