@@ -23,8 +23,8 @@ from sqlalchemy.exc import OperationalError
 
 from api.app import create_app
 from equipoise import processes
-from equipoise.db import migrate
-from equipoise.db.models import ModelStatus, ModelVersion
+from equipoise.db import crud, migrate
+from equipoise.db.models import ModelStatus, ModelVersion, Role
 from equipoise.db.session import make_engine, session_scope
 from equipoise.processes import Service, equipoise_environment, free_port, running_service
 from equipoise.settings import Settings, load_settings
@@ -219,6 +219,27 @@ def postgres_database() -> Iterator[str]:
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@contextlib.contextmanager
+def new_database(kind: str, root: Path) -> Iterator[str]:
+    """The URL of a new, empty database: "sqlite" a file under `root`, "postgres" one on the test server (dropped
+    afterwards)."""
+    if kind == "postgres":
+        with postgres_database() as url:
+            yield url
+    else:
+        yield f"sqlite:///{root / 'equipoise.db'}"
+
+
+def keys_by_role(url: str) -> dict[Role, str]:
+    """Migrate the database at `url` and create one API key per role; the keys as a client sends them."""
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    with session_scope(engine) as session:
+        keys = {role: crud.create_api_key(session, f"{role.value}-key", role)[1] for role in Role}
+    engine.dispose()
+    return keys
 
 
 # ------------------------------------------------------------------------------------------------ real server

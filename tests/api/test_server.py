@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import uuid
@@ -17,12 +16,11 @@ import pytest
 import soundfile as sf
 from sqlalchemy import Engine, func, select
 
-from equipoise.db import crud, migrate
 from equipoise.db.models import Feedback, Prediction, Role
 from equipoise.db.session import make_engine, session_scope
 from model.audio import decode_audio
 from model.runtime import InferenceRuntime, UtteranceInput
-from tests.api.conftest import Server, postgres_database, running_server, wait_for
+from tests.api.conftest import Server, keys_by_role, new_database, running_server, wait_for
 
 TURNS = [
     {"text": "I have been waiting for an hour!", "speaker": "customer"},
@@ -43,16 +41,10 @@ def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_artifact: Path
 ) -> Iterator[Server]:
     root = tmp_path_factory.mktemp(f"server-{request.param}")
-    with contextlib.ExitStack() as stack:
-        url = (
-            stack.enter_context(postgres_database())
-            if request.param == "postgres"
-            else (f"sqlite:///{root / 'equipoise.db'}")
-        )
-        # A new database: `serve` migrates it and registers the tiny model as champion.
-        yield stack.enter_context(
-            running_server(root / "state", url, default_model_dir=str(tiny_artifact), batch_max_wait_ms="20")
-        )
+    settings = {"default_model_dir": str(tiny_artifact), "batch_max_wait_ms": "20"}
+    # A new database: `serve` migrates it and registers the tiny model as champion.
+    with new_database(request.param, root) as url, running_server(root / "state", url, **settings) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -163,11 +155,7 @@ def test_a_burst_of_concurrent_requests_is_micro_batched(server: Server) -> None
 
 def test_roles_are_enforced_over_http_and_keys_never_reach_the_log(tmp_path: Path, tiny_artifact: Path) -> None:
     url = f"sqlite:///{tmp_path / 'auth.db'}"
-    migrate.upgrade(url)
-    engine = make_engine(url)
-    with session_scope(engine) as session:
-        keys = {role: crud.create_api_key(session, f"{role.value}-key", role)[1] for role in Role}
-    engine.dispose()
+    keys = keys_by_role(url)
     with running_server(tmp_path / "state", url, default_model_dir=str(tiny_artifact), auth_enabled="true") as server:
         with server.client() as client:
             predict = {"Authorization": f"Bearer {keys[Role.PREDICT]}"}

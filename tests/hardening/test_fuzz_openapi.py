@@ -13,7 +13,6 @@ The status codes answered are counted per operation from the HAR report and prin
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -27,7 +26,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.api.conftest import Server, postgres_database, running_server
+from tests.api.conftest import Server, new_database, running_server
 from tests.hardening.conftest import FIGURES
 
 MAX_EXAMPLES = 100  # Hypothesis cases per operation and mode in the fuzzing phase
@@ -43,15 +42,9 @@ def fuzzed_server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_artifact: Path
 ) -> Iterator[Server]:
     root = tmp_path_factory.mktemp(f"fuzz-{request.param}")
-    with contextlib.ExitStack() as stack:
-        url = (
-            stack.enter_context(postgres_database())
-            if request.param == "postgres"
-            else f"sqlite:///{root / 'equipoise.db'}"
-        )
-        yield stack.enter_context(
-            running_server(root / "state", url, default_model_dir=str(tiny_artifact), batch_max_wait_ms="2")
-        )
+    settings = {"default_model_dir": str(tiny_artifact), "batch_max_wait_ms": "2"}
+    with new_database(request.param, root) as url, running_server(root / "state", url, **settings) as server:
+        yield server
 
 
 def schemathesis_command(url: str, mode: str, report_dir: Path) -> list[str]:

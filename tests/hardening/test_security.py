@@ -49,7 +49,15 @@ from equipoise.db.models import (
     Role,
 )
 from equipoise.db.session import make_engine, session_scope
-from tests.api.conftest import Server, add_version, running_server, server_environment, settings_for, wait_for
+from tests.api.conftest import (
+    Server,
+    add_version,
+    keys_by_role,
+    running_server,
+    server_environment,
+    settings_for,
+    wait_for,
+)
 from tests.api.test_prediction_log import Outage, make_logger, record
 from tests.hardening.conftest import FIGURES
 
@@ -78,11 +86,7 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory, tiny_artifact: Path) -
     """A real server with auth on, debug logging and redaction on (the default), a key per role."""
     root = tmp_path_factory.mktemp("security")
     url = f"sqlite:///{root / 'equipoise.db'}"
-    migrate.upgrade(url)
-    engine = make_engine(url)
-    with session_scope(engine) as session:
-        keys = {role: crud.create_api_key(session, f"{role.value}-key", role)[1] for role in Role}
-    engine.dispose()
+    keys = keys_by_role(url)
     wrong = "eqp_" + secrets.token_urlsafe(24)  # the shape of a real key, unknown to the server
     with running_server(
         root / "state", url, default_model_dir=str(tiny_artifact), auth_enabled="true", log_level="debug"
