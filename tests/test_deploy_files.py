@@ -9,8 +9,13 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 import tomllib
+import zipfile
 from collections.abc import Iterator
+from fnmatch import fnmatch
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -514,3 +519,30 @@ def test_k8s_grafana_mounts_the_provisioning_from_monitoring() -> None:
     assert by_mount[provider_path]["files"][0].endswith("monitoring/grafana/dashboards/equipoise.json")
     assert by_mount["/etc/grafana/provisioning/datasources"]["files"][0].endswith("provisioning/datasources.yml")
     assert by_mount["/etc/grafana/provisioning/dashboards"]["files"][0].endswith("provisioning/dashboards.yml")
+
+
+def test_the_installed_package_carries_every_file_it_reads_at_run_time(tmp_path: Path) -> None:
+    """The images install the project as a wheel and keep only the environment, so every non-Python file inside
+    the packages (the shipped default's tensors, recipes, the Alembic template, Grafana and Prometheus files)
+    must be package data."""
+    # From a copy: setuptools would reuse a stale build/ of the working tree.
+    ignored = shutil.ignore_patterns(".*", "build", "*.egg-info", "state", "runs", "__pycache__")
+    source = shutil.copytree(ROOT, tmp_path / "source", ignore=ignored)
+    command = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*command, "--wheel-dir", str(tmp_path), str(source)], check=True, capture_output=True, timeout=300)
+    packaged = set(zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist())
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    included = setuptools["packages"]["find"]["include"]  # globs
+    packages = [
+        path
+        for path in ROOT.iterdir()
+        if (path / "__init__.py").is_file() and any(fnmatch(path.name, g) for g in included)
+    ]
+    needed = {
+        path.relative_to(ROOT).as_posix()
+        for package in packages
+        for path in package.rglob("*")
+        if path.is_file() and path.suffix not in (".py", ".pyc") and "__pycache__" not in path.parts
+    }
+    assert "model/default/delta.safetensors" in needed
+    assert needed <= packaged, f"not in the wheel: {sorted(needed - packaged)}"
