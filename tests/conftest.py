@@ -8,8 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# CI (.ci/run sets HYPOTHESIS_PROFILE=ci) draws the same examples on every run, so a red run reproduces and a
+# green one is not luck; elsewhere each run draws new ones.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def _data_dir() -> Path | None:
