@@ -99,7 +99,8 @@ def assemble(out_dir: Path, source: Path = SHIPPED_DIR) -> ModelArtifact:
     from model.quantize import RANGES_FILE, load_ranges
 
     release = read_release(source)
-    model = load_delta(verified(source / DELTA_FILE, release["delta_sha256"]).parent)
+    verified(source / DELTA_FILE, release["delta_sha256"])
+    model = load_delta(source)
     ranges_sha256 = release.get("int8_ranges_sha256")
     int8_ranges = load_ranges(verified(source / RANGES_FILE, ranges_sha256)) if ranges_sha256 else None
     artifact = export_artifact(

@@ -37,13 +37,18 @@ NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 ActivationRanges = dict[str, np.ndarray]  # module path of a Linear -> max |input| per input channel, float32
 
 
+def _reads_filterbank(node: onnx.NodeProto) -> bool:
+    """The mel filterbank's MatMul stays fp32 and unsmoothed: the power spectrum it weighs spans many decades."""
+    return any("fbank" in name for name in node.input)
+
+
 def _constant_weight_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """MatMuls whose B is a 2-D weight; the mel filterbank's stays fp32 (a power spectrum spans many decades)."""
-    weights = {i.name: i for i in model.graph.initializer if len(i.dims) == 2}
+    """MatMuls whose B is a 2-D weight, the filterbank's excepted."""
+    weights = {i.name for i in model.graph.initializer if len(i.dims) == 2}
     return [
         node
         for node in model.graph.node
-        if node.op_type == "MatMul" and node.input[1] in weights and "fbank" not in node.input[1]
+        if node.op_type == "MatMul" and node.input[1] in weights and not _reads_filterbank(node)
     ]
 
 
@@ -143,7 +148,7 @@ def quantize_encoder_int8(src: Path, dst: Path, ranges: ActivationRanges | None 
     del model.graph.value_info[:]
     if ranges:
         smooth(model, ranges)
-    feature_nodes = [node.name for node in model.graph.node if any("fbank" in name for name in node.input)]
+    feature_nodes = [node.name for node in model.graph.node if _reads_filterbank(node)]
     quantize_dynamic(
         model,
         dst,

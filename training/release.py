@@ -40,18 +40,26 @@ def build_release(
 ) -> dict[str, Any]:
     """Write delta, release.json and MODEL_CARD.md of a trained model (`final`: its run's final.json) into
     `into`; the metrics are measured on the assembled artifact through the serving runtime."""
-    from model.artifact import export_artifact
+    from model.artifact import ENCODER_INT8_FILE, derive_artifact, export_artifact
     from model.delta import load_delta
+    from model.quantize import quantize_encoder_int8
 
     save_delta(model, into)
     shipped = load_delta(into)  # what users get: the float16 delta on the pinned base
     with tempfile.TemporaryDirectory(prefix="equipoise-release-") as work:
-        export_artifact(shipped, Path(work) / "fp32", version=version, int8=False)
-        ranges = meld_int8_ranges(Path(work) / "fp32", data_dir)
+        fp32 = export_artifact(
+            shipped,
+            Path(work) / "fp32",
+            version=version,
+            calibration_temperature=final["temperature"],
+            reference_distribution=final["reference_distribution"],
+            int8=False,
+        )
+        ranges = meld_int8_ranges(fp32.path, data_dir)  # the int8 encoder's smoothing needs the fp32 graph first
         save_ranges(ranges, into / RANGES_FILE)
+        int8 = quantize_encoder_int8(fp32.encoder_path, Path(work) / ENCODER_INT8_FILE, ranges)
         artifact_dir = Path(work) / "artifact"
-        export_artifact(shipped, artifact_dir, version=version, calibration_temperature=final["temperature"],
-                        reference_distribution=final["reference_distribution"], int8_ranges=ranges)  # fmt: skip
+        derive_artifact(fp32, artifact_dir, version=version, graphs={ENCODER_INT8_FILE: int8})
         metrics = evaluate_artifact(artifact_dir, data_dir)
         metrics["int8_label_agreement_meld_dev"] = int8_label_agreement(artifact_dir, data_dir)
         weights = estimation_weights(artifact_dir, data_dir)
