@@ -116,7 +116,7 @@ def running_service(
     service = Service(process, f"http://{HOST}:{port}")
     try:
         try:
-            wait_for(lambda: _answers(service, ready_path), timeout_s, f"the service to answer {ready_path}", 0.2)
+            wait_for(lambda: answers(service, ready_path), timeout_s, f"the service to answer {ready_path}", 0.2)
         except ProcessError as error:
             if process.alive():  # timed out (when it exited, check_alive's message has the log already)
                 raise process.error(str(error)) from None
@@ -126,7 +126,8 @@ def running_service(
         process.stop()
 
 
-def _answers(service: Service, path: str) -> bool:
+def answers(service: Service, path: str) -> bool:
+    """Whether `path` answers 200 now; a ProcessError if the process has exited."""
     service.process.check_alive()
     with contextlib.suppress(httpx.HTTPError):
         return httpx.get(service.url + path, timeout=5).status_code == 200

@@ -50,7 +50,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 from api.benchmarks.load import Job, Phase, drive, percentile_ms
-from equipoise.processes import Process, free_port, running_service, wait_for
+from equipoise.processes import Process, Service, answers, free_port, running_service, wait_for
 from equipoise.settings import Settings, data_dir_or_exit
 
 UTTERANCE_PATH = "/v1/predict/utterance"
@@ -175,14 +175,8 @@ def audio_jobs(texts: Sequence[Job], wav: bytes) -> list[Job]:
 # ------------------------------------------------------------------------------------------------ servers
 
 
-@dataclass(frozen=True)
-class Running:
-    url: str
-    process: Process
-
-
 @contextlib.contextmanager
-def start_equipoise(server: Server, model: Path, work: Path, extra: Mapping[str, str]) -> Iterator[Running]:
+def start_equipoise(server: Server, model: Path, work: Path, extra: Mapping[str, str]) -> Iterator[Service]:
     state = Path(tempfile.mkdtemp(prefix="state-", dir=work))  # a fresh SQLite database for every start
     settings = {
         "state_dir": str(state),
@@ -194,30 +188,23 @@ def start_equipoise(server: Server, model: Path, work: Path, extra: Mapping[str,
         **extra,
     }
     with running_service(settings, state / "server.log") as service:
-        yield Running(service.url, service.process)
+        yield service
 
 
 @contextlib.contextmanager
-def start_baseline(model: Path, data_dir: Path, work: Path, timeout_s: float = 600) -> Iterator[Running]:
+def start_baseline(model: Path, data_dir: Path, work: Path, timeout_s: float = 600) -> Iterator[Service]:
     port = free_port()
     args = ["--artifact", str(model), "--data-dir", str(data_dir), "--port", str(port)]
     log_path = work / "baseline.log"
     with log_path.open("wb") as log:
         command = [sys.executable, "-m", "api.benchmarks.baseline", *args]
         popen = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    running = Running(f"http://127.0.0.1:{port}", Process(BASELINE, popen, log_path))
+    running = Service(Process(BASELINE, popen, log_path), f"http://127.0.0.1:{port}")
     try:
-        wait_for(lambda: _healthy(running), timeout_s, "the baseline to answer /healthz", 0.5)
+        wait_for(lambda: answers(running, "/healthz"), timeout_s, "the baseline to answer /healthz", 0.5)
         yield running
     finally:
         running.process.stop()
-
-
-def _healthy(running: Running) -> bool:
-    running.process.check_alive()
-    with contextlib.suppress(httpx.HTTPError):
-        return httpx.get(running.url + "/healthz", timeout=5).status_code == 200
-    return False
 
 
 def cpu_seconds(pid: int) -> float:
@@ -259,7 +246,7 @@ def probabilities(url: str, jobs: Sequence[Job]) -> np.ndarray:
     return np.array([[answer["probabilities"][label] for label in labels] for answer in answers])
 
 
-def run_level(level: Level, running: Running, jobs: Iterator[Job], plan: Plan, requests: int) -> None:
+def run_level(level: Level, running: Service, jobs: Iterator[Job], plan: Plan, requests: int) -> None:
     """One phase of `level.clients` closed-loop clients against `running`, added to `level`."""
     before = CpuSample.take(running.process.popen.pid)
     name = f"{'eq' if level.server.logging is not None else 'bl'} {level.workload} c{level.clients}"
@@ -283,7 +270,7 @@ def run_level(level: Level, running: Running, jobs: Iterator[Job], plan: Plan, r
     level.load.append(os.getloadavg()[0])
 
 
-def warm_up(running: Running, jobs: Iterator[Job], plan: Plan) -> None:
+def warm_up(running: Service, jobs: Iterator[Job], plan: Plan) -> None:
     asyncio.run(
         drive(
             running.url,
@@ -311,7 +298,7 @@ class Results:
         return self.levels.get((server, workload, clients))
 
 
-def measure(running: Running, server: Server, workloads: dict[str, list[Job]], plan: Plan, results: Results) -> None:
+def measure(running: Service, server: Server, workloads: dict[str, list[Job]], plan: Plan, results: Results) -> None:
     texts = workloads["text"]
     results.answers.setdefault(server, probabilities(running.url, texts[:AGREEMENT_TEXTS]))
     cycle = itertools.cycle(texts)
