@@ -236,7 +236,9 @@ def _export(out: Path, inputs: TierInputs, model: EmotionModel) -> None:
     if inputs.base.encoder_int8_path is not None:
         preprocessing = _preprocessing(inputs, model.config.to_dict())
         preprocessor = Preprocessor.from_file(pretrained_dir() / "tokenizer.json", preprocessing)
-        texts = [text for text in inputs.data.texts if text][:INT8_CALIBRATION_TEXTS]
+        # Training turns only: nothing of the gate's held-out turns may shape the candidate.
+        training = zip(inputs.data.texts, inputs.data.heldout, strict=True)
+        texts = [text for text, heldout in training if text and not heldout][:INT8_CALIBRATION_TEXTS]
         ranges = measure_activation_ranges(graphs["encoder.onnx"], text_calibration(preprocessor, texts))
         quantize_encoder_int8(graphs["encoder.onnx"], out / ENCODER_INT8_FILE, ranges)
 
