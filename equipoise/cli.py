@@ -265,8 +265,19 @@ def _score_arguments(score: argparse.ArgumentParser) -> None:
     score.add_argument("--engine", choices=["local", "ray"], default="local")
     score.add_argument("--model", type=Path, help="artifact directory (default: the registry's champion)")
     score.add_argument("--log-to-db", action="store_true", help="also write the predictions to the database")
-    score.add_argument("--batch-size", type=_positive, default=64, help="turns per model call (default 64)")
+    score.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=256,
+        help="turns per model call, sorted by length inside it: more turns, less padding (default 256)",
+    )
     score.add_argument("--actors", type=_positive, default=2, help="Ray actors, each with its own model (default 2)")
+    score.add_argument(
+        "--workers",
+        type=_positive,
+        help="local engine: threads scoring chunks at once, each with one ONNX Runtime thread unless "
+        "EQUIPOISE_INTRA_OP_THREADS says otherwise (default: one per core on the CPU, 1 on CUDA)",
+    )
     score.add_argument("--customer-speaker", default="customer", help="speaker whose escalations count")
     score.add_argument(
         "--escalation-threshold",

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 
 from equipoise.settings import Settings
 from model.registry import RegistryError
-from model.runtime import DeviceUnavailable
+from model.runtime import CUDA_PROVIDER, DeviceUnavailable, select_providers
 from scoring.engine import Engine, RuntimeSpec
+from scoring.local import LocalEngine, available_cores
 from scoring.pipeline import ScoreConfig, run_header, run_key, run_scoring
 from scoring.summary import SummaryOptions
 
@@ -24,7 +25,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         try:
             config = _config(args, settings)
             spec = _spec(args, settings)
-            engine = _engine(args, spec, cleanup)
+            engine = _engine(args, settings, spec, cleanup)
             log = _log(args, settings, config, engine, spec, cleanup)
             report = run_scoring(config, engine, log=log)
         except (ValueError, LookupError, OSError, DeviceUnavailable, RegistryError) as error:  # the user can fix these
@@ -88,15 +89,20 @@ def _champion_dir(settings: Settings) -> Path | None:
 
 
 def _threads(args: argparse.Namespace, settings: Settings) -> int:
-    # Ray actors get one CPU each; ONNX Runtime's default (every core) would oversubscribe the node.
-    return settings.intra_op_threads or (1 if args.engine == "ray" else 0)
+    # Ray actors and local workers get one core each; ONNX Runtime's default (every core) would oversubscribe.
+    parallel = args.engine == "ray" or _workers(args, settings) > 1
+    return settings.intra_op_threads or (1 if parallel else 0)
 
 
-def _engine(args: argparse.Namespace, spec: RuntimeSpec, cleanup: ExitStack) -> Engine:
+def _workers(args: argparse.Namespace, settings: Settings) -> int:
+    if args.workers is not None:
+        return int(args.workers)
+    return 1 if CUDA_PROVIDER in select_providers(settings.device) else available_cores()
+
+
+def _engine(args: argparse.Namespace, settings: Settings, spec: RuntimeSpec, cleanup: ExitStack) -> Engine:
     if args.engine == "local":
-        from scoring.local import LocalEngine
-
-        return LocalEngine.load(spec)
+        return LocalEngine.load(spec, _workers(args, settings))
     import ray
 
     from scoring.ray_engine import RayEngine

@@ -34,7 +34,7 @@ class ScoreConfig:
     summary: Path | None = None
     audio_root: Path | None = None  # default: the input's directory
     causal: bool = False
-    batch_turns: int = 64  # turns per classify call (whole conversations, so a chunk may hold more)
+    batch_turns: int = 256  # turns per classify call (whole conversations, so a chunk may hold more)
     commit_rows: int = 5_000  # commit at least every this many output rows...
     commit_seconds: float = 30.0  # ...or this often, whichever comes first
     run_rows: int = DEFAULT_RUN_ROWS  # turns per sorted run when the input must be sorted first

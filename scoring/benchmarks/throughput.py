@@ -38,7 +38,7 @@ from model.data.turns import Turn, meld_to_turns, write_turns
 from scoring.benchmarks.service import ServiceResult, load_average, measure_service, process_cpu_seconds
 from scoring.benchmarks.service import markdown as service_markdown
 from scoring.engine import RuntimeSpec
-from scoring.local import LocalEngine
+from scoring.local import LocalEngine, available_cores
 from scoring.pipeline import RunReport, ScoreConfig, run_scoring
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -118,10 +118,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--turns", type=int, default=1_000_000, help="turns to score (default 1,000,000)")
     parser.add_argument("--formats", default="jsonl,parquet", help="input formats, comma-separated")
     parser.add_argument("--data-dir", type=Path, default=None, help="corpora directory (default: settings)")
-    parser.add_argument("--batch-size", type=int, default=64, help="turns per model call (default 64)")
+    parser.add_argument("--batch-size", type=int, default=256, help="turns per model call (default 256)")
     parser.add_argument(
-        "--threads", type=int, default=0, help="ONNX Runtime intra-op threads, batch and service (0: all cores)"
+        "--threads",
+        type=int,
+        default=0,
+        help="ONNX Runtime intra-op threads, batch and service (0: each side's default: the service's pool spans "
+        "all cores, each batch worker gets 1)",
     )
+    parser.add_argument("--workers", type=int, default=None, help="batch: local engine threads (default: one per core)")
     parser.add_argument("--work-dir", type=Path, default=None, help="where inputs and outputs go (default: temp)")
     parser.add_argument(
         "--concurrency", default="1,2,4,8", help="service sweep: concurrent clients per level, comma-separated"
@@ -301,18 +306,19 @@ def plot(measurements: Sequence[Measurement], path: Path, title: str, limit_mib:
     plt.close(figure)
 
 
-def describe(engine: LocalEngine, args: argparse.Namespace, write_seconds: dict[str, float]) -> str:
+def describe(engine: LocalEngine, threads: int, args: argparse.Namespace, write_seconds: dict[str, float]) -> str:
     written = ", ".join(f"{kind} {seconds:.1f} s" for kind, seconds in write_seconds.items())
     model = engine.model
     return "\n".join(
         [
             f"- model: {model.version} ({model.precision}), artifact sha256 {(model.sha256 or '?')[:12]}",
             f"- input: MELD test replicated to {args.turns:,} turns (text only); writing the inputs took {written}",
-            f"- scoring: local engine, bidirectional context, batch {args.batch_size} turns, per-utterance JSONL "
+            f"- scoring: local engine with {engine.workers} worker thread(s), intra-op threads "
+            f"{threads or 'default'}, bidirectional context, batch {args.batch_size} turns, per-utterance JSONL "
             "output and JSONL summary; wall time includes the counting pass, reading, inference, writing and "
             f"commits; RSS sampled every {args.sample_interval:g} s",
             f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs; ONNX Runtime "
-            f"{ort.__version__} intra-op threads {args.threads or 'default'}; python {platform.python_version()}",
+            f"{ort.__version__}; python {platform.python_version()}",
         ]
     )
 
@@ -349,7 +355,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_requests=args.service_requests,
             work_dir=args.work_dir,
         )
-    engine = LocalEngine.load(RuntimeSpec(args.model, device="cpu", intra_op_threads=args.threads))
+    workers = args.workers or available_cores()
+    batch_threads = args.threads or (1 if workers > 1 else 0)
+    engine = LocalEngine.load(RuntimeSpec(args.model, device="cpu", intra_op_threads=batch_threads), workers)
     with tempfile.TemporaryDirectory(prefix="equipoise-score-bench-", dir=args.work_dir) as work:
         sources, write_seconds = [], {}
         for kind in args.formats:
@@ -369,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(service_markdown(service))
         print()
     print("### Batch scoring\n")
-    print(describe(engine, args, write_seconds))
+    print(describe(engine, batch_threads, args, write_seconds))
     print()
     print(markdown(measurements))
     if not all(m.peak_reset for m in measurements):

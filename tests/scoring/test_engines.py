@@ -33,13 +33,15 @@ def direct_rows(runtime: InferenceRuntime, turns: list[Turn], causal: bool) -> l
     ]
 
 
+@pytest.mark.parametrize("workers", [1, 3], ids=["serial", "3-workers"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 def test_local_engine_matches_direct_classify(
-    tmp_path: Path, meld_turns: list[Turn], runtime: InferenceRuntime, local_engine: LocalEngine, causal: bool
+    tmp_path: Path, meld_turns: list[Turn], runtime: InferenceRuntime, causal: bool, workers: int
 ) -> None:
     source = tmp_path / "turns.jsonl"
     write_turns(meld_turns, source)
-    report = run_scoring(config(tmp_path, source, causal=causal, batch_turns=16), local_engine)
+    engine = LocalEngine(runtime, workers)  # 3 threads and chunks of ~16 turns: chunks finish out of order
+    report = run_scoring(config(tmp_path, source, causal=causal, batch_turns=16), engine)
     rows = read_rows(tmp_path / "out.jsonl")
     assert report.rows == len(rows) == len(meld_turns)
     assert_same_predictions(rows, direct_rows(runtime, meld_turns, causal))
@@ -75,3 +77,33 @@ def test_ray_engine_matches_local_engine_and_direct_classify(
     assert_same_predictions(ray_rows, direct_rows(runtime, meld_turns, causal=False))
     assert [(r["conversation_id"], r["turn"]) for r in ray_rows] == [(r["conversation_id"], r["turn"]) for r in local]
     assert read_rows(tmp_path / "ray.csv") == read_rows(tmp_path / "local.csv")
+
+
+class FailingRuntime:
+    """The real runtime, failing on its `fail_on`-th classify call."""
+
+    def __init__(self, runtime: InferenceRuntime, fail_on: int) -> None:
+        self.version, self.emotions, self.sentiments = runtime.version, runtime.emotions, runtime.sentiments
+        self.artifact = runtime.artifact
+        self._runtime, self._fail_on, self.calls = runtime, fail_on, 0
+
+    def classify(self, dialogues: Any, causal: bool) -> list[Any]:
+        self.calls += 1
+        if self.calls == self._fail_on:
+            raise RuntimeError("session failed")
+        return self._runtime.classify(dialogues, causal)
+
+
+def test_a_failing_worker_stops_the_run_and_leaves_it_resumable(
+    tmp_path: Path, meld_turns: list[Turn], runtime: InferenceRuntime
+) -> None:
+    source = tmp_path / "turns.jsonl"
+    write_turns(meld_turns, source)
+    failing = LocalEngine(FailingRuntime(runtime, fail_on=3), workers=2)
+    with pytest.raises(RuntimeError, match="session failed"):
+        run_scoring(config(tmp_path, source, batch_turns=16, commit_rows=1), failing)
+    report = run_scoring(config(tmp_path, source, batch_turns=16), LocalEngine(runtime, workers=2))
+    rows = read_rows(tmp_path / "out.jsonl")
+    assert 0 < report.resumed_rows < len(meld_turns)
+    assert [(r["conversation_id"], r["turn"]) for r in rows] == [(t.conversation_id, t.turn) for t in meld_turns]
+    assert_same_predictions(rows, direct_rows(runtime, meld_turns, causal=False))
