@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 from monitoring.collapse import CollapseRules
-from monitoring.simulation import ScoredSplit, degrade, reference_profile, run_stream, summarise
+from monitoring.simulation import (
+    ScoredSplit,
+    degrade,
+    reference_profile,
+    run_stream,
+    summarise,
+    tracking_by_window_size,
+)
 
 NAMES = ("neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear")
 PRIOR = np.array([0.47, 0.17, 0.12, 0.11, 0.07, 0.03, 0.03])
@@ -37,3 +44,22 @@ def test_stationary_stream_is_quiet_and_collapse_is_caught_within_three_windows(
     assert collapse["false_alarms"] == [] and collapse["windows_to_detect"] is not None
     assert collapse["windows_to_detect"] <= 3
     assert stationary["tracking"]["mean_abs"] < 0.1
+
+
+def test_the_estimate_of_a_calibrated_model_tracks_measured_recall_as_closely_as_the_population_recall() -> None:
+    reference = reference_profile(_split(5), ("sadness", "disgust", "fear"))
+    table = tracking_by_window_size(_split(6), reference, sizes=[300, 2000], windows=60)
+    small, large = table[300], table[2000]
+    assert large["noise_floor"]["mean_abs"] < small["noise_floor"]["mean_abs"]  # sampling noise shrinks
+    for row in (small, large):  # calibrated probabilities: the estimate is no worse than the noise floor allows
+        assert row["estimated"]["mean_abs"] < 1.25 * row["noise_floor"]["mean_abs"] + 0.01
+
+
+def test_records_carry_the_population_recall_of_the_model_serving_the_window() -> None:
+    reference = reference_profile(_split(7), ("sadness", "disgust", "fear"))
+    records = run_stream(
+        _split(8), reference, windows=4, window_size=300, degrade_from=2, bias=2.0, rules=CollapseRules(), seed=9
+    )
+    healthy, degraded = records[0].minority_recall_population, records[-1].minority_recall_population
+    assert healthy is not None and degraded is not None and degraded < healthy
+    assert summarise(records)["noise_floor"]["mean_abs"] > 0
