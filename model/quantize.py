@@ -37,7 +37,7 @@ NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 ActivationRanges = dict[str, np.ndarray]  # module path of a Linear -> max |input| per input channel, float32
 
 
-def _reads_filterbank(node: onnx.NodeProto) -> bool:
+def reads_filterbank(node: onnx.NodeProto) -> bool:
     """The mel filterbank's MatMul stays fp32 and unsmoothed: the power spectrum it weighs spans many decades."""
     return any("fbank" in name for name in node.input)
 
@@ -48,7 +48,7 @@ def _constant_weight_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [
         node
         for node in model.graph.node
-        if node.op_type == "MatMul" and node.input[1] in weights and not _reads_filterbank(node)
+        if node.op_type == "MatMul" and node.input[1] in weights and not reads_filterbank(node)
     ]
 
 
@@ -135,8 +135,16 @@ def _divide_input(model: onnx.ModelProto, source: str, scale: np.ndarray, nodes:
         node.input[0] = smoothed
 
 
-def quantize_encoder_int8(src: Path, dst: Path, ranges: ActivationRanges | None = None) -> Path:
-    """The int8 encoder of the fp32 graph `src`, smoothed first where `ranges` has the Linear.
+def _kept_fp32(node: onnx.NodeProto, prefixes: Sequence[str]) -> bool:
+    path = module_path(node)
+    return node.op_type in ("MatMul", "Gemm") and path is not None and any(path.startswith(p) for p in prefixes)
+
+
+def quantize_encoder_int8(
+    src: Path, dst: Path, ranges: ActivationRanges | None = None, keep_fp32: Sequence[str] = ()
+) -> Path:
+    """The int8 encoder of the fp32 graph `src`, smoothed first where `ranges` has the Linear; the Linears whose
+    module path starts with one of `keep_fp32` stay fp32 (mixed precision).
 
     Dynamic int8 weights (per output channel) for MatMul / Gemm only: Conv stays fp32 (ConvInteger is slow or
     missing on EPs), attention score MatMuls (no constant B) stay fp32 (MatMulConstBOnly), and so does the word
@@ -148,14 +156,17 @@ def quantize_encoder_int8(src: Path, dst: Path, ranges: ActivationRanges | None 
     del model.graph.value_info[:]
     if ranges:
         smooth(model, ranges)
-    feature_nodes = [node.name for node in model.graph.node if _reads_filterbank(node)]
+    excluded = [node.name for node in model.graph.node if reads_filterbank(node)]
+    for node in model.graph.node:
+        if _kept_fp32(node, keep_fp32):
+            excluded += [node.name, f"{node.name}_MatMul"]  # the quantizer renames a Gemm it rewrites as MatMul
     quantize_dynamic(
         model,
         dst,
         weight_type=QuantType.QUInt8,
         op_types_to_quantize=["MatMul", "Gemm"],
         per_channel=True,
-        nodes_to_exclude=feature_nodes,
+        nodes_to_exclude=excluded,
         extra_options={"MatMulConstBOnly": True},
     )
     onnx.checker.check_model(str(dst), full_check=True)

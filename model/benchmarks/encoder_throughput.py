@@ -34,7 +34,7 @@ from model.artifact import ModelArtifact, export_artifact, load_artifact
 from model.data.meld import group_dialogues, read_utterances
 from model.network import EmotionModel, ModelConfig
 from model.preprocess import EncoderBatch, PreparedUtterance, collate, length_buckets
-from model.runtime import InferenceRuntime, UtteranceInput
+from model.runtime import InferenceRuntime, TurnPrediction, UtteranceInput
 
 BATCH = 32
 WARMUP_BATCHES = 3
@@ -156,15 +156,19 @@ class Agreement:
         )
 
 
-def int8_agreement(fp32: InferenceRuntime, int8: InferenceRuntime, root: Path) -> Agreement:
-    """int8 vs fp32 over every MELD dev dialogue (text, speakers, bidirectional context)."""
+def meld_dev_turns(runtime: InferenceRuntime, root: Path) -> list[TurnPrediction]:
+    """Every MELD dev turn in file order, scored by dialogue (text, speakers, bidirectional context)."""
     dialogues = [
         [UtteranceInput(u.text, None, u.speaker) for u in dialogue.utterances]
         for dialogue in group_dialogues(read_utterances(root, "dev"))
     ]
+    return [turn for dialogue in runtime.classify(dialogues, causal=False) for turn in dialogue]
+
+
+def int8_agreement(fp32: InferenceRuntime, int8: InferenceRuntime, root: Path) -> Agreement:
+    """int8 vs fp32 over every MELD dev dialogue."""
     reference, candidate = (
-        [turn for dialogue in runtime.classify(dialogues, causal=False) for turn in dialogue]
-        for runtime in tqdm((fp32, int8), desc="MELD dev fp32 / int8", leave=False)
+        meld_dev_turns(runtime, root) for runtime in tqdm((fp32, int8), desc="MELD dev fp32 / int8", leave=False)
     )
     probs = [np.stack([t.emotion_probs for t in turns]) for turns in (reference, candidate)]
     vectors = [np.stack([t.embedding for t in turns]) for turns in (reference, candidate)]

@@ -35,6 +35,7 @@ from model.quantize import (
     RANGES_FILE,
     load_ranges,
     measure_activation_ranges,
+    module_path,
     quantize_encoder_int8,
     save_ranges,
     smooth,
@@ -224,6 +225,25 @@ def test_int8_encoder_label_agreement_runs(
     feeds = meld_dialogue_feeds(tokenizer, dialogues[:5], tiny_model.config.max_speakers)
     agreement = label_agreement(graphs[ENCODER_FILE], int8, graphs[CONTEXT_FILE], feeds)
     assert 0.0 <= agreement <= 1.0
+
+
+def test_int8_keeps_the_listed_linears_in_fp32(graphs: dict[str, Path], tmp_path: Path) -> None:
+    prefixes = ("text_proj", "text.bert.encoder.layer.0.")
+    fp32 = onnx.load(graphs[ENCODER_FILE])
+    weights = {i.name for i in fp32.graph.initializer}
+    kept = [
+        n
+        for n in fp32.graph.node
+        if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights and (module_path(n) or "").startswith(prefixes)
+    ]
+    assert {n.op_type for n in kept} == {"MatMul", "Gemm"}  # text_proj is a Gemm, which the quantizer renames
+
+    def integer_matmuls(path: Path) -> int:
+        return sum(n.op_type == "MatMulInteger" for n in onnx.load(path).graph.node)
+
+    every = quantize_encoder_int8(graphs[ENCODER_FILE], tmp_path / "every.onnx")
+    mixed = quantize_encoder_int8(graphs[ENCODER_FILE], tmp_path / "mixed.onnx", keep_fp32=prefixes)
+    assert integer_matmuls(every) - integer_matmuls(mixed) == len(kept)
 
 
 def test_smoothing_measures_every_linear_and_keeps_the_fp32_function(
