@@ -32,6 +32,12 @@ class Metrics:
         self.predictions = Counter(
             "equipoise_predictions_total", "Predicted utterances.", ["emotion", "model_version"], registry=r
         )
+        self.rescored = Counter(
+            "equipoise_int8_rescored_total",
+            "Utterances whose int8 answer was a near tie, re-scored with the fp32 encoder.",
+            ["model_version"],
+            registry=r,
+        )
         self.confidence = Histogram(
             "equipoise_prediction_confidence",
             "Probability of the predicted emotion.",

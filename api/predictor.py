@@ -59,7 +59,7 @@ class Predictor:
                 answer.turn_index, answer.speaker = index, turn.speaker
             answers.append(answer)
             records.append(self._record(answer, turn, utterance, prediction, info, created_at))
-            self._count(answer)
+            self._count(answer, prediction)
         if self._settings.log_predictions:
             self._logger.submit(records)
         return Answer(scored.model.version, latency_ms, answers)
@@ -125,8 +125,10 @@ class Predictor:
             embedding=np.asarray(prediction.embedding, dtype="<f4").tobytes(),
         )
 
-    def _count(self, answer: UtterancePrediction) -> None:
+    def _count(self, answer: UtterancePrediction, prediction: TurnPrediction) -> None:
         self._metrics.predictions.labels(answer.emotion, answer.model_version).inc()
+        if prediction.rescored:
+            self._metrics.rescored.labels(answer.model_version).inc()
         self._metrics.confidence.labels(answer.model_version).observe(answer.confidence)
 
 

@@ -38,6 +38,8 @@ class Runtime(Protocol):
     emotions: LabelSet
     sentiments: LabelSet
     providers: Sequence[str]
+    precision: str  # "fp32" or "int8"
+    rescore_margin: float  # int8 near ties re-scored in fp32 below this top-two gap; 0 when off
 
     def classify(self, dialogues: list[list[UtteranceInput]], causal: bool) -> list[list[TurnPrediction]]: ...
 
@@ -75,6 +77,7 @@ def runtime_loader(settings: Settings) -> ModelLoader:
             intra_op_threads=settings.intra_op_threads,
             precision=settings.precision,
             max_batch_size=settings.batch_max_size,
+            rescore_margin=settings.int8_rescore_margin,
         )
 
     return load
@@ -175,8 +178,15 @@ class ModelReloader:
         self._metrics.reloads.labels("loaded").inc()
         self._metrics.model_loaded.set(1)
         self._metrics.model_info.info(
-            {"version": champion.version, "sha256": champion.artifact_sha256, "providers": ",".join(runtime.providers)}
+            {
+                "version": champion.version,
+                "sha256": champion.artifact_sha256,
+                "providers": ",".join(runtime.providers),
+                "precision": runtime.precision,
+                "int8_rescore_margin": str(runtime.rescore_margin),
+            }
         )
+        self._metrics.rescored.labels(champion.version)  # the series exists, at 0, from the first load
         log.info("serving model %s (%s)", champion.version, ", ".join(runtime.providers))
 
     def _load_and_probe(self, champion: ModelVersion) -> Runtime:

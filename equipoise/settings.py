@@ -70,6 +70,14 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     intra_op_threads: int = Field(default=0, ge=0, le=256, description="0 lets ONNX Runtime decide.")
     precision: Literal["fp32", "int8"] = "fp32"
+    # The smallest margin whose int8 labels agree with fp32 on >= 99.5% of MELD train turns for the shipped
+    # default (python -m model.benchmarks.int8_rescoring; docs/BENCHMARKS.md).
+    int8_rescore_margin: float = Field(
+        default=0.04,
+        ge=0,
+        lt=1,
+        description="int8 only: turns whose top two emotion probabilities are closer are re-scored in fp32 (0: off).",
+    )
     default_model_dir: Path | None = Field(default=None, description="Champion to register on a new database.")
     shipped_default: bool = Field(
         default=True,

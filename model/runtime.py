@@ -6,10 +6,16 @@ padded tokens, samples and turns, so a dialogue scores the same alone or beside 
 float rounding of differently shaped matrix products). The int8 encoder quantises activations per batch
 (dynamic quantisation), so its embeddings move slightly with the batch's contents (probabilities by ~1e-2);
 use fp32 where batch independence must hold to 1e-5.
+
+Near-tie re-scoring (int8 only): a turn whose two likeliest emotions are closer than `rescore_margin` is
+re-encoded by the fp32 encoder and its dialogue scored again. int8 error moves probabilities by a few thousandths,
+so it changes labels almost only where fp32 itself hesitates; those few turns get the fp32 answer and the rest
+keep the int8 speed (docs/BENCHMARKS.md, "Near-tie re-scoring").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +29,7 @@ from model.artifact import ModelArtifact, Precision, load_artifact
 from model.labels import LabelSet
 from model.preprocess import (
     EncoderBatch,
+    PreparedUtterance,
     PreprocessError,
     Preprocessor,
     collate,
@@ -57,6 +64,7 @@ class TurnPrediction:
     sentiment: str
     sentiment_probs: np.ndarray  # float32 [C_sentiment]
     embedding: np.ndarray  # float32 [D], the utterance encoder's output (what head retraining consumes)
+    rescored: bool = False  # an int8 near tie re-encoded in fp32: `embedding` is then the fp32 one
 
 
 EmbeddedDialogue = tuple[np.ndarray, Sequence[str | None]]  # embeddings [T, D] and the T speakers
@@ -107,6 +115,21 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return (weights / weights.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
+def top_two_margin(probabilities: np.ndarray) -> np.ndarray:
+    """Gap between the two largest probabilities along the last axis (a near tie is a small gap)."""
+    top_two = np.partition(np.asarray(probabilities), -2, axis=-1)[..., -2:]
+    return top_two[..., 1] - top_two[..., 0]
+
+
+def _embed(encoder: ort.InferenceSession, batch: EncoderBatch) -> np.ndarray:
+    return encoder.run(["embedding"], batch.feeds())[0]
+
+
+def _check_margin(rescore_margin: float) -> None:
+    if not 0 <= rescore_margin < 1:
+        raise ValueError(f"rescore_margin must be in [0, 1), not {rescore_margin}")
+
+
 class InferenceRuntime:
     """The two ONNX Runtime sessions of one artifact, with its pre-processing and calibration."""
 
@@ -118,9 +141,15 @@ class InferenceRuntime:
         *,
         precision: Precision = "fp32",
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        fp32_encoder: ort.InferenceSession | None = None,
+        rescore_margin: float = 0.0,
     ) -> None:
+        """`fp32_encoder` and `rescore_margin` (> 0) turn on near-tie re-scoring of an int8 `encoder`."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, not {max_batch_size}")
+        _check_margin(rescore_margin)
+        if rescore_margin > 0 and (precision != "int8" or fp32_encoder is None):
+            raise ValueError("near-tie re-scoring needs an int8 encoder and the fp32 encoder beside it")
         self.artifact = artifact
         self.version: str = artifact.version
         self.emotions: LabelSet = artifact.emotions
@@ -130,6 +159,7 @@ class InferenceRuntime:
         self.max_batch_size = max_batch_size
         self.preprocessor = Preprocessor.from_file(artifact.tokenizer_path, artifact.preprocessing)
         self._encoder, self._context = encoder, context
+        self._fp32_encoder, self.rescore_margin = fp32_encoder, rescore_margin
 
     @classmethod
     def load(
@@ -139,17 +169,23 @@ class InferenceRuntime:
         intra_op_threads: int = 0,
         precision: Precision = "fp32",
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        rescore_margin: float = 0.0,
     ) -> InferenceRuntime:
-        """Open an artifact (a directory, verified here, or an already verified ModelArtifact)."""
+        """Open an artifact (a directory, verified here, or an already verified ModelArtifact). With int8,
+        `rescore_margin` > 0 also opens the fp32 encoder for near-tie re-scoring; fp32 ignores it."""
+        _check_margin(rescore_margin)
         artifact = artifact_dir if isinstance(artifact_dir, ModelArtifact) else load_artifact(artifact_dir)
         encoder_path = artifact.encoder_file(precision)
         options = session_options(intra_op_threads)
+        rescoring = precision == "int8" and rescore_margin > 0
         return cls(
             artifact,
             open_session(encoder_path, device, options),
             open_session(artifact.context_path, device, options),
             precision=precision,
             max_batch_size=max_batch_size,
+            fp32_encoder=open_session(artifact.encoder_path, device, options) if rescoring else None,
+            rescore_margin=rescore_margin if rescoring else 0.0,
         )
 
     @property
@@ -157,17 +193,22 @@ class InferenceRuntime:
         return self.artifact.embed_dim
 
     def encode(self, utterances: Sequence[UtteranceInput]) -> np.ndarray:
-        """Utterance embeddings [N, D] in input order."""
-        if not utterances:
+        """Utterance embeddings [N, D] in input order (this runtime's encoder, never re-scored)."""
+        return self._encode_prepared(self._prepare(utterances), self._encoder)
+
+    def _prepare(self, utterances: Sequence[UtteranceInput]) -> list[PreparedUtterance]:
+        return self.preprocessor.prepare([u.text for u in utterances], [u.audio for u in utterances])
+
+    def _encode_prepared(self, prepared: Sequence[PreparedUtterance], encoder: ort.InferenceSession) -> np.ndarray:
+        if not prepared:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
-        prepared = self.preprocessor.prepare([u.text for u in utterances], [u.audio for u in utterances])
         buckets = length_buckets([p.bucket_key for p in prepared], self.max_batch_size)
-        batches = (self.encode_batch(collate([prepared[i] for i in bucket])) for bucket in buckets)
+        batches = (_embed(encoder, collate([prepared[i] for i in bucket])) for bucket in buckets)
         return np.stack(in_original_order(buckets, batches))
 
     def encode_batch(self, batch: EncoderBatch) -> np.ndarray:
-        """One encoder.onnx call on an already padded batch (benchmarks, callers that collate themselves)."""
-        return self._encoder.run(["embedding"], batch.feeds())[0]
+        """One call of this runtime's encoder on an already padded batch (benchmarks, callers that collate)."""
+        return _embed(self._encoder, batch)
 
     def classify_embeddings(self, dialogues: Sequence[EmbeddedDialogue], causal: bool) -> list[list[TurnPrediction]]:
         """Context head over dialogues of utterance embeddings; an empty dialogue gives an empty list."""
@@ -184,11 +225,49 @@ class InferenceRuntime:
 
     def classify(self, dialogues: Sequence[Sequence[UtteranceInput]], causal: bool) -> list[list[TurnPrediction]]:
         """Predictions per turn of each dialogue (a single utterance is a dialogue of one turn)."""
-        embeddings = self.encode([turn for dialogue in dialogues for turn in dialogue])
+        prepared = self._prepare([turn for dialogue in dialogues for turn in dialogue])
+        embeddings = self._encode_prepared(prepared, self._encoder)
+        scored = self._classify_flat(embeddings, dialogues, causal)
+        if self._fp32_encoder is None:
+            return scored
+        return self._rescore_near_ties(prepared, embeddings, dialogues, scored, causal)
+
+    def _classify_flat(
+        self, embeddings: np.ndarray, dialogues: Sequence[Sequence[UtteranceInput]], causal: bool
+    ) -> list[list[TurnPrediction]]:
+        """The context head over `embeddings`, the turns of `dialogues` one after the other."""
         bounds = np.cumsum([len(dialogue) for dialogue in dialogues])[:-1]
         per_dialogue = np.split(embeddings, bounds) if len(dialogues) else []
         speakers = [[turn.speaker for turn in dialogue] for dialogue in dialogues]
         return self.classify_embeddings(list(zip(per_dialogue, speakers, strict=True)), causal)
+
+    def _rescore_near_ties(
+        self,
+        prepared: Sequence[PreparedUtterance],
+        embeddings: np.ndarray,
+        dialogues: Sequence[Sequence[UtteranceInput]],
+        scored: list[list[TurnPrediction]],
+        causal: bool,
+    ) -> list[list[TurnPrediction]]:
+        """Re-encode in fp32 the turns whose int8 answer is a near tie, and score their dialogues again."""
+        probabilities = [turn.emotion_probs for turns in scored for turn in turns]
+        near = np.flatnonzero(top_two_margin(np.asarray(probabilities)) < self.rescore_margin) if probabilities else []
+        if not len(near):
+            return scored
+        mixed = embeddings.copy()
+        mixed[near] = self._encode_prepared([prepared[i] for i in near], self._fp32_encoder)
+        starts = np.concatenate([[0], np.cumsum([len(dialogue) for dialogue in dialogues])])
+        owners = sorted({int(np.searchsorted(starts, i, side="right")) - 1 for i in near})
+        again = self._classify_flat(
+            np.concatenate([mixed[starts[d] : starts[d + 1]] for d in owners]), [dialogues[d] for d in owners], causal
+        )
+        reencoded = set(near.tolist())
+        for d, turns in zip(owners, again, strict=True):
+            scored[d] = [
+                dataclasses.replace(turn, rescored=True) if starts[d] + t in reencoded else turn
+                for t, turn in enumerate(turns)
+            ]
+        return scored
 
     def _checked_dialogue(
         self, embeddings: np.ndarray, speakers: Sequence[str | None]

@@ -53,7 +53,13 @@ def _config(args: argparse.Namespace, settings: Settings) -> ScoreConfig:
 
 
 def _spec(args: argparse.Namespace, settings: Settings) -> RuntimeSpec:
-    return RuntimeSpec(_model_dir(args, settings), settings.device, _threads(args, settings), settings.precision)
+    return RuntimeSpec(
+        _model_dir(args, settings),
+        settings.device,
+        _threads(args, settings),
+        settings.precision,
+        settings.int8_rescore_margin,
+    )
 
 
 def _model_dir(args: argparse.Namespace, settings: Settings) -> Path:

@@ -47,8 +47,13 @@ class ModelInfo:
             runtime.emotions.names,
             runtime.sentiments.names,
             getattr(artifact, "sha256", None),
-            getattr(runtime, "precision", "fp32"),
+            encoding(getattr(runtime, "precision", "fp32"), getattr(runtime, "rescore_margin", 0.0)),
         )
+
+
+def encoding(precision: str, rescore_margin: float) -> str:
+    """How turns are encoded, as run headers record it: the precision, and near-tie re-scoring when on."""
+    return f"{precision}, near ties < {rescore_margin:g} re-scored in fp32" if rescore_margin else precision
 
 
 @dataclass(frozen=True)
@@ -59,11 +64,14 @@ class RuntimeSpec:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     intra_op_threads: int = 0
     precision: Literal["fp32", "int8"] = "fp32"
+    rescore_margin: float = 0.0  # int8 near ties re-scored in fp32 (model/runtime.py)
 
     def load(self) -> Runtime:
         from model.runtime import InferenceRuntime
 
-        return InferenceRuntime.load(self.artifact_dir, self.device, self.intra_op_threads, self.precision)
+        return InferenceRuntime.load(
+            self.artifact_dir, self.device, self.intra_op_threads, self.precision, rescore_margin=self.rescore_margin
+        )
 
     def info(self) -> ModelInfo:
         """The model's version and labels without opening ONNX Runtime sessions."""
@@ -71,7 +79,11 @@ class RuntimeSpec:
 
         artifact = load_artifact(self.artifact_dir)
         return ModelInfo(
-            artifact.version, artifact.emotions.names, artifact.sentiments.names, artifact.sha256, self.precision
+            artifact.version,
+            artifact.emotions.names,
+            artifact.sentiments.names,
+            artifact.sha256,
+            encoding(self.precision, self.rescore_margin if self.precision == "int8" else 0.0),
         )
 
 

@@ -17,7 +17,7 @@ from model.data.meld import group_dialogues, read_utterances
 from model.data.speech import read_clips, split_by_speaker
 from model.labels import DEFAULT_MINORITY
 from model.quantize import ActivationRanges
-from model.runtime import InferenceRuntime, UtteranceInput
+from model.runtime import InferenceRuntime, TurnPrediction, UtteranceInput
 from training.metrics import MetricsReport, compute_metrics
 
 DIALOGUES_PER_CALL = 64
@@ -27,6 +27,7 @@ DIALOGUES_PER_CALL = 64
 class Scored:
     labels: np.ndarray  # [N] true class index
     probs: np.ndarray  # [N, C] calibrated probabilities
+    rescored: np.ndarray  # [N] bool, int8 near ties re-encoded in fp32 (model/runtime.py)
 
     @property
     def predicted(self) -> np.ndarray:
@@ -38,12 +39,12 @@ class Scored:
 
 
 def _score(runtime: InferenceRuntime, dialogues: list[list[UtteranceInput]], labels: list[str], what: str) -> Scored:
-    probs: list[np.ndarray] = []
+    turns: list[TurnPrediction] = []
     for start in tqdm(range(0, len(dialogues), DIALOGUES_PER_CALL), desc=what, unit="call", leave=False):
-        for turns in runtime.classify(dialogues[start : start + DIALOGUES_PER_CALL], causal=False):
-            probs += [turn.emotion_probs for turn in turns]
+        for scored in runtime.classify(dialogues[start : start + DIALOGUES_PER_CALL], causal=False):
+            turns += scored
     index = np.array([runtime.emotions.index(name) for name in labels], dtype=np.int64)
-    return Scored(index, np.stack(probs))
+    return Scored(index, np.stack([turn.emotion_probs for turn in turns]), np.array([turn.rescored for turn in turns]))
 
 
 def score_meld(runtime: InferenceRuntime, data_dir: Path, split: str = "test") -> Scored:
@@ -73,13 +74,12 @@ def evaluate_artifact(
     }
 
 
-def int8_label_agreement(artifact_dir: Path, data_dir: Path, split: str = "dev") -> float:
-    """Share of MELD `split` turns whose label is the same with the int8 encoder as with the fp32 one."""
-    labels = [
-        score_meld(InferenceRuntime.load(artifact_dir, device="cpu", precision=p), data_dir, split).predicted
-        for p in ("fp32", "int8")
-    ]
-    return float((labels[0] == labels[1]).mean())
+def int8_label_agreement(artifact_dir: Path, data_dir: Path, split: str = "dev", rescore_margin: float = 0.0) -> float:
+    """Share of MELD `split` turns whose label is the same with the int8 encoder (near ties under
+    `rescore_margin` re-scored in fp32; 0: the int8 encoder alone) as with the fp32 one."""
+    fp32 = score_meld(InferenceRuntime.load(artifact_dir, device="cpu"), data_dir, split)
+    int8 = InferenceRuntime.load(artifact_dir, device="cpu", precision="int8", rescore_margin=rescore_margin)
+    return float((fp32.predicted == score_meld(int8, data_dir, split).predicted).mean())
 
 
 def estimation_weights(artifact_dir: Path, data_dir: Path) -> tuple[float, ...]:

@@ -41,7 +41,7 @@ from model.quantize import (
     reads_filterbank,
     smooth,
 )
-from model.runtime import InferenceRuntime, open_session, session_options
+from model.runtime import InferenceRuntime, open_session, session_options, top_two_margin
 
 Builder = Callable[[Path, Path], Path]  # (fp32 encoder, destination) -> the variant's graph
 TEXT_LAYER = re.compile(r"^(text\.bert\.encoder\.layer\.\d+\.)")
@@ -134,11 +134,6 @@ def runtime_with(artifact: ModelArtifact, encoder: Path) -> InferenceRuntime:
 
 def dev_probabilities(runtime: InferenceRuntime, root: Path) -> np.ndarray:
     return np.stack([turn.emotion_probs for turn in meld_dev_turns(runtime, root)])
-
-
-def top_two_margin(probabilities: np.ndarray) -> np.ndarray:
-    ordered = np.sort(probabilities, axis=1)
-    return ordered[:, -1] - ordered[:, -2]
 
 
 def speeds(artifact: ModelArtifact, graphs: dict[str, Path], root: Path, n: int) -> dict[str, float]:

@@ -71,10 +71,17 @@ def test_a_new_champion_replaces_the_served_model(engine: Engine, tmp_path: Path
     assert (
         metrics.registry.get_sample_value(
             "equipoise_model_info",
-            {"version": "v2", "sha256": holder.current.sha256, "providers": "FakeExecutionProvider"},
+            {
+                "version": "v2",
+                "sha256": holder.current.sha256,
+                "providers": "FakeExecutionProvider",
+                "precision": "fp32",
+                "int8_rescore_margin": "0.0",
+            },
         )
         == 1
     )
+    assert metrics.registry.get_sample_value("equipoise_int8_rescored_total", {"model_version": "v2"}) == 0
 
 
 @pytest.mark.parametrize("poison", [float("nan"), 2.0])

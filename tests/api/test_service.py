@@ -187,7 +187,7 @@ def test_metrics_cover_requests_batches_predictions_and_logging(start_app: Calla
         "equipoise_prediction_confidence_bucket",
         "equipoise_log_lag_seconds",
         "equipoise_log_spooled_rows 0.0",
-        'equipoise_model_info{providers="FakeExecutionProvider"',
+        'precision="fp32",providers="FakeExecutionProvider"',
         "equipoise_model_loaded 1.0",
     ):
         assert name in exposition, name

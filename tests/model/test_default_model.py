@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from equipoise.settings import Settings
 from model.default_model import (
     SHIPPED_DIR,
     DefaultModelError,
@@ -19,7 +20,7 @@ from model.default_model import (
 )
 from model.delta import DELTA_FILE
 from tests.api.conftest import running_server
-from training.evaluate import score_meld, score_speech
+from training.evaluate import int8_label_agreement, score_meld, score_speech
 
 BUDGET_BYTES = 40 * 2**20
 POINTS = 0.005  # the card's metrics must hold within half a point
@@ -66,6 +67,19 @@ def test_audio_only_on_held_out_speakers_scores_as_the_card_states(
     measured = score_speech(default_runtime, data_dir, corpus).report(default_runtime.emotions.names)
     assert measured.macro_f1 == pytest.approx(card["macro_f1"], abs=POINTS)
     _assert_close(measured, card, f"{corpus} audio only")
+
+
+def test_int8_mode_agrees_with_fp32_on_meld_dev(default_state: Path, data_dir: Path) -> None:
+    """The int8 encoder alone changes the labels of near ties; the service's int8 mode (near ties re-scored in
+    fp32 at the default margin) keeps at least 99% of MELD dev labels, and both match the card."""
+    artifact, metrics = shipped_artifact(default_state), read_release()["metrics"]
+    margin = Settings.model_fields["int8_rescore_margin"].default
+    alone = int8_label_agreement(artifact, data_dir, "dev", rescore_margin=0.0)
+    rescored = int8_label_agreement(artifact, data_dir, "dev", rescore_margin=margin)
+    assert rescored >= 0.99 > alone
+    assert metrics["int8_rescore_margin"] == margin
+    assert alone == pytest.approx(metrics["int8_label_agreement_meld_dev"], abs=POINTS)
+    assert rescored == pytest.approx(metrics["int8_rescored_label_agreement_meld_dev"], abs=POINTS)
 
 
 def test_the_card_prints_the_released_metrics() -> None:

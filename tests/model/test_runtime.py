@@ -202,6 +202,51 @@ def test_int8_stays_close_with_audio(
     assert to_fp32 < INT8_TOLERANCE and batch_dependence < INT8_TOLERANCE
 
 
+def _flat(scored: list[list[TurnPrediction]]) -> list[TurnPrediction]:
+    return [turn for dialogue in scored for turn in dialogue]
+
+
+def test_rescoring_every_turn_gives_the_fp32_answers(
+    tiny_artifact: Path, runtime: InferenceRuntime, dialogues: list[Dialogue]
+) -> None:
+    """A margin no answer reaches re-encodes every turn in fp32: embeddings and probabilities are fp32's."""
+    everything = InferenceRuntime.load(tiny_artifact, device="cpu", precision="int8", rescore_margin=0.999999)
+    scored, reference = everything.classify(dialogues, causal=False), runtime.classify(dialogues, causal=False)
+    assert all(turn.rescored for turn in _flat(scored))
+    np.testing.assert_allclose(probabilities(scored), probabilities(reference), atol=INVARIANCE_TOLERANCE)
+    embeddings = [np.stack([t.embedding for t in _flat(s)]) for s in (scored, reference)]
+    np.testing.assert_allclose(*embeddings, atol=INVARIANCE_TOLERANCE)
+
+
+def test_rescoring_touches_only_near_ties_and_their_dialogues(
+    tiny_artifact: Path, runtime: InferenceRuntime, int8: InferenceRuntime, dialogues: list[Dialogue]
+) -> None:
+    plain = int8.classify(dialogues, causal=False)
+    margins = np.array([np.diff(np.sort(t.emotion_probs)[-2:])[0] for t in _flat(plain)])
+    margin = float(np.median(margins))  # about half the turns are near ties at this margin
+    rescoring = InferenceRuntime.load(tiny_artifact, device="cpu", precision="int8", rescore_margin=margin)
+    assert rescoring.encode(dialogues[0]).tolist() == int8.encode(dialogues[0]).tolist()  # encode stays int8
+    scored = rescoring.classify(dialogues, causal=False)
+    assert [t.rescored for t in _flat(scored)] == (margins < margin).tolist()
+    fp32_embeddings = runtime.encode([turn for dialogue in dialogues for turn in dialogue])
+    for turn, before, fp32_embedding in zip(_flat(scored), _flat(plain), fp32_embeddings, strict=True):
+        expected = fp32_embedding if turn.rescored else before.embedding
+        np.testing.assert_allclose(turn.embedding, expected, atol=INVARIANCE_TOLERANCE)
+    for before, after in zip(plain, scored, strict=True):
+        if not any(turn.rescored for turn in after):  # a dialogue without near ties keeps its int8 answers
+            np.testing.assert_array_equal(probabilities([before]), probabilities([after]))
+
+
+def test_rescoring_off_and_its_bounds(tiny_artifact: Path, int8: InferenceRuntime, dialogues: list[Dialogue]) -> None:
+    off = InferenceRuntime.load(tiny_artifact, device="cpu", precision="int8", rescore_margin=0.0)
+    assert not any(turn.rescored for turn in _flat(off.classify(dialogues, causal=False)))
+    fp32 = InferenceRuntime.load(tiny_artifact, device="cpu", rescore_margin=0.5)  # fp32 has nothing to re-score
+    assert fp32.rescore_margin == 0.0 and fp32.classify([[]], causal=False) == [[]]
+    for margin in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="rescore_margin"):
+            InferenceRuntime.load(tiny_artifact, device="cpu", precision="int8", rescore_margin=margin)
+
+
 def test_int8_needs_the_int8_graph(tiny_artifact: Path, tmp_path: Path) -> None:
     fp32_only = derive_artifact(
         load_artifact(tiny_artifact), tmp_path / "fp32", version="fp32-only", graphs={"encoder.int8.onnx": None}
