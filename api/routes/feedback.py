@@ -49,7 +49,7 @@ def _stored_prediction(session: Session, state: ServiceState, prediction_id: uui
         state.logger.flush(PENDING_WAIT_S)
         session.rollback()  # a fresh snapshot, to see the rows just written
         prediction = crud.get_prediction(session, prediction_id)
-        if prediction is None and state.logger.spooled_rows:
+        if prediction is None and (state.logger.is_pending(prediction_id) or state.logger.spooled_rows):
             raise unavailable("Predictions are still being written to the database; retry shortly.")
     if prediction is None:
         raise Problem(404, f"No prediction with id {prediction_id}.", kind="not-found")

@@ -92,6 +92,21 @@ def test_feedback_joins_its_prediction_even_before_the_log_is_flushed(start_app:
         assert (feedback.prediction.label, feedback.label) == (prediction["emotion"], "anger")
 
 
+def test_feedback_for_a_prediction_the_log_has_not_written_yet_is_a_503_to_retry(
+    start_app: Callable[..., InProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database slower than the feedback's wait: the prediction exists, so "not found" would be a lie."""
+    app = start_app(log_flush_interval_s=30.0)
+    prediction = app.client.post("/v1/predict/utterance", json={"text": "this is awful"}).json()
+    monkeypatch.setattr(app.state.logger, "flush", lambda timeout_s: False)  # the write does not finish in time
+    body = {"prediction_id": prediction["prediction_id"], "label": "anger"}
+    response = app.client.post("/v1/feedback", json=body)
+    assert response.status_code == 503 and response.headers["retry-after"], response.text
+    assert "still being written" in response.json()["detail"]
+    monkeypatch.undo()
+    assert app.client.post("/v1/feedback", json=body).status_code == 201
+
+
 def test_stored_audio_and_old_predictions_are_purged_by_retention(start_app: Callable[..., InProcess]) -> None:
     app = start_app(store_audio=True)
     audio = wav_bytes()
