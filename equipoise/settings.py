@@ -116,6 +116,15 @@ class Settings(BaseSettings):
     minority_classes: Annotated[tuple[str, ...], NoDecode] = ("sadness", "disgust", "fear")
     monitor_interval_s: float = Field(default=300.0, gt=0)
     monitor_window: int = Field(default=500, ge=10)
+    monitor_recall_precision: float = Field(
+        default=0.04,
+        gt=0,
+        le=1,
+        description="95% half-width at which a measured minority recall counts as precise (docs/MONITORING.md).",
+    )
+    monitor_label_horizon: int = Field(
+        default=20_000, ge=1, description="Most labelled predictions a measured minority recall may span."
+    )
     monitor_in_service: bool = Field(default=True, description="Run the monitor on a schedule inside `serve`.")
 
     @field_validator("minority_classes", mode="before")

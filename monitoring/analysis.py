@@ -13,7 +13,14 @@ import numpy as np
 
 from monitoring.collapse import WindowSignals
 from monitoring.drift import ClassMixDrift, class_mix_drift, embedding_drift
-from monitoring.estimation import class_shares, estimate_recall, mean_recall, measure_recall, posteriors
+from monitoring.estimation import (
+    class_shares,
+    estimate_recall,
+    mean_recall,
+    measure_recall,
+    minority_recall_halfwidth,
+    posteriors,
+)
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,7 @@ class WindowFindings:
     measured_recall: dict[str, float | None]
     estimated_recall: dict[str, float | None]
     minority_recall_measured: float | None
+    minority_recall_halfwidth: float | None  # 95% half-width of the measured value, from the window's labels
     minority_recall_estimated: float | None
 
     def signals(self, reference: ReferenceProfile) -> WindowSignals:
@@ -55,6 +63,7 @@ class WindowFindings:
             minority_recall_measured=self.minority_recall_measured,
             minority_recall_estimated=self.minority_recall_estimated,
             reference_minority_recall=reference.minority_recall,
+            minority_recall_halfwidth=self.minority_recall_halfwidth,
         )
 
 
@@ -66,12 +75,16 @@ def analyse_window(
     embeddings: np.ndarray | None = None,
     report_dir: Path | None = None,
 ) -> WindowFindings:
-    """Findings for one window; `true` holds class indices, -1 where no feedback label exists."""
+    """Findings for one window; `true` holds class indices, -1 where no feedback label exists. The measured
+    minority recall comes with its 95% half-width, so the detector can tell whether the labels decide it."""
     names: Sequence[str] = reference.names
     predicted = probabilities.argmax(axis=1)
     labelled = true >= 0
     shares = class_shares(predicted, names)
     measured = measure_recall(true[labelled], predicted[labelled], names)
+    minority = [names.index(name) for name in reference.minority]
+    measured_minority = mean_recall(measured, reference.minority)
+    halfwidth = minority_recall_halfwidth(true[labelled], predicted[labelled], minority)
     estimated = estimate_recall(posteriors(probabilities, reference.estimation_weights), names, predicted)
     compare_embeddings = embeddings is not None and reference.embeddings is not None and len(embeddings) >= 20
     return WindowFindings(
@@ -83,6 +96,7 @@ def analyse_window(
         embedding_drift=embedding_drift(reference.embeddings, embeddings) if compare_embeddings else None,
         measured_recall=measured,
         estimated_recall=estimated,
-        minority_recall_measured=mean_recall(measured, reference.minority),
+        minority_recall_measured=measured_minority,
+        minority_recall_halfwidth=float(halfwidth[-1]) if measured_minority is not None else None,
         minority_recall_estimated=mean_recall(estimated, reference.minority),
     )

@@ -2,8 +2,9 @@
 
 A window is *suspicious* when three signals agree: the majority class's share of predictions rose well
 above the champion's reference share, the predicted-class mix drifted significantly, and minority recall
-(measured from feedback labels when the window has enough, otherwise estimated without labels) fell
-below its floor. Each signal alone is noisy; together they are specific.
+fell below its floor. That recall is the one measured from the window's feedback labels when they decide it
+(its 95% interval is within `recall_precision`, or lies wholly on one side of the floor), otherwise the
+label-free estimate. Each signal alone is noisy; together they are specific.
 
 The detector fires after `fire_after` consecutive suspicious windows (small windows never count), then
 stays disarmed until both `cooldown_windows` windows have passed and `clear_after` consecutive healthy
@@ -23,13 +24,13 @@ from typing import Any
 @dataclass(frozen=True)
 class CollapseRules:
     min_predictions: int = 200
-    min_labelled: int = 30
     majority_rise: float = 0.10
     minority_recall_ratio: float = 0.6
     minority_recall_floor: float = 0.25
     fire_after: int = 2
     clear_after: int = 2
     cooldown_windows: int = 6
+    recall_precision: float = 0.04  # 95% half-width at which a window's measured minority recall is trusted
 
 
 @dataclass(frozen=True)
@@ -42,10 +43,15 @@ class WindowSignals:
     minority_recall_measured: float | None
     minority_recall_estimated: float | None
     reference_minority_recall: float | None = None
+    minority_recall_halfwidth: float | None = None  # 95% half-width of the measured value
 
     def minority_recall(self, rules: CollapseRules) -> tuple[float | None, str]:
-        if self.n_labelled >= rules.min_labelled and self.minority_recall_measured is not None:
-            return self.minority_recall_measured, "measured"
+        """The measured value where the window's labels decide it against the floor, else the estimate."""
+        measured, halfwidth = self.minority_recall_measured, self.minority_recall_halfwidth
+        if measured is None or halfwidth is None:
+            return self.minority_recall_estimated, "estimated"
+        if halfwidth <= rules.recall_precision or abs(measured - recall_floor(self, rules)) > halfwidth:
+            return measured, "measured"
         return self.minority_recall_estimated, "estimated"
 
 

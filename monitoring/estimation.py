@@ -13,6 +13,7 @@ input shift breaks calibration (concept shift), which is why measured recall is 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -66,3 +67,59 @@ def class_shares(predicted: Sequence[int], names: Sequence[str]) -> dict[str, fl
     counts = np.bincount(np.asarray(predicted, dtype=np.int64), minlength=len(names))[: len(names)]
     total = max(int(counts.sum()), 1)
     return {name: float(count / total) for name, count in zip(names, counts, strict=True)}
+
+
+Z_95 = 1.959964
+
+
+def minority_recall_halfwidth(true: np.ndarray, predicted: np.ndarray, class_indices: Sequence[int]) -> np.ndarray:
+    """95% confidence half-width of the measured minority recall (the mean of per-class recalls) over the first
+    n labelled rows, for every n = 1..len(true). Per class, the Agresti-Coull interval: it stays honest with few
+    labels or a recall of 0 or 1, where the plain binomial one claims certainty."""
+    variance = np.zeros(len(true))
+    for k in class_indices:
+        support = np.cumsum(true == k)
+        hits = np.cumsum((true == k) & (predicted == k))
+        adjusted = (hits + 2) / (support + 4)
+        variance += adjusted * (1 - adjusted) / (support + 4)
+    return Z_95 * np.sqrt(variance) / max(len(class_indices), 1)
+
+
+@dataclass(frozen=True)
+class LabelledRecall:
+    """Minority recall over the newest labelled predictions: measured from their labels, and estimated without
+    them on the very same predictions, so the two can be compared."""
+
+    labelled: int  # predictions used
+    measured: float
+    estimated: float | None
+    halfwidth: float  # of the measured value's 95% confidence interval
+
+
+def labelled_minority_recall(
+    probabilities: np.ndarray,
+    true: np.ndarray,
+    names: Sequence[str],
+    minority: Sequence[str],
+    *,
+    precision: float,
+    weights: Sequence[float] | None = None,
+) -> LabelledRecall | None:
+    """Over labelled predictions given newest first (served `probabilities`, `true` class indices), the fewest
+    newest ones whose measured minority recall has a 95% half-width within `precision`, with the label-free
+    estimate on the same predictions (through the champion's estimation `weights`); None when all of them
+    together are not that precise."""
+    served = np.asarray(probabilities).argmax(axis=1)
+    classes = [names.index(name) for name in minority if name in names]
+    if not classes or not len(true):
+        return None
+    true = np.asarray(true)
+    halfwidth = minority_recall_halfwidth(true, served, classes)
+    every_class_seen = np.all([np.cumsum(true == k) > 0 for k in classes], axis=0)
+    precise = np.flatnonzero((halfwidth <= precision) & every_class_seen)
+    if not len(precise):
+        return None
+    n = int(precise[0]) + 1
+    measured = mean_recall(measure_recall(true[:n], served[:n], names), minority)
+    estimated = mean_recall(estimate_recall(posteriors(probabilities[:n], weights), names, served[:n]), minority)
+    return None if measured is None else LabelledRecall(n, measured, estimated, float(halfwidth[n - 1]))

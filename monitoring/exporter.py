@@ -28,6 +28,18 @@ SNAPSHOT_GAUGES: dict[str, tuple[str, str]] = {
     "equipoise_monitor_embedding_drift_auc": ("embedding_drift", "Domain-classifier AUC, window vs reference"),
     "equipoise_monitor_window_predictions": ("n_predictions", "Predictions in the latest window"),
     "equipoise_monitor_window_labelled": ("n_labelled", "Predictions with feedback labels in the latest window"),
+    "equipoise_monitor_labelled_horizon": (
+        "labelled_horizon",
+        "Labelled predictions the latest measured minority recall spans (as many as its precision needs)",
+    ),
+    "equipoise_monitor_minority_recall_halfwidth": (
+        "minority_recall_measured_halfwidth",
+        "95% confidence half-width of the minority recall measured on the latest window's labels",
+    ),
+    "equipoise_monitor_labelled_minority_recall_halfwidth": (
+        "minority_recall_labelled_halfwidth",
+        "95% confidence half-width of the minority recall measured over the labelled predictions",
+    ),
 }
 
 
@@ -73,18 +85,20 @@ class MonitoringCollector(Collector):
             latest.measured_recall,
             latest.estimated_recall,
         )
-        minority = GaugeMetricFamily(
+        yield _by_source(
             "equipoise_monitor_minority_recall",
-            "Mean recall of the minority classes",
-            labels=["model_version", "source"],
+            "Mean recall of the minority classes in the latest window",
+            version,
+            latest.minority_recall_measured,
+            latest.minority_recall_estimated,
         )
-        for source, value in (
-            ("measured", latest.minority_recall_measured),
-            ("estimated", latest.minority_recall_estimated),
-        ):
-            if value is not None:
-                minority.add_metric([version, source], value)
-        yield minority
+        yield _by_source(
+            "equipoise_monitor_labelled_minority_recall",
+            "Minority recall over the newest labelled predictions: measured, and estimated without labels on the same",
+            version,
+            latest.minority_recall_labelled,
+            latest.minority_recall_labelled_estimated,
+        )
         yield _single(
             "equipoise_monitor_last_window_end_timestamp_seconds",
             "End of the latest monitored window",
@@ -106,6 +120,16 @@ class MonitoringCollector(Collector):
 def _single(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     gauge = GaugeMetricFamily(name, documentation)
     gauge.add_metric([], value)
+    return gauge
+
+
+def _by_source(
+    name: str, documentation: str, version: str, measured: float | None, estimated: float | None
+) -> GaugeMetricFamily:
+    gauge = GaugeMetricFamily(name, documentation, labels=["model_version", "source"])
+    for source, value in (("measured", measured), ("estimated", estimated)):
+        if value is not None:
+            gauge.add_metric([version, source], value)
     return gauge
 
 

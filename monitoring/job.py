@@ -8,15 +8,18 @@ detector, whose state is rebuilt from the snapshots since the last collapse even
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from equipoise.db.models import CollapseEvent, JobTrigger, MonitoringSnapshot, RetrainingJob
+from equipoise.db.session import session_scope
 from monitoring.analysis import ReferenceProfile, WindowFindings, analyse_window
 from monitoring.collapse import CollapseDetector, CollapseRules, Decision, WindowSignals
-from monitoring.windows import Window, load_window
+from monitoring.estimation import LabelledRecall, labelled_minority_recall
+from monitoring.windows import Window, load_labelled, load_window
 
 REPLAY_LIMIT = 500
 
@@ -34,7 +37,12 @@ def _last_snapshot(session: Session, version: str) -> MonitoringSnapshot | None:
 
 
 def _store_snapshot(
-    session: Session, window: Window, findings: WindowFindings, reference: ReferenceProfile, report_dir: Path
+    session: Session,
+    window: Window,
+    findings: WindowFindings,
+    labelled: LabelledRecall | None,
+    reference: ReferenceProfile,
+    report_dir: Path,
 ) -> MonitoringSnapshot:
     snapshot = MonitoringSnapshot(
         model_version=window.model_version,
@@ -53,6 +61,11 @@ def _store_snapshot(
         estimated_recall=findings.estimated_recall,
         minority_recall_measured=findings.minority_recall_measured,
         minority_recall_estimated=findings.minority_recall_estimated,
+        minority_recall_measured_halfwidth=findings.minority_recall_halfwidth,
+        labelled_horizon=labelled.labelled if labelled else None,
+        minority_recall_labelled=labelled.measured if labelled else None,
+        minority_recall_labelled_estimated=labelled.estimated if labelled else None,
+        minority_recall_labelled_halfwidth=labelled.halfwidth if labelled else None,
         report_path=str(report_dir),
     )
     session.add(snapshot)
@@ -70,6 +83,7 @@ def snapshot_signals(snapshot: MonitoringSnapshot, reference: ReferenceProfile) 
         minority_recall_measured=snapshot.minority_recall_measured,
         minority_recall_estimated=snapshot.minority_recall_estimated,
         reference_minority_recall=reference.minority_recall,
+        minority_recall_halfwidth=snapshot.minority_recall_measured_halfwidth,
     )
 
 
@@ -103,34 +117,77 @@ def _record_collapse(session: Session, snapshot: MonitoringSnapshot, decision: D
     return event
 
 
+@dataclass(frozen=True)
+class MonitorSettings:
+    window_size: int
+    reports_root: Path
+    recall_precision: float  # 95% half-width the labelled-horizon measurement of minority recall must reach
+    label_horizon: int  # most labelled predictions that measurement may span
+
+
 def run_monitor(
+    engine: Engine,
+    version: str,
+    reference: ReferenceProfile,
+    settings: MonitorSettings,
+    rules: CollapseRules | None = None,
+) -> MonitorRun:
+    """Process every complete window of `version` not yet snapshotted, one transaction per window: its snapshot
+    (and event and job) commit before the next window's analysis, so the prediction logger never waits on it."""
+    rules = rules or CollapseRules()
+    with session_scope(engine) as session:
+        detector = _detector(session, version, reference, rules)
+        last = _last_snapshot(session, version)
+        after = last.window_end if last else None
+    run = MonitorRun([], [], [])
+    while after is not _DONE:
+        with session_scope(engine) as session:
+            after = _monitor_next_window(session, version, reference, settings, detector, after, run)
+    return run
+
+
+_DONE = datetime.max
+
+
+def _monitor_next_window(
     session: Session,
     version: str,
     reference: ReferenceProfile,
-    *,
-    window_size: int,
-    reports_root: Path,
-    rules: CollapseRules | None = None,
-) -> MonitorRun:
-    """Process every complete window of `version` not yet snapshotted; the caller commits."""
-    rules = rules or CollapseRules()
-    detector = _detector(session, version, reference, rules)
-    last = _last_snapshot(session, version)
-    after = last.window_end if last else None
-    run = MonitorRun([], [], [])
-    while True:
-        window = load_window(session, version, reference.names, after=after, limit=window_size)
-        if len(window) < window_size:
-            return run
-        report_dir = reports_root / version / window.end.strftime("%Y%m%dT%H%M%S%f")
-        findings = analyse_window(
-            window.probabilities, window.true, reference, embeddings=window.embeddings, report_dir=report_dir
-        )
-        snapshot = _store_snapshot(session, window, findings, reference, report_dir)
-        run.snapshots.append(snapshot.id)
-        decision = detector.observe(findings.signals(reference))
-        if decision.fired:
-            event = _record_collapse(session, snapshot, decision)
-            run.events.append(event.id)
-            run.jobs.append(event.job_id or 0)
-        after = window.end
+    settings: MonitorSettings,
+    detector: CollapseDetector,
+    after: datetime | None,
+    run: MonitorRun,
+) -> datetime:
+    """Snapshot the window after `after`; its end, or _DONE when no complete window is left. Each snapshot also
+    measures minority recall over the newest labelled predictions up to its end, as many as the precision needs,
+    beside the label-free estimate on the same predictions (monitoring/estimation.py labelled_minority_recall)."""
+    window = load_window(session, version, reference.names, after=after, limit=settings.window_size)
+    if len(window) < settings.window_size:
+        return _DONE
+    report_dir = settings.reports_root / version / window.end.strftime("%Y%m%dT%H%M%S%f")
+    findings = analyse_window(
+        window.probabilities,
+        window.true,
+        reference,
+        embeddings=window.embeddings,
+        report_dir=report_dir,
+    )
+    probabilities, true = load_labelled(
+        session, version, reference.names, until=window.end, limit=settings.label_horizon
+    )
+    labelled = labelled_minority_recall(
+        probabilities,
+        true,
+        reference.names,
+        reference.minority,
+        precision=settings.recall_precision,
+        weights=reference.estimation_weights,
+    )
+    snapshot = _store_snapshot(session, window, findings, labelled, reference, report_dir)
+    run.snapshots.append(snapshot.id)
+    decision = detector.observe(findings.signals(reference))
+    if decision.fired:
+        event = _record_collapse(session, snapshot, decision)
+        run.events.append(event.id)
+        run.jobs.append(event.job_id or 0)
+    return window.end

@@ -22,7 +22,7 @@ from model.registry import ModelRegistry
 from monitoring.analysis import ReferenceProfile
 from monitoring.collapse import CollapseRules
 from monitoring.estimation import class_shares
-from monitoring.job import MonitorRun, run_monitor
+from monitoring.job import MonitorRun, MonitorSettings, run_monitor
 from monitoring.windows import load_window
 
 log = logging.getLogger(__name__)
@@ -67,15 +67,17 @@ def monitor_champion(engine: Engine, settings: Settings, rules: CollapseRules | 
     reference = reference_profile(engine, artifact, settings.minority_classes, settings.monitor_window)
     if reference is None:
         return None
-    with session_scope(engine) as session:
-        return run_monitor(
-            session,
-            artifact.version,
-            reference,
-            window_size=settings.monitor_window,
-            reports_root=settings.state_dir / "reports",
-            rules=rules or CollapseRules(min_predictions=min(settings.monitor_window, CollapseRules.min_predictions)),
-        )
+    monitoring = MonitorSettings(
+        window_size=settings.monitor_window,
+        reports_root=settings.state_dir / "reports",
+        recall_precision=settings.monitor_recall_precision,
+        label_horizon=settings.monitor_label_horizon,
+    )
+    rules = rules or CollapseRules(
+        min_predictions=min(settings.monitor_window, CollapseRules.min_predictions),
+        recall_precision=settings.monitor_recall_precision,
+    )
+    return run_monitor(engine, artifact.version, reference, monitoring, rules)
 
 
 class MonitorSchedule:

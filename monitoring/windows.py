@@ -96,3 +96,28 @@ def load_window(
         ),
         true=np.array([index.get(labels.get(row.id, ""), -1) for row in rows], dtype=np.int64),
     )
+
+
+def load_labelled(
+    session: Session, model_version: str, names: Sequence[str], *, until: datetime, limit: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Served probabilities [N, C] and newest feedback label (class index) [N] of the newest `limit` predictions
+    of `model_version` logged up to `until` that carry a feedback label in `names`, newest first."""
+    newest = (
+        select(Feedback.prediction_id, func.max(Feedback.id).label("feedback_id"))
+        .join(Prediction, Prediction.id == Feedback.prediction_id)
+        .where(Prediction.model_version == model_version, Prediction.created_at <= until)
+        .group_by(Feedback.prediction_id)
+        .subquery()
+    )
+    rows = session.execute(
+        select(Prediction.probabilities, Feedback.label)
+        .join(newest, newest.c.prediction_id == Prediction.id)
+        .join(Feedback, Feedback.id == newest.c.feedback_id)
+        .where(Prediction.model_version == model_version, Prediction.created_at <= until, Feedback.label.in_(names))
+        .order_by(Prediction.created_at.desc(), Prediction.id.desc())
+        .limit(limit)
+    ).all()
+    index = {name: k for k, name in enumerate(names)}
+    probabilities = np.array([_probability_row(stored, names) for stored, _ in rows]).reshape(-1, len(names))
+    return probabilities, np.array([index[label] for _, label in rows], dtype=np.int64)

@@ -242,6 +242,13 @@ class MonitoringSnapshot(Base):
     estimated_recall: Mapped[dict[str, Any]] = mapped_column(default=dict)
     minority_recall_measured: Mapped[float | None] = mapped_column(Float)
     minority_recall_estimated: Mapped[float | None] = mapped_column(Float)
+    minority_recall_measured_halfwidth: Mapped[float | None] = mapped_column(Float)  # 95%, from the window's labels
+    # Minority recall over the newest labelled predictions up to the window's end, as many as its measurement
+    # needs to be precise (monitoring/estimation.py labelled_minority_recall); NULL while feedback is too thin.
+    labelled_horizon: Mapped[int | None]
+    minority_recall_labelled: Mapped[float | None] = mapped_column(Float)
+    minority_recall_labelled_estimated: Mapped[float | None] = mapped_column(Float)
+    minority_recall_labelled_halfwidth: Mapped[float | None] = mapped_column(Float)
     report_path: Mapped[str | None] = mapped_column(String(1024))
 
     __table_args__ = (Index("ix_monitoring_snapshots_model_version_created_at", "model_version", "created_at"),)

@@ -152,12 +152,20 @@ def events(engine: Engine) -> list[CollapseEvent]:
         return rows
 
 
+def _minority_recall(row: MonitoringSnapshot) -> str:
+    estimated = "-" if row.minority_recall_estimated is None else f"{row.minority_recall_estimated:.2f}"
+    if row.minority_recall_measured is None or row.minority_recall_measured_halfwidth is None:
+        return f"{estimated} (estimated)"
+    measured = f"{row.minority_recall_measured:.2f} ± {row.minority_recall_measured_halfwidth:.2f}"
+    return f"{measured} measured, {estimated} estimated"
+
+
 def monitor(demo: Demo) -> list[CollapseEvent]:
     """`equipoise monitor run`; prints the new windows; the collapse events it recorded."""
     seen_snapshots, seen_events = len(snapshots(demo.engine)), {e.id for e in events(demo.engine)}
     demo.deployment.command("monitor", "run")
     for row in snapshots(demo.engine)[seen_snapshots:]:
-        recall = "-" if row.minority_recall_measured is None else f"{row.minority_recall_measured:.2f}"
+        recall = _minority_recall(row)
         say(
             f"monitor: window of {row.n_predictions} ({row.model_version}): {MAJORITY} {row.majority_share:.2f} "
             f"of predictions (reference {row.reference_shares[MAJORITY]:.2f}), minority recall {recall}, "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from monitoring.collapse import CollapseDetector, CollapseRules, WindowSignals, assess
+from monitoring.collapse import CollapseDetector, CollapseRules, WindowSignals, assess, recall_floor
 
 RULES = CollapseRules(fire_after=2, clear_after=2, cooldown_windows=4)
 HEALTHY = WindowSignals(
@@ -32,10 +32,27 @@ def test_every_signal_is_needed() -> None:
     assert not assess(replace(COLLAPSED, minority_recall_estimated=0.35), RULES)[0]
 
 
-def test_measured_recall_overrides_the_estimate_when_enough_labels() -> None:
-    labelled = replace(COLLAPSED, n_labelled=50, minority_recall_measured=0.40)
-    assert not assess(labelled, RULES)[0]
-    assert assess(replace(labelled, n_labelled=10), RULES)[0]
+def test_measured_recall_overrides_the_estimate_when_the_labels_decide_it() -> None:
+    """Precise (half-width within the rules' precision) or wholly on one side of the floor: the measurement."""
+    precise = replace(COLLAPSED, n_labelled=5000, minority_recall_measured=0.40, minority_recall_halfwidth=0.03)
+    assert not assess(precise, RULES)[0]
+    assert precise.minority_recall(RULES) == (0.40, "measured")
+    assert assess(replace(precise, minority_recall_measured=None, minority_recall_halfwidth=None), RULES)[0]
+
+    floor = recall_floor(COLLAPSED, RULES)  # 0.252 here
+    clearly_above = replace(precise, minority_recall_measured=floor + 0.12, minority_recall_halfwidth=0.1)
+    assert clearly_above.minority_recall(RULES) == (floor + 0.12, "measured") and not assess(clearly_above, RULES)[0]
+    clearly_below = replace(COLLAPSED, minority_recall_estimated=0.9, minority_recall_measured=0.0)
+    clearly_below = replace(clearly_below, minority_recall_halfwidth=0.1)
+    assert clearly_below.minority_recall(RULES) == (0.0, "measured") and assess(clearly_below, RULES)[0]
+
+
+def test_an_imprecise_measurement_straddling_the_floor_leaves_the_judgement_to_the_estimate() -> None:
+    floor = recall_floor(COLLAPSED, RULES)
+    straddling = replace(COLLAPSED, minority_recall_measured=floor + 0.05, minority_recall_halfwidth=0.1)
+    assert straddling.minority_recall(RULES) == (COLLAPSED.minority_recall_estimated, "estimated")
+    assert assess(straddling, RULES)[0]
+    assert not assess(replace(straddling, minority_recall_estimated=0.4), RULES)[0]
 
 
 def test_small_windows_never_count() -> None:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from monitoring.estimation import class_shares, estimate_recall, mean_recall, measure_recall
+from monitoring.estimation import (
+    class_shares,
+    estimate_recall,
+    labelled_minority_recall,
+    mean_recall,
+    measure_recall,
+    minority_recall_halfwidth,
+)
 
 NAMES = ("a", "b", "c")
 
@@ -67,3 +74,35 @@ def test_estimation_weights_undo_a_served_bias_toward_rare_classes() -> None:
     assert max(abs(naive[name] - measured[name]) for name in NAMES) > 0.05
     for name in NAMES:
         assert corrected[name] == pytest.approx(measured[name], abs=0.02)
+
+
+def test_minority_recall_halfwidth_by_hand() -> None:
+    """Agresti-Coull per class, (hits + 2) / (support + 4); the mean of two classes halves the summed spread."""
+    true, predicted = np.array([0, 0, 1]), np.array([0, 2, 1])
+    halfwidth = minority_recall_halfwidth(true, predicted, [0, 1])
+    by_hand = [
+        1.959964 * np.sqrt(0.6 * 0.4 / 5 + 0.25 / 4) / 2,  # class 0: 1 hit of 1; class 1: unseen
+        1.959964 * np.sqrt(0.5 * 0.5 / 6 + 0.25 / 4) / 2,  # class 0: 1 hit of 2
+        1.959964 * np.sqrt(0.5 * 0.5 / 6 + 0.6 * 0.4 / 5) / 2,  # class 1: 1 hit of 1
+    ]
+    np.testing.assert_allclose(halfwidth, by_hand, rtol=1e-6)
+
+
+def test_labelled_recall_spans_the_fewest_newest_predictions_that_are_precise_enough() -> None:
+    probabilities, labels = _calibrated_window(np.random.default_rng(11), 4000)
+    minority = ("a", "c")
+    result = labelled_minority_recall(probabilities, labels, NAMES, minority, precision=0.05)
+    assert result is not None and result.halfwidth <= 0.05
+    n = result.labelled
+    fewer = labelled_minority_recall(probabilities[: n - 1], labels[: n - 1], NAMES, minority, precision=0.05)
+    assert fewer is None, "one prediction fewer is not precise enough"
+    expected = mean_recall(measure_recall(labels[:n], probabilities[:n].argmax(1), NAMES), minority)
+    assert result.measured == pytest.approx(expected)
+    assert result.estimated == pytest.approx(result.measured, abs=result.halfwidth)  # calibrated: the estimate agrees
+    assert labelled_minority_recall(probabilities, labels, NAMES, minority, precision=0.001) is None
+
+
+def test_labelled_recall_needs_every_minority_class_seen() -> None:
+    """However loose the precision, a class with no label yet has no measured recall."""
+    probabilities = np.full((3, len(NAMES)), 1 / len(NAMES))
+    assert labelled_minority_recall(probabilities, np.array([1, 1, 1]), NAMES, ("a", "c"), precision=0.99) is None

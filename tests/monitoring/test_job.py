@@ -25,7 +25,7 @@ from equipoise.db.models import (
 from equipoise.db.session import make_engine, session_scope
 from monitoring.analysis import ReferenceProfile
 from monitoring.collapse import CollapseRules
-from monitoring.job import run_monitor
+from monitoring.job import MonitorSettings, run_monitor
 
 NAMES = ("neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear")
 SHARES = (0.47, 0.17, 0.12, 0.11, 0.07, 0.03, 0.03)
@@ -90,9 +90,13 @@ def _count(engine: Engine, model: type) -> int:
         return int(session.scalar(select(func.count()).select_from(model)) or 0)
 
 
-def _monitor(engine: Engine, reports: Path) -> None:
+def _monitor(engine: Engine, reports: Path, precision: float = 0.04, horizon: int = 20_000) -> None:
+    run_monitor(engine, "v1", REFERENCE, MonitorSettings(WINDOW, reports, precision, horizon), RULES)
+
+
+def _snapshots(engine: Engine) -> list[MonitoringSnapshot]:
     with session_scope(engine) as session:
-        run_monitor(session, "v1", REFERENCE, window_size=WINDOW, reports_root=reports, rules=RULES)
+        return list(session.scalars(select(MonitoringSnapshot).order_by(MonitoringSnapshot.id)))
 
 
 def test_stationary_then_collapsed_stream(engine: Engine, tmp_path: Path) -> None:
@@ -121,6 +125,35 @@ def test_stationary_then_collapsed_stream(engine: Engine, tmp_path: Path) -> Non
     _log(engine, 2, collapsed, confidence=0.4, offset=20)
     _monitor(engine, tmp_path)  # still collapsed, still cooling down: no second event after a restart
     assert _count(engine, CollapseEvent) == 1
+
+
+def test_minority_recall_is_measured_over_as_many_labelled_predictions_as_its_precision_needs(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """A window holds ~3 labelled fear turns: too few alone; the measurement reaches back over earlier windows'
+    labels until its 95% half-width is within the precision, and the estimate on those same predictions agrees
+    (the synthetic labels are drawn from the served probabilities, so they are calibrated)."""
+    _log(engine, 8, SHARES, confidence=0.8, offset=0)
+    _monitor(engine, tmp_path, precision=0.1)
+    snapshots = _snapshots(engine)
+    measured = [s for s in snapshots if s.labelled_horizon is not None]
+    assert snapshots[0].labelled_horizon is None and snapshots[0].minority_recall_labelled is None
+    assert measured and all((s.minority_recall_measured_halfwidth or 1) > 0.1 for s in snapshots), "no window alone"
+    for index, snapshot in enumerate(snapshots):
+        if snapshot.labelled_horizon is None:
+            continue
+        assert snapshot.labelled_horizon <= (index + 1) * WINDOW // 3  # only labels logged up to its window's end
+        assert snapshot.minority_recall_labelled_halfwidth is not None
+        assert snapshot.minority_recall_labelled_halfwidth <= 0.1
+        assert snapshot.minority_recall_labelled is not None and snapshot.minority_recall_labelled_estimated is not None
+        gap = abs(snapshot.minority_recall_labelled - snapshot.minority_recall_labelled_estimated)
+        assert gap <= snapshot.minority_recall_labelled_halfwidth  # within the measurement's own 95% interval
+
+
+def test_a_horizon_too_short_for_the_precision_measures_nothing(engine: Engine, tmp_path: Path) -> None:
+    _log(engine, 3, SHARES, confidence=0.8, offset=0)
+    _monitor(engine, tmp_path, precision=0.15, horizon=30)
+    assert [s.labelled_horizon for s in _snapshots(engine)] == [None, None, None]
 
 
 def test_exporter_publishes_the_latest_snapshot_and_registry_state(engine: Engine, tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ def test_service_schedules_monitoring_and_exports_every_series_used(tmp_path: Pa
         "default_model_dir": str(tiny_artifact),
         "monitor_window": "20",
         "monitor_interval_s": "0.5",
+        "monitor_recall_precision": "0.5",  # a few dozen labels then measure minority recall (0.04 needs thousands)
     }
     database = f"sqlite:///{tmp_path / 'equipoise.db'}"
     with running_server(tmp_path / "state", database, **settings) as server, server.client() as client:
