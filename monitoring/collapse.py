@@ -30,7 +30,9 @@ class CollapseRules:
     fire_after: int = 2
     clear_after: int = 2
     cooldown_windows: int = 6
-    recall_precision: float = 0.04  # 95% half-width at which a window's measured minority recall is trusted
+    # 95% half-width at which a measured minority recall counts as precise: a window's, and the monitor's
+    # measurement over the newest labelled predictions (monitoring/job.py)
+    recall_precision: float = 0.04
 
 
 @dataclass(frozen=True)

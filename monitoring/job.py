@@ -121,8 +121,7 @@ def _record_collapse(session: Session, snapshot: MonitoringSnapshot, decision: D
 class MonitorSettings:
     window_size: int
     reports_root: Path
-    recall_precision: float  # 95% half-width the labelled-horizon measurement of minority recall must reach
-    label_horizon: int  # most labelled predictions that measurement may span
+    label_horizon: int  # most labelled predictions the measurement of minority recall may span
 
 
 def run_monitor(
@@ -159,8 +158,9 @@ def _monitor_next_window(
     run: MonitorRun,
 ) -> datetime:
     """Snapshot the window after `after`; its end, or _DONE when no complete window is left. Each snapshot also
-    measures minority recall over the newest labelled predictions up to its end, as many as the precision needs,
-    beside the label-free estimate on the same predictions (monitoring/estimation.py labelled_minority_recall)."""
+    measures minority recall over the newest labelled predictions up to its end, as many as the rules'
+    `recall_precision` needs, beside the label-free estimate on the same predictions
+    (monitoring/estimation.py labelled_minority_recall)."""
     window = load_window(session, version, reference.names, after=after, limit=settings.window_size)
     if len(window) < settings.window_size:
         return _DONE
@@ -180,7 +180,7 @@ def _monitor_next_window(
         true,
         reference.names,
         reference.minority,
-        precision=settings.recall_precision,
+        precision=detector.rules.recall_precision,
         weights=reference.estimation_weights,
     )
     snapshot = _store_snapshot(session, window, findings, labelled, reference, report_dir)

@@ -70,7 +70,6 @@ def monitor_champion(engine: Engine, settings: Settings, rules: CollapseRules | 
     monitoring = MonitorSettings(
         window_size=settings.monitor_window,
         reports_root=settings.state_dir / "reports",
-        recall_precision=settings.monitor_recall_precision,
         label_horizon=settings.monitor_label_horizon,
     )
     rules = rules or CollapseRules(

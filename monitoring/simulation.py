@@ -104,7 +104,6 @@ def run_stream(
     bias: float,
     rules: CollapseRules,
     seed: int,
-    recall_precision: float,
     label_horizon: int,
     report_dir: Path | None = None,
 ) -> list[WindowRecord]:
@@ -142,7 +141,7 @@ def run_stream(
             np.concatenate(labels)[:label_horizon],
             test.names,
             reference.minority,
-            precision=recall_precision,
+            precision=rules.recall_precision,
             weights=reference.estimation_weights,
         )
         records.append(
@@ -327,7 +326,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "window_size": args.window_size,
         "bias": args.bias,
         "rules": CollapseRules(min_predictions=args.window_size, recall_precision=settings.monitor_recall_precision),
-        "recall_precision": settings.monitor_recall_precision,
         "label_horizon": settings.monitor_label_horizon,
     }
     stationary = run_stream(test, reference, windows=args.windows, degrade_from=None, seed=1, **common)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, Subquery, func, select
 from sqlalchemy.orm import Session
 
 from equipoise.db.models import Feedback, Prediction
@@ -50,13 +50,20 @@ def _probability_row(stored: list[float] | dict[str, float], names: Sequence[str
     return [float(stored[name]) for name in names] if isinstance(stored, dict) else [float(p) for p in stored]
 
 
-def _newest_feedback(session: Session, ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
-    newest = (
+def _newest_feedback_ids(*where: ColumnElement[bool]) -> Subquery:
+    """(prediction_id, feedback_id): the newest feedback of each prediction matching `where` (a prediction's
+    label is the last one sent for it)."""
+    return (
         select(Feedback.prediction_id, func.max(Feedback.id).label("feedback_id"))
-        .where(Feedback.prediction_id.in_(ids))
+        .join(Prediction, Prediction.id == Feedback.prediction_id)
+        .where(*where)
         .group_by(Feedback.prediction_id)
         .subquery()
     )
+
+
+def _newest_feedback(session: Session, ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
+    newest = _newest_feedback_ids(Prediction.id.in_(ids))
     rows = session.execute(
         select(Feedback.prediction_id, Feedback.label).join(newest, Feedback.id == newest.c.feedback_id)
     )
@@ -103,18 +110,12 @@ def load_labelled(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Served probabilities [N, C] and newest feedback label (class index) [N] of the newest `limit` predictions
     of `model_version` logged up to `until` that carry a feedback label in `names`, newest first."""
-    newest = (
-        select(Feedback.prediction_id, func.max(Feedback.id).label("feedback_id"))
-        .join(Prediction, Prediction.id == Feedback.prediction_id)
-        .where(Prediction.model_version == model_version, Prediction.created_at <= until)
-        .group_by(Feedback.prediction_id)
-        .subquery()
-    )
+    newest = _newest_feedback_ids(Prediction.model_version == model_version, Prediction.created_at <= until)
     rows = session.execute(
         select(Prediction.probabilities, Feedback.label)
         .join(newest, newest.c.prediction_id == Prediction.id)
         .join(Feedback, Feedback.id == newest.c.feedback_id)
-        .where(Prediction.model_version == model_version, Prediction.created_at <= until, Feedback.label.in_(names))
+        .where(Feedback.label.in_(names))
         .order_by(Prediction.created_at.desc(), Prediction.id.desc())
         .limit(limit)
     ).all()

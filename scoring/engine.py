@@ -52,8 +52,10 @@ class ModelInfo:
 
 
 def encoding(precision: str, rescore_margin: float) -> str:
-    """How turns are encoded, as run headers record it: the precision, and near-tie re-scoring when on."""
-    return f"{precision}, near ties < {rescore_margin:g} re-scored in fp32" if rescore_margin else precision
+    """How turns are encoded, as run headers record it: the precision, and near-tie re-scoring when on (int8 only,
+    as InferenceRuntime.load applies the margin)."""
+    rescoring = precision == "int8" and rescore_margin > 0
+    return f"{precision}, near ties < {rescore_margin:g} re-scored in fp32" if rescoring else precision
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ class RuntimeSpec:
             artifact.emotions.names,
             artifact.sentiments.names,
             artifact.sha256,
-            encoding(self.precision, self.rescore_margin if self.precision == "int8" else 0.0),
+            encoding(self.precision, self.rescore_margin),
         )
 
 

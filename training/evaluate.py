@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from model.artifact import ModelArtifact
 from model.audio import decode_audio
 from model.data.meld import group_dialogues, read_utterances
 from model.data.speech import read_clips, split_by_speaker
@@ -74,12 +75,34 @@ def evaluate_artifact(
     }
 
 
-def int8_label_agreement(artifact_dir: Path, data_dir: Path, split: str = "dev", rescore_margin: float = 0.0) -> float:
-    """Share of MELD `split` turns whose label is the same with the int8 encoder (near ties under
-    `rescore_margin` re-scored in fp32; 0: the int8 encoder alone) as with the fp32 one."""
-    fp32 = score_meld(InferenceRuntime.load(artifact_dir, device="cpu"), data_dir, split)
-    int8 = InferenceRuntime.load(artifact_dir, device="cpu", precision="int8", rescore_margin=rescore_margin)
-    return float((fp32.predicted == score_meld(int8, data_dir, split).predicted).mean())
+@dataclass(frozen=True)
+class Int8Agreement:
+    """How the int8 runtime's MELD labels compare with fp32's at one near-tie re-scoring margin."""
+
+    margin: float  # 0: the int8 encoder alone
+    split: str
+    turns: int
+    changed: int  # labels that differ from fp32's
+    rescored: int  # turns re-encoded in fp32
+
+    @property
+    def share(self) -> float:
+        """Share of labels unchanged."""
+        return 1 - self.changed / self.turns
+
+
+def int8_agreements(
+    artifact: Path | ModelArtifact, data_dir: Path, split: str = "dev", margins: Sequence[float] = (0.0,)
+) -> list[Int8Agreement]:
+    """MELD `split` scored once in fp32, then in int8 at each re-scoring margin, labels compared."""
+    reference = score_meld(InferenceRuntime.load(artifact, device="cpu"), data_dir, split).predicted
+    results = []
+    for margin in tqdm(margins, desc=f"int8 margins on MELD {split}", unit="margin"):
+        runtime = InferenceRuntime.load(artifact, device="cpu", precision="int8", rescore_margin=margin)
+        scored = score_meld(runtime, data_dir, split)
+        changed = int((scored.predicted != reference).sum())
+        results.append(Int8Agreement(margin, split, len(reference), changed, int(scored.rescored.sum())))
+    return results
 
 
 def estimation_weights(artifact_dir: Path, data_dir: Path) -> tuple[float, ...]:

@@ -19,7 +19,7 @@ from model.default_model import CARD_FILE, RELEASE_FILE, SHIPPED_DIR, probe_outp
 from model.delta import DELTA_FILE, save_delta
 from model.network import EmotionModel
 from model.quantize import RANGES_FILE, save_ranges
-from training.evaluate import estimation_weights, evaluate_artifact, int8_label_agreement, meld_int8_ranges
+from training.evaluate import estimation_weights, evaluate_artifact, int8_agreements, meld_int8_ranges
 from training.metrics import MetricsReport
 from training.recipe import Recipe
 from training.run import RunDir
@@ -62,10 +62,11 @@ def build_release(
         artifact_dir = Path(work) / "artifact"
         derive_artifact(fp32, artifact_dir, version=version, graphs={ENCODER_INT8_FILE: int8})
         metrics = evaluate_artifact(artifact_dir, data_dir)
-        metrics["int8_label_agreement_meld_dev"] = int8_label_agreement(artifact_dir, data_dir)
         margin = Settings.model_fields["int8_rescore_margin"].default
+        alone, rescored = int8_agreements(artifact_dir, data_dir, "dev", (0.0, margin))
+        metrics["int8_label_agreement_meld_dev"] = alone.share
         metrics["int8_rescore_margin"] = margin
-        metrics["int8_rescored_label_agreement_meld_dev"] = int8_label_agreement(artifact_dir, data_dir, "dev", margin)
+        metrics["int8_rescored_label_agreement_meld_dev"] = rescored.share
         weights = estimation_weights(artifact_dir, data_dir)
         probe = probe_outputs(artifact_dir)
     release = {

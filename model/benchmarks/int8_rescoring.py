@@ -20,47 +20,21 @@ import os
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime as ort
 from tqdm import tqdm
 
 from equipoise.settings import data_dir_or_exit
-from model.artifact import ModelArtifact, load_artifact
+from model.artifact import load_artifact
 from model.data.meld import group_dialogues, read_utterances
 from model.runtime import InferenceRuntime, UtteranceInput
-from training.evaluate import DIALOGUES_PER_CALL, score_meld
+from training.evaluate import DIALOGUES_PER_CALL, Int8Agreement, int8_agreements
 
 SPLITS = ("train", "dev")
 
 
-@dataclass(frozen=True)
-class Agreement:
-    margin: float
-    split: str
-    turns: int
-    changed: int
-    rescored: int
-
-    @property
-    def share(self) -> float:
-        return 1 - self.changed / self.turns
-
-
-def agreements(artifact: ModelArtifact, root: Path, margins: Sequence[float]) -> list[Agreement]:
-    results = []
-    for split in SPLITS:
-        reference = score_meld(InferenceRuntime.load(artifact, device="cpu"), root, split).predicted
-        for margin in tqdm(margins, desc=f"margins on MELD {split}", unit="margin"):
-            runtime = InferenceRuntime.load(artifact, device="cpu", precision="int8", rescore_margin=margin)
-            scored = score_meld(runtime, root, split)
-            changed = int((scored.predicted != reference).sum())
-            results.append(Agreement(margin, split, len(reference), changed, int(scored.rescored.sum())))
-    return results
-
-
-def choose_margin(results: Sequence[Agreement], target: float) -> float | None:
+def choose_margin(results: Sequence[Int8Agreement], target: float) -> float | None:
     """The smallest margin whose train agreement reaches `target`."""
     reaching = [r.margin for r in results if r.split == "train" and r.share >= target]
     return min(reaching) if reaching else None
@@ -86,7 +60,7 @@ def speeds(
     return {name: turns / seconds for name, seconds in best.items()}
 
 
-def agreement_table(results: Sequence[Agreement], chosen: float | None) -> str:
+def agreement_table(results: Sequence[Int8Agreement], chosen: float | None) -> str:
     header = ["margin", "MELD train: labels unchanged", "re-encoded", "MELD dev: labels unchanged", "turns changed"]
     lines = ["| " + " | ".join([*header, "re-encoded"]) + " |", "|--:|--:|--:|--:|--:|--:|"]
     for margin in sorted({r.margin for r in results}):
@@ -117,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = data_dir_or_exit(args.data_dir)
     artifact = load_artifact(args.artifact)
     margins = sorted({float(m) for m in args.margins.split(",")})
-    results = agreements(artifact, root, margins)
+    results = [result for split in SPLITS for result in int8_agreements(artifact, root, split, margins)]
     chosen = choose_margin(results, args.target)
     options = {"device": "cpu", "intra_op_threads": args.threads}
     runtimes = {

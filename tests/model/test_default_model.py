@@ -20,7 +20,7 @@ from model.default_model import (
 )
 from model.delta import DELTA_FILE
 from tests.api.conftest import running_server
-from training.evaluate import int8_label_agreement, score_meld, score_speech
+from training.evaluate import int8_agreements, score_meld, score_speech
 
 BUDGET_BYTES = 40 * 2**20
 POINTS = 0.005  # the card's metrics must hold within half a point
@@ -74,8 +74,7 @@ def test_int8_mode_agrees_with_fp32_on_meld_dev(default_state: Path, data_dir: P
     fp32 at the default margin) keeps at least 99% of MELD dev labels, and both match the card."""
     artifact, metrics = shipped_artifact(default_state), read_release()["metrics"]
     margin = Settings.model_fields["int8_rescore_margin"].default
-    alone = int8_label_agreement(artifact, data_dir, "dev", rescore_margin=0.0)
-    rescored = int8_label_agreement(artifact, data_dir, "dev", rescore_margin=margin)
+    alone, rescored = (result.share for result in int8_agreements(artifact, data_dir, "dev", (0.0, margin)))
     assert rescored >= 0.99 > alone
     assert metrics["int8_rescore_margin"] == margin
     assert alone == pytest.approx(metrics["int8_label_agreement_meld_dev"], abs=POINTS)

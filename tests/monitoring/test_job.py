@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -91,7 +92,8 @@ def _count(engine: Engine, model: type) -> int:
 
 
 def _monitor(engine: Engine, reports: Path, precision: float = 0.04, horizon: int = 20_000) -> None:
-    run_monitor(engine, "v1", REFERENCE, MonitorSettings(WINDOW, reports, precision, horizon), RULES)
+    rules = replace(RULES, recall_precision=precision)
+    run_monitor(engine, "v1", REFERENCE, MonitorSettings(WINDOW, reports, horizon), rules)
 
 
 def _snapshots(engine: Engine) -> list[MonitoringSnapshot]:

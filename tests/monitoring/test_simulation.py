@@ -36,8 +36,8 @@ def test_degrade_pushes_predictions_to_the_majority_class() -> None:
 def test_stationary_stream_is_quiet_and_collapse_is_caught_within_three_windows() -> None:
     reference = reference_profile(_split(1), ("sadness", "disgust", "fear"))
     test = _split(2)
-    rules = CollapseRules(min_predictions=300)
-    common = {"window_size": 300, "bias": 2.0, "rules": rules, "recall_precision": 0.06, "label_horizon": 20_000}
+    rules = CollapseRules(min_predictions=300, recall_precision=0.06)
+    common = {"window_size": 300, "bias": 2.0, "rules": rules, "label_horizon": 20_000}
     stationary = summarise(run_stream(test, reference, windows=12, degrade_from=None, seed=3, **common))
     collapse = summarise(run_stream(test, reference, windows=10, degrade_from=5, seed=4, **common))
     assert stationary["events"] == []
@@ -66,9 +66,8 @@ def test_records_carry_the_population_recall_of_the_model_serving_the_window() -
         window_size=300,
         degrade_from=2,
         bias=2.0,
-        rules=CollapseRules(),
+        rules=CollapseRules(recall_precision=0.2),
         seed=9,
-        recall_precision=0.2,
         label_horizon=20_000,
     )
     healthy, degraded = records[0].minority_recall_population, records[-1].minority_recall_population
