@@ -30,8 +30,8 @@ from api.predictor import Predictor
 from api.reload import ModelHolder, ModelLoader, ModelReloader, runtime_loader
 from api.routes import api_router
 from api.schemas import DialogueRequest, UtteranceRequest
-from equipoise.db.session import make_engine, session_factory
-from equipoise.settings import Settings, get_settings
+from core.db.session import make_engine, session_factory
+from core.settings import Settings, get_settings
 from model.registry import ModelRegistry
 from monitoring.exporter import MonitoringCollector
 from monitoring.runner import MonitorSchedule

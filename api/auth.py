@@ -1,6 +1,6 @@
 """API keys with roles, sent as `Authorization: Bearer <key>` or `X-API-Key: <key>`.
 
-Keys are looked up by their SHA-256 (equipoise.db.crud.find_active_key, constant-time confirmed). A key that
+Keys are looked up by their SHA-256 (core.db.crud.find_active_key, constant-time confirmed). A key that
 checked out is trusted for `api_key_cache_s` seconds, keyed by its hash, so predictions keep flowing through a
 short database outage; revocation takes effect within that time. The raw key is never logged or stored.
 """
@@ -18,10 +18,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import Problem, unavailable
-from equipoise.db import crud
-from equipoise.db.models import ApiKey, Role
-from equipoise.db.session import session_scope
-from equipoise.settings import Settings
+from core.db import crud
+from core.db.models import ApiKey, Role
+from core.db.session import session_scope
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from api.metrics import Metrics
 from api.prediction_log import PredictionLogger
 from api.predictor import Predictor
 from api.reload import ModelHolder, ModelReloader
-from equipoise.db.models import Role
-from equipoise.settings import Settings
+from core.db.models import Role
+from core.settings import Settings
 from model.registry import ModelRegistry
 
 

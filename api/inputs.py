@@ -20,8 +20,8 @@ from starlette.datastructures import FormData, UploadFile
 
 from api.errors import FieldError, Problem, invalid, too_large, validation_problem
 from api.schemas import DialogueRequest, UtteranceRequest
-from equipoise.db.models import ContextMode
-from equipoise.settings import Settings
+from core.db.models import ContextMode
+from core.settings import Settings
 
 MULTIPART = "multipart/form-data"
 MAX_FORM_FIELDS = 16

@@ -22,7 +22,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,39 +29,11 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.exc import DataError, IntegrityError
 
-from api import crud
 from api.metrics import Metrics
-from api.redaction import redact, text_sha256
-from equipoise.db.models import ContextMode, RequestKind
+from core.db import crud
+from core.db.crud import PredictionRecord, Row
 
 log = logging.getLogger(__name__)
-
-Row = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class PredictionRecord:
-    """One scored utterance as the request path knows it (original text, raw audio bytes)."""
-
-    id: uuid.UUID
-    created_at: datetime
-    model_version: str
-    request_kind: RequestKind
-    context_mode: ContextMode | None
-    conversation_id: str | None
-    turn_index: int | None
-    speaker: str | None
-    text: str | None
-    has_audio: bool
-    audio: bytes | None  # the encoded file, only when raw-audio storage is on
-    audio_seconds: float | None
-    label: str
-    label_index: int
-    confidence: float
-    probabilities: list[float]
-    sentiment: str | None
-    latency_ms: float
-    embedding: bytes | None
 
 
 class RowPreparer:
@@ -73,34 +44,7 @@ class RowPreparer:
         self._audio_dir = audio_dir
 
     def __call__(self, record: PredictionRecord) -> Row:
-        stored_text, redacted = (None, False) if record.text is None else self._text(record.text)
-        return {
-            "id": record.id,
-            "created_at": record.created_at,
-            "model_version": record.model_version,
-            "request_kind": record.request_kind.value,
-            "context_mode": record.context_mode.value if record.context_mode else None,
-            "conversation_id": record.conversation_id,
-            "turn_index": record.turn_index,
-            "speaker": record.speaker,
-            "text": stored_text,
-            "text_redacted": redacted,
-            "text_sha256": text_sha256(record.text) if record.text is not None else None,
-            "has_text": record.text is not None,
-            "has_audio": record.has_audio,
-            "audio_path": self._store_audio(record),
-            "audio_seconds": record.audio_seconds,
-            "label": record.label,
-            "label_index": record.label_index,
-            "confidence": record.confidence,
-            "probabilities": record.probabilities,
-            "sentiment": record.sentiment,
-            "latency_ms": record.latency_ms,
-            "embedding": record.embedding,
-        }
-
-    def _text(self, text: str) -> tuple[str, bool]:
-        return redact(text) if self._redact_text else (text, False)
+        return crud.prediction_row(record, redact_text=self._redact_text, audio_path=self._store_audio(record))
 
     def _store_audio(self, record: PredictionRecord) -> str | None:
         if self._audio_dir is None or record.audio is None:

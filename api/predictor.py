@@ -14,10 +14,11 @@ from api.batcher import MicroBatcher, ModelUnavailable, Overloaded, Scored
 from api.errors import invalid, too_large, unavailable
 from api.inputs import RawTurn
 from api.metrics import Metrics
-from api.prediction_log import PredictionLogger, PredictionRecord
+from api.prediction_log import PredictionLogger
 from api.schemas import UtterancePrediction
-from equipoise.db.models import ContextMode, RequestKind
-from equipoise.settings import Settings
+from core.db.crud import PredictionRecord
+from core.db.models import ContextMode, RequestKind
+from core.settings import Settings
 from model.audio import SAMPLE_RATE, AudioError, AudioTooLarge, AudioTooLong, decode_audio
 from model.labels import LabelSet
 from model.preprocess import PreprocessError

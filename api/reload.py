@@ -20,8 +20,8 @@ from typing import Protocol
 import numpy as np
 
 from api.metrics import Metrics
-from equipoise.db.models import ModelVersion
-from equipoise.settings import Settings
+from core.db.models import ModelVersion
+from core.settings import Settings
 from model.artifact import load_artifact
 from model.labels import LabelSet
 from model.registry import ModelRegistry

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from api import crud
-from equipoise.db.session import session_scope
+from core.db import crud
+from core.db.session import session_scope
 
 log = logging.getLogger(__name__)
 CHUNK = 5_000  # rows per transaction, so a large purge neither holds long locks nor one huge transaction

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from equipoise.db.models import ContextMode, JobStatus, JobTrigger, ModelStatus
+from core.db.models import ContextMode, JobStatus, JobTrigger, ModelStatus
 
 
 def storable_text(value: str) -> str:

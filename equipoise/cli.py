@@ -8,13 +8,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from equipoise.settings import SettingsError, get_settings
+from core.settings import SettingsError, get_settings
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-    from equipoise.db.models import RetrainingJob
-    from equipoise.settings import Settings
+    from core.db.models import RetrainingJob
+    from core.settings import Settings
     from model.registry import ModelRegistry
 
 # Requests still running after this long are cut off so that the prediction log is flushed before exit.
@@ -24,8 +24,8 @@ GRACEFUL_SHUTDOWN_S = 30
 def _db(args: argparse.Namespace) -> int:
     if args.db_command == "purge":
         return _purge(args)
-    from equipoise.db import migrate
-    from equipoise.db.session import make_engine
+    from core.db import migrate
+    from core.db.session import make_engine
 
     url = str(get_settings().database_url)
     if args.db_command == "upgrade":
@@ -39,9 +39,9 @@ def _db(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from equipoise.db import crud
-    from equipoise.db.models import Role
-    from equipoise.db.session import get_engine, session_scope
+    from core.db import crud
+    from core.db.models import Role
+    from core.db.session import get_engine, session_scope
 
     with session_scope(get_engine()) as session:
         if args.keys_command == "create":
@@ -59,7 +59,7 @@ def _keys(args: argparse.Namespace) -> int:
 
 def _purge(args: argparse.Namespace) -> int:
     from api.retention import purge
-    from equipoise.db.session import get_engine
+    from core.db.session import get_engine
 
     days = args.days or get_settings().retention_days
     result = purge(get_engine(), days)
@@ -71,7 +71,7 @@ def _purge(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from equipoise.db.session import get_engine
+    from core.db.session import get_engine
     from model.registry import RegistryError
 
     registry = _registry(get_engine())
@@ -111,8 +111,8 @@ def _serve(_args: argparse.Namespace) -> int:
 
     from api.app import create_app
     from api.auth import StartupRefused, check_exposure
-    from equipoise.db import migrate
-    from equipoise.db.session import make_engine
+    from core.db import migrate
+    from core.db.session import make_engine
     from model.registry import RegistryError
 
     settings = get_settings()
@@ -238,7 +238,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _monitor(_args: argparse.Namespace) -> int:
-    from equipoise.db.session import get_engine
+    from core.db.session import get_engine
     from monitoring.runner import monitor_champion
 
     run = monitor_champion(get_engine(), get_settings())
@@ -303,8 +303,8 @@ def _worker(args: argparse.Namespace) -> int:
 def _jobs(args: argparse.Namespace) -> int:
     import json
 
-    from equipoise.db.models import JobStatus, RetrainingJob
-    from equipoise.db.session import get_engine, session_scope
+    from core.db.models import JobStatus, RetrainingJob
+    from core.db.session import get_engine, session_scope
     from retraining.queue import list_jobs, submit_job
 
     with session_scope(get_engine()) as session:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from alembic import context
 
-from equipoise.db.models import Base
-from equipoise.db.session import is_sqlite, make_engine
-from equipoise.settings import get_settings
+from core.db.models import Base
+from core.db.session import is_sqlite, make_engine
+from core.settings import get_settings
 
 config = context.config
 target_metadata = Base.metadata

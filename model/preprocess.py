@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 import numpy as np
 from tokenizers import Tokenizer
 
+from core.text import is_present
+
 PAD_ID = 0
 DEFAULT_MAX_AUDIO_SECONDS = 30.0
 _EMPTY_AUDIO = np.zeros(1, dtype=np.float32)
@@ -130,7 +132,7 @@ class Preprocessor:
 
     def tokenize(self, texts: Sequence[str | None]) -> list[tuple[np.ndarray, bool]]:
         """Token ids and has_text per text; None or blank text gives the [CLS][SEP] placeholder."""
-        present = [i for i, text in enumerate(texts) if text is not None and text.strip()]
+        present = [i for i, text in enumerate(texts) if is_present(text)]
         encodings = self.tokenizer.encode_batch([texts[i] for i in present]) if present else []
         tokens: list[tuple[np.ndarray, bool]] = [(self._placeholder_ids, False)] * len(texts)
         for i, encoding in zip(present, encodings, strict=True):

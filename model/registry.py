@@ -18,8 +18,8 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from equipoise.db.models import ModelStatus, ModelVersion
-from equipoise.db.session import session_scope
+from core.db.models import ModelStatus, ModelVersion
+from core.db.session import session_scope
 from model.artifact import ArtifactError, ModelArtifact, load_artifact
 
 

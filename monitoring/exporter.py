@@ -16,7 +16,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from equipoise.db.models import CollapseEvent, JobStatus, ModelStatus, ModelVersion, MonitoringSnapshot, RetrainingJob
+from core.db.models import CollapseEvent, JobStatus, ModelStatus, ModelVersion, MonitoringSnapshot, RetrainingJob
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from equipoise.db.models import CollapseEvent, JobTrigger, MonitoringSnapshot, RetrainingJob
-from equipoise.db.session import session_scope
+from core.db.models import CollapseEvent, JobTrigger, MonitoringSnapshot, RetrainingJob
+from core.db.session import session_scope
 from monitoring.analysis import ReferenceProfile, WindowFindings, analyse_window
 from monitoring.collapse import CollapseDetector, CollapseRules, Decision, WindowSignals
 from monitoring.estimation import LabelledRecall, labelled_minority_recall

@@ -15,8 +15,8 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from equipoise.db.session import session_scope
-from equipoise.settings import Settings
+from core.db.session import session_scope
+from core.settings import Settings
 from model.artifact import ModelArtifact, load_artifact
 from model.registry import ModelRegistry
 from monitoring.analysis import ReferenceProfile

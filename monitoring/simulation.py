@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from equipoise.settings import get_settings
+from core.settings import get_settings
 from model.data.meld import group_dialogues, read_utterances
 from model.runtime import InferenceRuntime, UtteranceInput
 from monitoring.analysis import ReferenceProfile, analyse_window

@@ -11,7 +11,7 @@ import numpy as np
 from sqlalchemy import ColumnElement, Subquery, func, select
 from sqlalchemy.orm import Session
 
-from equipoise.db.models import Feedback, Prediction
+from core.db.models import Feedback, Prediction
 
 
 @dataclass(frozen=True)

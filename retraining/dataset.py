@@ -29,7 +29,7 @@ from scipy.special import softmax
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from equipoise.db.models import ContextMode, Feedback, ModelVersion, Prediction
+from core.db.models import ContextMode, Feedback, ModelVersion, Prediction
 from model.artifact import ENCODER_FILE, MANIFEST_FILE, ModelArtifact
 from model.labels import LabelSet
 from model.preprocess import speaker_indices

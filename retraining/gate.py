@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from scipy.special import softmax
 
-from equipoise.db.models import ModelStatus
+from core.db.models import ModelStatus
 from model.artifact import ENCODER_FILE, ModelArtifact
 from model.export import (
     CONTEXT_OUTPUTS,

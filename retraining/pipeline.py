@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from sqlalchemy import select
 
-from equipoise.db.models import CollapseEvent
-from equipoise.db.session import session_scope
-from equipoise.settings import Settings
+from core.db.models import CollapseEvent
+from core.db.session import session_scope
+from core.settings import Settings
 from model.artifact import ModelArtifact
 from model.registry import ModelRegistry, RegistryError
 from retraining import tier1_priors, tier2_head, tier3_finetune

@@ -24,8 +24,8 @@ from sqlalchemy import Connection, Engine, and_, make_url, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from equipoise.db.models import JobStatus, JobTrigger, RetrainingJob
-from equipoise.db.session import is_sqlite
+from core.db.models import JobStatus, JobTrigger, RetrainingJob
+from core.db.session import is_sqlite
 
 Clock = Callable[[], datetime]
 JOBS = RetrainingJob.__table__

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from equipoise.db.models import JobStatus
+from core.db.models import JobStatus
 from retraining.queue import (
     Backoff,
     ClaimedJob,
@@ -36,7 +36,7 @@ from retraining.queue import (
 from retraining.steps import Interrupted, JobContext, Outcome
 
 if TYPE_CHECKING:
-    from equipoise.settings import Settings
+    from core.settings import Settings
 
 log = logging.getLogger("equipoise.worker")
 Runner = Callable[[JobContext], Outcome]
@@ -179,7 +179,7 @@ class Worker:
 
 def run_worker(settings: Settings, *, once: bool = False, poll_s: float = 5.0, lease_s: float = 120.0) -> int:
     """The worker of `equipoise worker`, on the configured database and registry."""
-    from equipoise.db.session import make_engine
+    from core.db.session import make_engine
     from model.registry import ModelRegistry
     from retraining.pipeline import Environment, retrain
 

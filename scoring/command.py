@@ -8,7 +8,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from equipoise.settings import Settings
+from core.settings import Settings
 from model.registry import RegistryError
 from model.runtime import CUDA_PROVIDER, DeviceUnavailable, select_providers
 from scoring.engine import Engine, RuntimeSpec
@@ -81,7 +81,7 @@ def _model_dir(args: argparse.Namespace, settings: Settings) -> Path:
 def _champion_dir(settings: Settings) -> Path | None:
     from sqlalchemy.exc import SQLAlchemyError
 
-    from equipoise.db.session import make_engine
+    from core.db.session import make_engine
     from model.registry import ModelRegistry
 
     engine = make_engine(str(settings.database_url))

@@ -1,21 +1,22 @@
 """`--log-to-db`: scored turns as Prediction rows (request_kind batch, with embeddings), written in batches.
 
 Prediction ids are derived from the run (input, model, context) and the turn, so a resumed run that scores a
-conversation again never logs it twice. Text is redacted and audio paths kept as the service does it (settings).
+conversation again never logs it twice. Rows are built and inserted by `core.db.crud`, as the service does it.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import insert, inspect, select
+from sqlalchemy import inspect
 
-from api.redaction import redact, text_sha256
-from equipoise.db.models import ContextMode, ModelVersion, Prediction, RequestKind
-from equipoise.db.session import make_engine, session_scope
-from equipoise.settings import Settings
+from core.db import crud
+from core.db.models import ContextMode, ModelVersion, Prediction, RequestKind
+from core.db.session import make_engine, session_scope
+from core.settings import Settings
 from scoring.engine import LoggedTurn
 
 _NAMESPACE = uuid.UUID("0b6f5c9e-35c4-4f7e-9a59-5d0b3f1e2a71")
@@ -48,14 +49,9 @@ class PredictionLog:
 
     def write(self, turns: Sequence[LoggedTurn]) -> None:
         for start in range(0, len(turns), BATCH_ROWS):
-            batch = turns[start : start + BATCH_ROWS]
-            rows = {self.prediction_id(turn): turn for turn in batch}
-            with session_scope(self._engine) as session:
-                known = set(session.scalars(select(Prediction.id).where(Prediction.id.in_(list(rows)))))
-                new = [self._row(key, turn) for key, turn in rows.items() if key not in known]
-                if new:
-                    session.execute(insert(Prediction), new)
-            self.written += len(new)
+            rows = [self._row(turn) for turn in turns[start : start + BATCH_ROWS]]
+            with self._engine.begin() as connection:
+                self.written += crud.insert_predictions_if_absent(connection, rows)
 
     def close(self) -> None:
         self._engine.dispose()
@@ -63,33 +59,26 @@ class PredictionLog:
     def prediction_id(self, turn: LoggedTurn) -> uuid.UUID:
         return uuid.uuid5(_NAMESPACE, f"{self._run_key}\x1f{turn.conversation_id}\x1f{turn.turn}")
 
-    def _stored_text(self, text: str | None) -> tuple[str | None, bool]:
-        if text is None or not self._settings.redact_text:
-            return text, False
-        return redact(text)
-
-    def _row(self, key: uuid.UUID, turn: LoggedTurn) -> dict[str, object]:
-        text, redacted = self._stored_text(turn.text)
-        return {
-            "id": key,
-            "model_version": self._version,
-            "request_kind": RequestKind.BATCH,
-            "context_mode": self._context,
-            "conversation_id": turn.conversation_id,
-            "turn_index": turn.turn,
-            "speaker": turn.speaker,
-            "text": text,
-            "text_redacted": redacted,
-            "text_sha256": text_sha256(turn.text) if turn.text else None,
-            "has_text": bool(turn.text and turn.text.strip()),
-            "has_audio": turn.audio_path is not None,
-            "audio_path": turn.audio_path if self._settings.store_audio else None,
-            "audio_seconds": turn.audio_seconds,
-            "label": turn.label,
-            "label_index": turn.label_index,
-            "confidence": turn.confidence,
-            "probabilities": turn.probabilities,
-            "sentiment": turn.sentiment,
-            "latency_ms": turn.latency_ms,
-            "embedding": turn.embedding,
-        }
+    def _row(self, turn: LoggedTurn) -> crud.Row:
+        record = crud.PredictionRecord(
+            id=self.prediction_id(turn),
+            created_at=datetime.now(UTC),
+            model_version=self._version,
+            request_kind=RequestKind.BATCH,
+            context_mode=self._context,
+            conversation_id=turn.conversation_id,
+            turn_index=turn.turn,
+            speaker=turn.speaker,
+            text=turn.text,
+            has_audio=turn.audio_path is not None,
+            audio_seconds=turn.audio_seconds,
+            label=turn.label,
+            label_index=turn.label_index,
+            confidence=turn.confidence,
+            probabilities=turn.probabilities,
+            sentiment=turn.sentiment,
+            latency_ms=turn.latency_ms,
+            embedding=turn.embedding,
+        )
+        audio_path = turn.audio_path if self._settings.store_audio else None
+        return crud.prediction_row(record, redact_text=self._settings.redact_text, audio_path=audio_path)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.text import is_present
 from model.audio import AudioError, decode_audio
 from model.data.turns import RowError, TurnRow, UnsafeAudioPath, resolve_audio_path
 from model.runtime import UtteranceInput
@@ -77,7 +78,7 @@ def prepare_turn(row: TurnRow, options: InputOptions) -> PreparedTurn:
     audio = load_audio(turn.audio_path, options) if turn.audio_path is not None else None
     if isinstance(audio, TurnError):
         return PreparedTurn(row, None, audio)
-    if audio is None and not (turn.text and turn.text.strip()):
+    if audio is None and not is_present(turn.text):
         return PreparedTurn(row, None, TurnError(EMPTY_TURN, "the turn has neither text nor audio"))
     return PreparedTurn(row, UtteranceInput(text=turn.text, audio=audio, speaker=turn.speaker))
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from equipoise.settings import Settings
+from core.settings import Settings
 from scoring.conversations import DEFAULT_RUN_ROWS, InputScan, SourcePlan, scan_input
 from scoring.engine import Engine, LoggedTurn, ModelInfo, ScoredItem, ScoringOptions
 from scoring.inputs import InputOptions

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from equipoise.settings import ENV_PREFIX, Settings
+from core.settings import ENV_PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

@@ -6,9 +6,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from equipoise.db import migrate
-from equipoise.db.models import Base
-from equipoise.db.session import make_engine
+from core.db import migrate
+from core.db.models import Base
+from core.db.session import make_engine
 
 
 def _schema_diff(url: str) -> list[object]:

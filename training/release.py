@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from equipoise.settings import Settings
+from core.settings import Settings
 from model.data.speech import MAPPING_NOTES
 from model.default_model import CARD_FILE, RELEASE_FILE, SHIPPED_DIR, probe_outputs, read_release, sha256_of
 from model.delta import DELTA_FILE, save_delta

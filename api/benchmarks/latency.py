@@ -50,8 +50,8 @@ import soundfile as sf
 from tqdm import tqdm
 
 from api.benchmarks.load import Job, Phase, drive, percentile_ms
-from equipoise.processes import Process, Service, answers, free_port, running_service, wait_for
-from equipoise.settings import Settings, data_dir_or_exit
+from core.processes import Process, Service, answers, free_port, running_service, wait_for
+from core.settings import Settings, data_dir_or_exit
 
 UTTERANCE_PATH = "/v1/predict/utterance"
 BASELINE = "baseline"

@@ -48,8 +48,8 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from equipoise.processes import running_service
-from equipoise.settings import Settings, data_dir_or_exit
+from core.processes import running_service
+from core.settings import Settings, data_dir_or_exit
 
 OVERLOADED = "overloaded"  # the last segment of the problem type of the service's 503 for a full queue
 REFUSAL_STATUSES = (429, 503)
@@ -380,8 +380,8 @@ def stored_prediction_ids(database_url: str) -> list[str]:
     """Every prediction id in the database (none when the table does not exist yet)."""
     from sqlalchemy import inspect, select
 
-    from equipoise.db.models import Prediction
-    from equipoise.db.session import make_engine
+    from core.db.models import Prediction
+    from core.db.session import make_engine
 
     engine = make_engine(database_url)
     try:

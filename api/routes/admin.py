@@ -8,11 +8,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path
 from starlette.concurrency import run_in_threadpool
 
-from api import crud
 from api.deps import AdminKey, SessionDep, StateDep, require_json
 from api.errors import Problem, problem_responses
 from api.schemas import JobOut, JobRequest, ModelList, ModelVersionOut
-from equipoise.db.models import ModelVersion
+from core.db import crud
+from core.db.models import ModelVersion
 from model.artifact import VERSION_PATTERN
 from model.registry import RegistryError, UnknownVersion
 

@@ -7,11 +7,11 @@ import uuid
 from fastapi import APIRouter, Depends
 from sqlalchemy.orm import Session
 
-from api import crud
 from api.deps import PredictKey, ServiceState, SessionDep, StateDep, require_json
 from api.errors import Problem, invalid, problem_responses, unavailable
 from api.schemas import FeedbackRequest, FeedbackResponse
-from equipoise.db.models import ModelVersion, Prediction
+from core.db import crud
+from core.db.models import ModelVersion, Prediction
 
 router = APIRouter(prefix="/v1", tags=["feedback"])
 

@@ -13,7 +13,7 @@ from api.errors import problem_responses
 from api.inputs import read_dialogue, read_utterance
 from api.predictor import RequestInfo
 from api.schemas import DialoguePrediction, DialogueRequest, UtterancePrediction, UtteranceRequest
-from equipoise.db.models import RequestKind
+from core.db.models import RequestKind
 
 router = APIRouter(prefix="/v1/predict", tags=["predict"])
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from equipoise.settings import Settings
+    from core.settings import Settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,9 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    from core.processes import ProcessError
     from equipoise.demo.scenario import DemoConfig, run_demo
     from equipoise.demo.services import DemoError
-    from equipoise.processes import ProcessError
 
     data_dir = args.data_dir or settings.data_dir
     if data_dir is None or not (Path(data_dir) / "meld").is_dir():

@@ -28,7 +28,7 @@ from training.metrics import MetricsReport, compute_metrics
 from training.plots import plot_models
 
 if TYPE_CHECKING:
-    from equipoise.db.models import MonitoringSnapshot
+    from core.db.models import MonitoringSnapshot
     from equipoise.demo.scenario import Demo
 
 ROLES = {"default": "healthy default", "faulty": "faulty release (collapsed)", "retrained": "retrained (tier 2)"}

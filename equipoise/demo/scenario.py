@@ -23,11 +23,11 @@ import numpy as np
 from sqlalchemy import Engine, select
 from tqdm import tqdm
 
-from equipoise.db.models import CollapseEvent, JobStatus, MonitoringSnapshot, RetrainingJob
-from equipoise.db.session import make_engine, session_scope
+from core.db.models import CollapseEvent, JobStatus, MonitoringSnapshot, RetrainingJob
+from core.db.session import make_engine, session_scope
+from core.processes import Process, wait_for
 from equipoise.demo.services import DemoError, Deployment, Service, running_service, running_worker
 from equipoise.demo.traffic import Stream, meld_conversations
-from equipoise.processes import Process, wait_for
 from model.artifact import CONTEXT_FILE, ModelArtifact, derive_artifact, load_artifact
 
 MAJORITY = "neutral"

@@ -13,8 +13,8 @@ from typing import Any
 
 import httpx
 
-from equipoise import processes
-from equipoise.processes import Process, equipoise_environment, spawn
+from core import processes
+from core.processes import Process, equipoise_environment, spawn
 
 
 class DemoError(RuntimeError):

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from api.redaction import text_sha256
+from core.redaction import text_sha256
 from equipoise.demo.services import json_or_fail
 from model.data.meld import Dialogue, group_dialogues, read_utterances
 from retraining.dataset import is_heldout

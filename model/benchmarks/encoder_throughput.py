@@ -29,7 +29,7 @@ import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
-from equipoise.settings import data_dir_or_exit
+from core.settings import data_dir_or_exit
 from model.artifact import ModelArtifact, export_artifact, load_artifact
 from model.data.meld import group_dialogues, read_utterances
 from model.network import EmotionModel, ModelConfig

@@ -25,7 +25,7 @@ from pathlib import Path
 import onnxruntime as ort
 from tqdm import tqdm
 
-from equipoise.settings import data_dir_or_exit
+from core.settings import data_dir_or_exit
 from model.artifact import load_artifact
 from model.data.meld import group_dialogues, read_utterances
 from model.runtime import InferenceRuntime, UtteranceInput

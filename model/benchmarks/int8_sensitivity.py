@@ -30,7 +30,7 @@ import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
-from equipoise.settings import data_dir_or_exit
+from core.settings import data_dir_or_exit
 from model.artifact import ModelArtifact, load_artifact
 from model.benchmarks.encoder_throughput import bucketed, meld_dev_turns, sample_texts, time_interleaved
 from model.quantize import (

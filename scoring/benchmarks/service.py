@@ -23,8 +23,8 @@ from statistics import quantiles
 
 import httpx
 
-from equipoise import processes
-from equipoise.processes import Service, free_port
+from core import processes
+from core.processes import Service, free_port
 from model.data.turns import Turn
 
 DIALOGUE_PATH = "/v1/predict/dialogue"

@@ -155,7 +155,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def meld_test_turns(data_dir: Path | None) -> list[Turn]:
-    from equipoise.settings import data_dir_or_exit
+    from core.settings import data_dir_or_exit
 
     return list(meld_to_turns(group_dialogues(read_utterances(data_dir_or_exit(data_dir), "test"))))
 

@@ -22,12 +22,12 @@ from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.exc import OperationalError
 
 from api.app import create_app
-from equipoise import processes
-from equipoise.db import crud, migrate
-from equipoise.db.models import ModelStatus, ModelVersion, Role
-from equipoise.db.session import make_engine, session_scope
-from equipoise.processes import Service, equipoise_environment, free_port, running_service
-from equipoise.settings import Settings, load_settings
+from core import processes
+from core.db import crud, migrate
+from core.db.models import ModelStatus, ModelVersion, Role
+from core.db.session import make_engine, session_scope
+from core.processes import Service, equipoise_environment, free_port, running_service
+from core.settings import Settings, load_settings
 from model.artifact import write_artifact
 from model.labels import EMOTIONS, SENTIMENTS, LabelSet
 from model.preprocess import PreprocessingConfig
@@ -249,7 +249,7 @@ def keys_by_role(url: str) -> dict[Role, str]:
 
 @dataclass
 class Server(Service):
-    """A running `equipoise serve` (equipoise.processes) and the database it logs to."""
+    """A running `equipoise serve` (core.processes) and the database it logs to."""
 
     database_url: str
 

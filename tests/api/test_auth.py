@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from api.auth import StartupRefused, check_exposure
-from equipoise.db import crud, migrate
-from equipoise.db.models import Role
-from equipoise.db.session import make_engine, session_scope
+from core.db import crud, migrate
+from core.db.models import Role
+from core.db.session import make_engine, session_scope
 from tests.api.conftest import InProcess, settings_for
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from core.db.session import get_engine
+from core.settings import get_settings
 from equipoise.cli import main
-from equipoise.db.session import get_engine
-from equipoise.settings import get_settings
 from tests.api.conftest import fake_artifact, running_server, server_environment
 
 

@@ -19,8 +19,8 @@ import httpx
 import pytest
 from sqlalchemy import func, make_url, select
 
-from equipoise.db.models import Prediction
-from equipoise.db.session import make_engine, session_scope
+from core.db.models import Prediction
+from core.db.session import make_engine, session_scope
 from tests.api.conftest import Server, postgres_database, running_server, wait_for
 from tests.conftest import POSTGRES_ADMIN_URL
 

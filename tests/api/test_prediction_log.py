@@ -14,12 +14,12 @@ import pytest
 from sqlalchemy import Connection, Engine, select
 from sqlalchemy.exc import OperationalError
 
-from api import crud
 from api.metrics import Metrics
-from api.prediction_log import PredictionLogger, PredictionRecord, RowPreparer, Spool
-from equipoise.db import migrate
-from equipoise.db.models import Prediction, RequestKind
-from equipoise.db.session import make_engine, session_scope
+from api.prediction_log import PredictionLogger, RowPreparer, Spool
+from core.db import crud, migrate
+from core.db.crud import PredictionRecord
+from core.db.models import Prediction, RequestKind
+from core.db.session import make_engine, session_scope
 from tests.api.conftest import FAKE_VERSION, add_version, count_rows, wait_for
 
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from api.redaction import CARD_TOKEN, EMAIL_TOKEN, PHONE_TOKEN, luhn_valid, redact
+from core.redaction import CARD_TOKEN, EMAIL_TOKEN, PHONE_TOKEN, luhn_valid, redact
 
 
 def _with_luhn_check_digit(body: str) -> str:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from equipoise.db import migrate
-from equipoise.db.models import ModelStatus
-from equipoise.db.session import make_engine
+from core.db import migrate
+from core.db.models import ModelStatus
+from core.db.session import make_engine
 from model.registry import ModelRegistry, NoPreviousChampion, RegistryError, UnknownVersion
 from tests.api.conftest import fake_artifact
 

@@ -12,9 +12,9 @@ from sqlalchemy import Engine, update
 
 from api.metrics import Metrics
 from api.reload import ModelHolder, ModelReloader, probe, runtime_loader
-from equipoise.db import migrate
-from equipoise.db.models import ModelStatus, ModelVersion
-from equipoise.db.session import make_engine
+from core.db import migrate
+from core.db.models import ModelStatus, ModelVersion
+from core.db.session import make_engine
 from model.registry import ModelRegistry
 from tests.api.conftest import FakeRuntime, add_version, settings_for
 

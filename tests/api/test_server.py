@@ -16,8 +16,8 @@ import pytest
 import soundfile as sf
 from sqlalchemy import Engine, func, select
 
-from equipoise.db.models import Feedback, Prediction, Role
-from equipoise.db.session import make_engine, session_scope
+from core.db.models import Feedback, Prediction, Role
+from core.db.session import make_engine, session_scope
 from model.audio import decode_audio
 from model.runtime import InferenceRuntime, UtteranceInput
 from tests.api.conftest import Server, keys_by_role, new_database, running_server, wait_for

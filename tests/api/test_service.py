@@ -17,10 +17,10 @@ import soundfile as sf
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from api import crud
 from api.retention import purge
-from equipoise.db.models import Feedback, Prediction
-from equipoise.db.session import make_engine, session_scope
+from core.db import crud
+from core.db.models import Feedback, Prediction
+from core.db.session import make_engine, session_scope
 from model.registry import ModelRegistry
 from tests.api.conftest import (
     FakeRuntime,

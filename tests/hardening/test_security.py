@@ -35,8 +35,8 @@ from sqlalchemy.orm import Session
 
 from api import deps
 from api.app import create_app
-from equipoise.db import crud, migrate
-from equipoise.db.models import (
+from core.db import crud, migrate
+from core.db.models import (
     ApiKey,
     Feedback,
     JobTrigger,
@@ -48,7 +48,7 @@ from equipoise.db.models import (
     RetrainingJob,
     Role,
 )
-from equipoise.db.session import make_engine, session_scope
+from core.db.session import make_engine, session_scope
 from tests.api.conftest import (
     Server,
     add_version,

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from equipoise.settings import Settings
+from core.settings import Settings
 from model.default_model import (
     SHIPPED_DIR,
     DefaultModelError,

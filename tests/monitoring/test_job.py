@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine, func, select
 
-from equipoise.db import migrate
-from equipoise.db.models import (
+from core.db import migrate
+from core.db.models import (
     CollapseEvent,
     Feedback,
     ModelStatus,
@@ -23,7 +23,7 @@ from equipoise.db.models import (
     RequestKind,
     RetrainingJob,
 )
-from equipoise.db.session import make_engine, session_scope
+from core.db.session import make_engine, session_scope
 from monitoring.analysis import ReferenceProfile
 from monitoring.collapse import CollapseRules
 from monitoring.job import MonitorSettings, run_monitor

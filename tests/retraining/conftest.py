@@ -16,9 +16,9 @@ import pytest
 import torch
 from sqlalchemy import Engine
 
-from equipoise.db import migrate
-from equipoise.db.models import ContextMode, Feedback, JobTrigger, Prediction, RequestKind, RetrainingJob
-from equipoise.db.session import make_engine, session_scope
+from core.db import migrate
+from core.db.models import ContextMode, Feedback, JobTrigger, Prediction, RequestKind, RetrainingJob
+from core.db.session import make_engine, session_scope
 from model.registry import ModelRegistry
 
 NEUTRAL_LEAN = 4.0  # added to the champion's neutral logit: it collapses toward the majority class

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from equipoise.db.session import make_engine
+from core.db.session import make_engine
 from retraining.queue import JobQueue, SingleWorkerLock
 from retraining.steps import JobContext, Outcome
 from retraining.worker import Runner, Worker, worker_id

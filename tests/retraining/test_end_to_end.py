@@ -28,8 +28,7 @@ import httpx
 import pytest
 from sqlalchemy import Engine, select
 
-from api.redaction import text_sha256
-from equipoise.db.models import (
+from core.db.models import (
     CollapseEvent,
     JobStatus,
     JobTrigger,
@@ -38,8 +37,9 @@ from equipoise.db.models import (
     MonitoringSnapshot,
     RetrainingJob,
 )
-from equipoise.db.session import make_engine, session_scope
-from equipoise.processes import Process, equipoise_environment, spawn, wait_for
+from core.db.session import make_engine, session_scope
+from core.processes import Process, equipoise_environment, spawn, wait_for
+from core.redaction import text_sha256
 from model.artifact import derive_artifact, load_artifact
 from model.data.meld import Dialogue, group_dialogues, read_utterances
 from model.labels import EMOTIONS

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from equipoise.db.models import ModelStatus
+from core.db.models import ModelStatus
 from model.artifact import CONTEXT_FILE, ModelArtifact, write_artifact
 from model.registry import ModelRegistry
 from retraining.dataset import DialogueSet

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, select
 
-from equipoise.db.models import JobStatus, RetrainingJob
-from equipoise.db.session import session_scope
+from core.db.models import JobStatus, RetrainingJob
+from core.db.session import session_scope
 from retraining.queue import Backoff, JobQueue, SingleWorkerLock, WorkerLockHeld, as_utc
 from tests.retraining.conftest import add_job
 
@@ -55,8 +55,8 @@ def _claim_concurrently(engine: Engine, workers: int) -> list[tuple[int, str]]:
 
 @pytest.mark.postgres
 def test_postgres_concurrent_workers_never_claim_the_same_job(postgres_url: str) -> None:
-    from equipoise.db import migrate
-    from equipoise.db.session import make_engine
+    from core.db import migrate
+    from core.db.session import make_engine
 
     migrate.upgrade(postgres_url)
     engine = make_engine(postgres_url, pool_size=8)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from sqlalchemy import Engine
 
-from equipoise.db.models import JobStatus
+from core.db.models import JobStatus
 from model.labels import EMOTIONS
 from model.network import ModelConfig
 from model.preprocess import PreprocessingConfig

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from equipoise.db.models import JobStatus, ModelStatus
+from core.db.models import JobStatus, ModelStatus
 from model.labels import EMOTIONS
 from model.registry import ModelRegistry
 from tests.retraining.conftest import log_turns, run_job

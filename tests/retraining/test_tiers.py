@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine
 
-from equipoise.db.models import JobStatus, ModelStatus
-from equipoise.db.session import session_scope
+from core.db.models import JobStatus, ModelStatus
+from core.db.session import session_scope
 from model.artifact import ENCODER_FILE, load_artifact
 from model.labels import EMOTIONS
 from model.registry import ModelRegistry

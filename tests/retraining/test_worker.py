@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, select
 
-from equipoise.db.models import JobStatus, ModelStatus, ModelVersion, RetrainingJob
-from equipoise.db.session import session_scope
+from core.db.models import JobStatus, ModelStatus, ModelVersion, RetrainingJob
+from core.db.session import session_scope
 from retraining.queue import Backoff, JobQueue, PermanentError, SingleWorkerLock
 from retraining.steps import JobContext, Outcome
 from retraining.worker import Worker

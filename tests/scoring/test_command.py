@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
 
-from equipoise.db.models import ModelStatus, ModelVersion, Prediction, RequestKind
+from core.db.models import ModelStatus, ModelVersion, Prediction, RequestKind
 from model.data.turns import Turn, write_turns
 from tests.scoring.helpers import REPO_ROOT, assert_same_predictions, read_rows, run_score
 

@@ -210,8 +210,8 @@ def test_text_features_are_cached_per_encoder_weights(tmp_path: Path) -> None:
 def test_equipoise_train_command_trains_and_resumes(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from core.settings import get_settings
     from equipoise import cli
-    from equipoise.settings import get_settings
 
     recipe = tmp_path / "tiny.toml"
     recipe.write_text(

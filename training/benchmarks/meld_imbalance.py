@@ -297,7 +297,7 @@ def describe_device() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from equipoise.settings import get_settings
+    from core.settings import get_settings
 
     settings = get_settings()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

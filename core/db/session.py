@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from equipoise.settings import get_settings
+from core.settings import get_settings
 
 
 def is_sqlite(url: str) -> bool:

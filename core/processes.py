@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from equipoise.settings import ENV_PREFIX
+from core.settings import ENV_PREFIX
 
 T = TypeVar("T")
 HOST = "127.0.0.1"
@@ -30,7 +30,7 @@ class ProcessError(RuntimeError):
 
 def equipoise_environment(settings: Mapping[str, str]) -> dict[str, str]:
     """This process's environment without its EQUIPOISE_* variables, plus `settings` (`name: value`, as in
-    equipoise.settings.Settings) as EQUIPOISE_NAME=value."""
+    core.settings.Settings) as EQUIPOISE_NAME=value."""
     inherited = {key: value for key, value in os.environ.items() if not key.startswith(ENV_PREFIX)}
     return inherited | {f"{ENV_PREFIX}{name.upper()}": value for name, value in settings.items()}
 

@@ -1,0 +1,171 @@
+"""The typed queries of the product, one home for each: API keys, the prediction row and its idempotent insert,
+feedback, retraining jobs and the retention purge. The service, batch scoring, the CLI, the monitor and the
+worker all go through these."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, delete, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from core.db.models import ApiKey, ContextMode, Feedback, JobTrigger, Prediction, RequestKind, RetrainingJob, Role
+from core.redaction import redact, text_sha256
+from core.text import is_present
+
+KEY_PREFIX = "eqp_"
+
+Row = dict[str, Any]
+
+
+def hash_key(raw_key: str) -> str:
+    return hashlib.sha256(raw_key.encode("utf-8")).hexdigest()
+
+
+def create_api_key(session: Session, name: str, role: Role) -> tuple[ApiKey, str]:
+    """Store a new key's hash; the raw key is returned once and never stored."""
+    raw = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(name=name, prefix=raw[: len(KEY_PREFIX) + 6], key_sha256=hash_key(raw), role=role)
+    session.add(key)
+    session.flush()
+    return key, raw
+
+
+def list_api_keys(session: Session) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).order_by(ApiKey.created_at)))
+
+
+def revoke_api_key(session: Session, name: str) -> bool:
+    key = session.scalar(select(ApiKey).where(ApiKey.name == name, ApiKey.revoked_at.is_(None)))
+    if key is None:
+        return False
+    key.revoked_at = datetime.now(UTC)
+    return True
+
+
+def find_active_key(session: Session, raw_key: str) -> ApiKey | None:
+    """Look a key up by hash, then confirm with a constant-time comparison."""
+    digest = hash_key(raw_key)
+    key = session.scalar(select(ApiKey).where(ApiKey.key_sha256 == digest, ApiKey.revoked_at.is_(None)))
+    if key is None or not hmac.compare_digest(key.key_sha256, digest):
+        return None
+    return key
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    """One scored turn as its producer knows it (the original text), whether the service or batch scoring."""
+
+    id: uuid.UUID
+    created_at: datetime
+    model_version: str
+    request_kind: RequestKind
+    context_mode: ContextMode | None
+    conversation_id: str | None
+    turn_index: int | None
+    speaker: str | None
+    text: str | None
+    has_audio: bool
+    audio_seconds: float | None
+    label: str
+    label_index: int
+    confidence: float
+    probabilities: list[float]
+    sentiment: str | None
+    latency_ms: float
+    embedding: bytes | None
+    audio: bytes | None = None  # the encoded file, for the service to store when raw-audio storage is on
+
+
+def prediction_row(record: PredictionRecord, *, redact_text: bool, audio_path: str | None) -> Row:
+    """The `predictions` row of a record, JSON-ready (the service's spool writes rows as they are): the text
+    redacted when asked and hashed as received; `has_text` is true when the model saw text (`core.text`)."""
+    stored_text, redacted = _stored_text(record.text, redact_text)
+    return {
+        "id": record.id,
+        "created_at": record.created_at,
+        "model_version": record.model_version,
+        "request_kind": record.request_kind.value,
+        "context_mode": record.context_mode.value if record.context_mode else None,
+        "conversation_id": record.conversation_id,
+        "turn_index": record.turn_index,
+        "speaker": record.speaker,
+        "text": stored_text,
+        "text_redacted": redacted,
+        "text_sha256": text_sha256(record.text) if record.text is not None else None,
+        "has_text": is_present(record.text),
+        "has_audio": record.has_audio,
+        "audio_path": audio_path,
+        "audio_seconds": record.audio_seconds,
+        "label": record.label,
+        "label_index": record.label_index,
+        "confidence": record.confidence,
+        "probabilities": record.probabilities,
+        "sentiment": record.sentiment,
+        "latency_ms": record.latency_ms,
+        "embedding": record.embedding,
+    }
+
+
+def _stored_text(text: str | None, redact_text: bool) -> tuple[str | None, bool]:
+    if text is None or not redact_text:
+        return text, False
+    return redact(text)
+
+
+def insert_predictions_if_absent(connection: Connection, rows: Sequence[Row]) -> int:
+    """Insert the rows whose id is not stored yet, so that replaying a batch twice stores it once; returns how
+    many were new."""
+    if not rows:
+        return 0
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(Prediction).on_conflict_do_nothing(index_elements=[Prediction.id])
+    return len(connection.execute(statement.returning(Prediction.id), list(rows)).all())
+
+
+def get_prediction(session: Session, prediction_id: uuid.UUID) -> Prediction | None:
+    return session.get(Prediction, prediction_id)
+
+
+def add_feedback(
+    session: Session, prediction: Prediction, label: str, sentiment: str | None, source: str | None
+) -> Feedback:
+    feedback = Feedback(prediction=prediction, label=label, sentiment=sentiment, source=source)
+    session.add(feedback)
+    session.flush()
+    return feedback
+
+
+def create_job(
+    session: Session, *, reason: str, tier: int | None, params: dict[str, Any], base_version: str | None
+) -> RetrainingJob:
+    job = RetrainingJob(trigger=JobTrigger.ADMIN, reason=reason, tier=tier, params=params, base_version=base_version)
+    session.add(job)
+    session.flush()
+    return job
+
+
+def get_job(session: Session, job_id: int) -> RetrainingJob | None:
+    return session.get(RetrainingJob, job_id)
+
+
+def purge_predictions_before(session: Session, cutoff: datetime, limit: int) -> tuple[int, list[str]]:
+    """Delete up to `limit` predictions created before `cutoff` and their feedback; returns the number of
+    predictions deleted and the audio files they referenced (to be removed once the transaction commits)."""
+    chosen = session.execute(
+        select(Prediction.id, Prediction.audio_path).where(Prediction.created_at < cutoff).limit(limit)
+    ).all()
+    if not chosen:
+        return 0, []
+    ids = [row.id for row in chosen]
+    session.execute(delete(Feedback).where(Feedback.prediction_id.in_(ids)))
+    session.execute(delete(Prediction).where(Prediction.id.in_(ids)))
+    return len(ids), [row.audio_path for row in chosen if row.audio_path]
