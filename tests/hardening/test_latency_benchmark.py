@@ -1,4 +1,4 @@
-"""The service latency benchmark (api/benchmarks/latency.py) and its baseline (api/benchmarks/baseline.py): the
+"""The service latency benchmark (benchmarks/latency.py) and its baseline (benchmarks/pipeline_baseline.py): the
 PyTorch pipeline computes what the ONNX runtime serves, and the report's percentiles, ratios and verdicts follow
 from the measured latencies. No timing is asserted."""
 
@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from api.benchmarks.baseline import (
+from benchmarks.latency import Level, Results, Server, Targets, checks_for, render
+from benchmarks.load import Outcome, Phase
+from benchmarks.pipeline_baseline import (
     BaselineError,
     EmotionPipeline,
     TextEmotionModule,
@@ -19,8 +21,6 @@ from api.benchmarks.baseline import (
     meld_texts,
     onnx_probabilities,
 )
-from api.benchmarks.latency import Level, Results, Server, Targets, checks_for, render
-from api.benchmarks.load import Outcome, Phase
 from model.artifact import export_artifact, load_artifact
 from model.default_model import SHIPPED_DIR
 from model.network import EmotionModel, ModelConfig

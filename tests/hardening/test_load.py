@@ -1,4 +1,4 @@
-"""A small, bounded load test (api/benchmarks/load.py) of a real `equipoise serve` process with the tiny model:
+"""A small, bounded load test (benchmarks/load.py) of a real `equipoise serve` process with the tiny model:
 sustained load is all answered, an overload burst is refused fast with the documented 503 (nothing else 5xx),
 the process survives and serves normally again, and the prediction log holds exactly the answered utterances.
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from api.benchmarks.load import (
+from benchmarks.load import (
     Job,
     LoadPlan,
     LoadResult,

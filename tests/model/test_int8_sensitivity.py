@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from model.benchmarks.int8_sensitivity import main, text_layers
+from benchmarks.int8_sensitivity import main, text_layers
 
 pytestmark = pytest.mark.data
 
@@ -30,7 +30,7 @@ def test_every_variant_is_built_scored_and_timed(
 
 
 def test_blockwise_variant_uses_matmul_nbits(tiny_artifact: Path, tmp_path: Path) -> None:
-    from model.benchmarks.int8_sensitivity import blockwise_int8
+    from benchmarks.int8_sensitivity import blockwise_int8
 
     graph = blockwise_int8(None, accuracy_level=4)(tiny_artifact / "encoder.onnx", tmp_path / "blockwise.onnx")
     assert any(node.op_type == "MatMulNBits" for node in onnx.load(graph).graph.node)

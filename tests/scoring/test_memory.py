@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.scoring_throughput import replicated
 from model.data.turns import Turn, write_turns
-from scoring.benchmarks.throughput import replicated
 from scoring.conversations import iter_items
 from tests.scoring.helpers import REPO_ROOT
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.scoring_throughput import replicated
 from model.data.meld import group_dialogues, read_utterances
 from model.data.turns import Turn, meld_to_turns, write_turns
-from scoring.benchmarks.throughput import replicated
 from scoring.local import LocalEngine
 from scoring.manifest import manifest_path
 from scoring.pipeline import run_scoring

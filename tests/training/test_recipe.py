@@ -120,7 +120,7 @@ def test_a_missing_recipe_lists_the_bundled_ones() -> None:
 
 
 def test_a_method_put_on_another_backbone_keeps_its_method_and_takes_the_backbone() -> None:
-    from training.benchmarks.meld_imbalance import method_recipe
+    from benchmarks.meld_imbalance import method_recipe
 
     on_ft2 = method_recipe("meld_ldam_drw", "_meld_ft2")
     backbone, own = load_recipe("_meld_ft2"), load_recipe("meld_ldam_drw")

@@ -1,6 +1,6 @@
 """Batch-scoring throughput against the service's best, same model, same machine, one run.
 
-1. The service (scoring/benchmarks/service.py): a real `equipoise serve` on loopback (SQLite in a temporary
+1. The service (benchmarks/scoring_service.py): a real `equipoise serve` on loopback (SQLite in a temporary
    directory, prediction logging on, authentication off as on loopback) answers MELD test dialogues on
    POST /v1/predict/dialogue (bidirectional) from N concurrent clients, for each N of --concurrency, each level
    for --service-seconds; the best level's utterances/s is the service's best throughput.
@@ -8,7 +8,7 @@
    scored end to end with the local engine (reading, grouping, inference, writing, commits), with the peak RSS
    and an RSS trace sampled every --sample-interval seconds by a background thread (plotted to --plot).
 
-    python -m scoring.benchmarks.throughput --model ARTIFACT_DIR [--turns 1000000] [--formats jsonl,parquet]
+    python -m benchmarks.scoring_throughput --model ARTIFACT_DIR [--turns 1000000] [--formats jsonl,parquet]
         [--concurrency 1,2,4,8] [--service-seconds 60] [--plot docs/img/scoring_memory.png]
 
 Printed as Markdown: the service sweep, per input format turns, wall time, turns/s, peak RSS (reset before each
@@ -33,10 +33,10 @@ from pathlib import Path
 import onnxruntime as ort
 from tqdm import tqdm
 
+from benchmarks.scoring_service import ServiceResult, load_average, measure_service, process_cpu_seconds
+from benchmarks.scoring_service import markdown as service_markdown
 from model.data.meld import group_dialogues, read_utterances
 from model.data.turns import Turn, meld_to_turns, write_turns
-from scoring.benchmarks.service import ServiceResult, load_average, measure_service, process_cpu_seconds
-from scoring.benchmarks.service import markdown as service_markdown
 from scoring.engine import RuntimeSpec
 from scoring.local import LocalEngine, available_cores
 from scoring.pipeline import RunReport, ScoreConfig, run_scoring

@@ -7,7 +7,7 @@ product's fusion layer, dialogue-context transformer and heads, trained on MELD 
 the chosen backbone. Methods that only change the stage after the epochs (cRT, tau-norm, post-hoc) start from
 the plain-CE run of the same seed (the decoupling protocol of Kang et al. 2020), so they cost seconds, not a run.
 
-    python -m training.benchmarks.meld_imbalance --backbone _meld_frozen --seeds 3 [--jobs 4] [--with-default]
+    python -m benchmarks.meld_imbalance --backbone _meld_frozen --seeds 3 [--jobs 4] [--with-default]
 
 Runs land in <runs>/<recipe>@<backbone>-seed<N>; a finished run is reused, so an interrupted benchmark continues
 where it stopped. Results of every backbone measured are kept in docs/img/meld_imbalance_results.json and the
@@ -213,7 +213,7 @@ def backbone_section(backbone: str, entry: dict) -> list[str]:
     return [
         f"## Backbone `{backbone}`: {BACKBONES.get(backbone, recipe.description)}",
         "",
-        f"`python -m training.benchmarks.meld_imbalance --backbone {backbone} --seeds {len(seeds)}` on "
+        f"`python -m benchmarks.meld_imbalance --backbone {backbone} --seeds {len(seeds)}` on "
         f"{entry['device']}; {entry['wall_seconds'] / 60:.1f} min wall time for the invocation that wrote it "
         f"({entry['jobs']} parallel jobs; runs finished by an earlier, interrupted invocation are reused, so "
         "the seconds per seed below are the better measure of cost). Text encoder -> the product's text "

@@ -1,6 +1,6 @@
 """Load test of a real `equipoise serve` process on loopback: sustained throughput, overload, recovery, log rows.
 
-    python -m api.benchmarks.load --model /tmp/eqstate/default-model/equipoise-default-1.0.1 \\
+    python -m benchmarks.load --model /tmp/eqstate/default-model/equipoise-default-1.0.1 \\
         --requests 1500 --seconds 60 --overload-requests 3000 --overload-seconds 30
 
 The service runs as a subprocess on a free 127.0.0.1 port, on a new SQLite file in a temporary directory (or, with
@@ -627,7 +627,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.batch_max_wait_ms if args.batch_max_wait_ms is not None else defaults["batch_max_wait_ms"].default
     )
     context = {
-        "command": "python -m api.benchmarks.load " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m benchmarks.load " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, load average (1 min) {load_before:.1f} "
         f"before the run, {os.getloadavg()[0]:.1f} after",
         "model": f"{args.model.name} ({args.precision}, CPU, intra-op threads {args.intra_op_threads or 'auto'})",

@@ -1,6 +1,6 @@
 """Where the int8 encoder's label changes come from: near ties, per-layer sensitivity, blockwise alternatives.
 
-    python -m model.benchmarks.int8_sensitivity --artifact ARTIFACT_DIR [--ranges int8_ranges.safetensors]
+    python -m benchmarks.int8_sensitivity --artifact ARTIFACT_DIR [--ranges int8_ranges.safetensors]
 
 Every variant is an encoder graph built here from the artifact's fp32 encoder. Through the artifact's fp32
 context head it labels every MELD dev dialogue (bidirectional), and its labels are compared with fp32's:
@@ -30,9 +30,9 @@ import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
+from benchmarks.encoder_throughput import bucketed, meld_dev_turns, sample_texts, time_interleaved
 from core.settings import data_dir_or_exit
 from model.artifact import ModelArtifact, load_artifact
-from model.benchmarks.encoder_throughput import bucketed, meld_dev_turns, sample_texts, time_interleaved
 from model.quantize import (
     ActivationRanges,
     load_ranges,

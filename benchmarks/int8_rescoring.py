@@ -1,6 +1,6 @@
 """Near-tie re-scoring of the int8 encoder: label agreement with fp32 and speed, by margin.
 
-    python -m model.benchmarks.int8_rescoring --artifact ARTIFACT_DIR [--margins 0,0.01,0.02,0.03,0.04,0.05]
+    python -m benchmarks.int8_rescoring --artifact ARTIFACT_DIR [--margins 0,0.01,0.02,0.03,0.04,0.05]
 
 In int8 mode the runtime re-encodes in fp32 every turn whose two likeliest emotions are closer than the margin,
 then scores its dialogue again (model/runtime.py). For each margin, every MELD dialogue of the calibration

@@ -1,6 +1,6 @@
 """Service latency: `equipoise serve` (prediction logging on and off) beside an unbatched PyTorch baseline.
 
-    python -m api.benchmarks.latency --model /tmp/eqstate/default-model/equipoise-default-1.0.1 \\
+    python -m benchmarks.latency --model /tmp/eqstate/default-model/equipoise-default-1.0.1 \\
         --intra-op-threads 1,0 --seconds 20 --plot docs/img/service_latency.png
 
 In one run, each server alone on the machine in turn (started, measured, stopped), so that none shares the cores
@@ -8,10 +8,10 @@ with another:
 
 - `equipoise serve` with prediction logging on (EQUIPOISE_LOG_PREDICTIONS=true, SQLite in a temporary directory),
   and the same with logging off, once per ONNX Runtime intra-op thread count of `--intra-op-threads`;
-- the baseline (api/benchmarks/baseline.py): the same model in PyTorch through a transformers pipeline, one
+- the baseline (benchmarks/pipeline_baseline.py): the same model in PyTorch through a transformers pipeline, one
   request at a time, no batching.
 
-Against each: a warm-up, then closed-loop clients (one keep-alive connection each, api/benchmarks/load.py's
+Against each: a warm-up, then closed-loop clients (one keep-alive connection each, benchmarks/load.py's
 `drive`) at each `--concurrency` level posting MELD test utterances as text-only requests to
 POST /v1/predict/utterance, each level bounded by `--requests` and `--seconds`: client-side p50 / p99 latency,
 utterances/s, errors, server CPU seconds and the load average. Against equipoise also text + `--audio-seconds`
@@ -49,7 +49,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from api.benchmarks.load import Job, Phase, drive, percentile_ms
+from benchmarks.load import Job, Phase, drive, percentile_ms
 from core.processes import Process, Service, answers, free_port, running_service, wait_for
 from core.settings import Settings, data_dir_or_exit
 
@@ -197,7 +197,7 @@ def start_baseline(model: Path, data_dir: Path, work: Path, timeout_s: float = 6
     args = ["--artifact", str(model), "--data-dir", str(data_dir), "--port", str(port)]
     log_path = work / "baseline.log"
     with log_path.open("wb") as log:
-        command = [sys.executable, "-m", "api.benchmarks.baseline", *args]
+        command = [sys.executable, "-m", "benchmarks.pipeline_baseline", *args]
         popen = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     running = Service(Process(BASELINE, popen, log_path), f"http://127.0.0.1:{port}")
     try:
@@ -538,7 +538,7 @@ def context_of(
         Settings.model_fields["batch_max_wait_ms"].default if args.batch_max_wait_ms is None else args.batch_max_wait_ms
     )
     return {
-        "command": "python -m api.benchmarks.latency " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m benchmarks.latency " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine(),
         "software": versions(),
         "load average (1 min)": f"{load_before:.2f} before the run, {os.getloadavg()[0]:.2f} after; per level below",

@@ -1,6 +1,6 @@
 """The latency benchmark's baseline: the same trained model, in PyTorch, behind a plain Hugging Face pipeline.
 
-    python -m api.benchmarks.baseline --artifact /tmp/eqstate/default-model/equipoise-default-1.0.1 --port 8100
+    python -m benchmarks.pipeline_baseline --artifact /tmp/eqstate/default-model/equipoise-default-1.0.1 --port 8100
 
 A small FastAPI app (uvicorn, one process) with the utterance endpoint's JSON (`{"text": ...}`) that answers the
 emotion label and its probabilities. The model is rebuilt in PyTorch from the delta the artifact was assembled
@@ -9,7 +9,7 @@ from (model/default/ for the shipped default: the pinned pretrained encoder plus
 tensors; _forward: the network; postprocess: calibrated softmax -> label) and called for one request at a time on
 one worker thread: no batching, no ONNX Runtime. At start-up the pipeline's probabilities on a few MELD texts
 must match the service's ONNX runtime within `PARITY_TOLERANCE`, or the server refuses to start, so the two sides
-of the benchmark always run the same model. Used by api/benchmarks/latency.py.
+of the benchmark always run the same model. Used by benchmarks/latency.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Utterance-encoder speed: PyTorch eager vs ONNX Runtime fp32 vs ONNX Runtime int8, on MELD dev texts.
 
-    python -m model.benchmarks.encoder_throughput --data-dir ../shared/data --n 512
+    python -m benchmarks.encoder_throughput --data-dir ../shared/data --n 512
 
 Every backend gets the same padded batches (the runtime's pre-processing and length bucketing) of the same
 MELD dev utterances (real text lengths; no audio: MELD ships none, so each row carries the one-sample audio

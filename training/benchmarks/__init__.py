@@ -1,1 +1,0 @@
-"""Benchmarks that train recipes over several seeds and write docs/ (see meld_imbalance.py)."""
