@@ -32,6 +32,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 from api.metrics import Metrics
 from core.db import crud
 from core.db.crud import PredictionRecord, Row
+from core.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class Spool:
             handle.flush()
             os.fsync(handle.fileno())
         if created:
-            _fsync_directory(self.directory)
+            fsync_dir(self.directory)
         self.rows += len(rows)
 
     def read(self, segment: Path) -> list[Row]:
@@ -122,7 +123,7 @@ class Spool:
 
     def drop(self, segment: Path, rows: int) -> None:
         segment.unlink()
-        _fsync_directory(self.directory)
+        fsync_dir(self.directory)
         if segment == self._current:
             self._current = None
         self.rows -= rows
@@ -149,14 +150,6 @@ class Spool:
             sequence = int(existing[-1].stem.split("-")[1]) + 1 if existing else 1
             self._current = self.directory / f"segment-{sequence:010d}.jsonl"
         return self._current
-
-
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 _STOP, _FLUSH = object(), object()

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from core.files import sha256_file
 from model.labels import LabelSet
 from model.preprocess import DEFAULT_MAX_AUDIO_SECONDS, PreprocessingConfig
 
@@ -386,14 +387,6 @@ def _write_manifest(root: Path) -> None:
         if entry.name != MANIFEST_FILE
     }
     _write_json(root / MANIFEST_FILE, {"format": FORMAT_VERSION, "files": files})
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------- loading

@@ -14,7 +14,6 @@ unless it matches the recorded outputs. `equipoise serve` assembles it once into
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from core.files import sha256_file
 from model.artifact import ArtifactError, ModelArtifact, load_artifact
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "default"
@@ -49,13 +49,9 @@ def read_release(source: Path = SHIPPED_DIR) -> dict[str, Any]:
     return json.loads((source / RELEASE_FILE).read_text(encoding="utf-8"))
 
 
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def verified(path: Path, expected_sha256: str) -> Path:
     """`path`, if its sha256 is the released one."""
-    actual = sha256_of(path) if path.is_file() else "missing"
+    actual = sha256_file(path) if path.is_file() else "missing"
     if actual != expected_sha256:
         raise DefaultModelError(f"{path}: sha256 {actual} is not the released {expected_sha256}")
     return path

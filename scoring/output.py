@@ -20,6 +20,8 @@ from typing import Any, Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.files import fsync_dir
+
 Row = Mapping[str, Any]
 FORMATS: Mapping[str, str] = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
@@ -194,11 +196,3 @@ def _replace(staging: Path, path: Path) -> None:
         os.fsync(file.fileno())
     os.replace(staging, path)
     fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -13,9 +13,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from core.files import sha256_file
 from core.settings import Settings
 from model.data.speech import MAPPING_NOTES
-from model.default_model import CARD_FILE, RELEASE_FILE, SHIPPED_DIR, probe_outputs, read_release, sha256_of
+from model.default_model import CARD_FILE, RELEASE_FILE, SHIPPED_DIR, probe_outputs, read_release
 from model.delta import DELTA_FILE, save_delta
 from model.network import EmotionModel
 from model.quantize import RANGES_FILE, save_ranges
@@ -73,8 +74,8 @@ def build_release(
         "version": version,
         "recipe": recipe.to_dict(),
         "seed": recipe.train.seed,
-        "delta_sha256": sha256_of(into / DELTA_FILE),
-        "int8_ranges_sha256": sha256_of(into / RANGES_FILE),
+        "delta_sha256": sha256_file(into / DELTA_FILE),
+        "int8_ranges_sha256": sha256_file(into / RANGES_FILE),
         "calibration_temperature": final["temperature"],
         "reference_distribution": final["reference_distribution"],
         "estimation_weights": list(weights),
