@@ -30,8 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from core.processes import ProcessError
-    from equipoise.demo.scenario import DemoConfig, run_demo
+    from equipoise.demo.scenario import run_demo
     from equipoise.demo.services import DemoError
+    from equipoise.demo.state import DemoConfig
 
     data_dir = args.data_dir or settings.data_dir
     if data_dir is None or not (Path(data_dir) / "meld").is_dir():

@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from equipoise.demo.scenario import MAJORITY, MINORITY, events, snapshots
+from equipoise.demo.state import MAJORITY, MINORITY, STORY, Demo, events, snapshots
 from equipoise.demo.traffic import Turn
 from model.labels import EMOTIONS
 from training.metrics import MetricsReport, compute_metrics
@@ -29,7 +29,6 @@ from training.plots import plot_models
 
 if TYPE_CHECKING:
     from core.db.models import MonitoringSnapshot
-    from equipoise.demo.scenario import Demo
 
 ROLES = {"default": "healthy default", "faulty": "faulty release (collapsed)", "retrained": "retrained (tier 2)"}
 PHASE_ROLES = {"healthy": "default", "faulty": "faulty", "retrained": "retrained"}
@@ -172,12 +171,10 @@ def gate_table(job: dict[str, Any]) -> list[str]:
 
 
 def markdown(demo: Demo, heldout: dict[str, MetricsReport], served: dict[str, Any], rows: list[Any]) -> str:
-    from equipoise.demo.scenario import __doc__ as scenario
-
     config, job, event = demo.config, demo.summary["job"], demo.summary["event"]
     timings = [f"| {name} | {seconds:.1f} |" for name, seconds in demo.timeline.phases.items()]
     n_heldout = int(next(iter(heldout.values())).support.sum())
-    story = (scenario or "").split("\n\n", 1)[1].strip().replace("+BIAS", f"{config.bias:+g}")
+    story = STORY.replace("+BIAS", f"{config.bias:+g}")
     parity = job.get("parity_max_abs_diff")
     parts = [
         "# Equipoise demo: collapse, retraining, recovery",
