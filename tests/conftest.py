@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -37,16 +38,18 @@ POSTGRES_ADMIN_URL = os.environ.get("EQUIPOISE_TEST_POSTGRES_URL", "postgresql+p
 REQUIRE_POSTGRES = os.environ.get("TESTS_REQUIRE_POSTGRES") == "1"
 
 
-@pytest.fixture()
-def postgres_url() -> Iterator[str]:
-    """A fresh, empty PostgreSQL database, dropped afterwards.
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database on the test server, dropped afterwards.
 
     Skips when the server is unreachable, unless TESTS_REQUIRE_POSTGRES=1 (CI), where it fails.
     """
     from sqlalchemy import create_engine, make_url, text
     from sqlalchemy.exc import OperationalError
 
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+    admin = create_engine(
+        POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}, pool_pre_ping=True
+    )
     name = f"equipoise_test_{uuid.uuid4().hex[:12]}"
     try:
         with admin.connect() as connection:
@@ -62,6 +65,12 @@ def postgres_url() -> Iterator[str]:
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture()
+def postgres_url() -> Iterator[str]:
+    with postgres_database() as url:
+        yield url
 
 
 @pytest.fixture()
@@ -90,3 +99,14 @@ def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny_artifact") / "tiny-0.1"
     export_artifact(model, path, version="tiny-0.1", reference_distribution=shares, metrics={"macro_f1": 0.0})
     return path
+
+
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op torch thread while a package's tests run: their tensors are tiny and OpenMP contention on a
+    shared CPU made single tests 5-10x slower under load. Restored afterwards for the rest of the session."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

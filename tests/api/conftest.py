@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +17,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, create_engine, make_url, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import Engine, text
 
 from api.app import create_app
 from core import processes
@@ -32,7 +30,7 @@ from model.artifact import write_artifact
 from model.labels import EMOTIONS, SENTIMENTS, LabelSet
 from model.preprocess import PreprocessingConfig
 from model.runtime import TurnPrediction, UtteranceInput
-from tests.conftest import POSTGRES_ADMIN_URL, REQUIRE_POSTGRES
+from tests.conftest import postgres_database
 
 FAKE_VERSION = "fake-1"
 
@@ -76,8 +74,10 @@ class FakeRuntime:
         seed = hashlib.sha256(f"{turn.text}|{turn.audio is not None}|{index}|{causal}".encode()).digest()
         emotion = _softmax(np.frombuffer(seed[: len(self.emotions)], dtype=np.uint8) / 32.0) * self.poison
         sentiment = _softmax(np.frombuffer(seed[8 : 8 + len(self.sentiments)], dtype=np.uint8) / 32.0)
+        index = int(np.nanargmax(emotion)) if np.isfinite(emotion).any() else self.emotions.index("neutral")
         return TurnPrediction(
-            emotion=self.emotions.name(int(np.nanargmax(emotion))) if np.isfinite(emotion).any() else "neutral",
+            emotion=self.emotions.name(index),
+            emotion_index=index,
             emotion_probs=emotion.astype(np.float32),
             sentiment=self.sentiments.name(int(sentiment.argmax())),
             sentiment_probs=sentiment.astype(np.float32),
@@ -197,30 +197,6 @@ def fake_artifact(directory: Path, version: str, emotions: tuple[str, ...] = EMO
 
 
 # ------------------------------------------------------------------------------------------------ PostgreSQL
-
-
-@contextlib.contextmanager
-def postgres_database() -> Iterator[str]:
-    """A fresh PostgreSQL database (the same server and skip rules as tests/conftest.py's `postgres_url`), for
-    fixtures wider than one test."""
-    admin = create_engine(
-        POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}, pool_pre_ping=True
-    )
-    name = f"equipoise_test_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-    except OperationalError as error:
-        admin.dispose()
-        if REQUIRE_POSTGRES:
-            pytest.fail(f"PostgreSQL required (TESTS_REQUIRE_POSTGRES=1) but unreachable: {error}")
-        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_ADMIN_URL}")
-    try:
-        yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @contextlib.contextmanager

@@ -21,8 +21,8 @@ from sqlalchemy import func, make_url, select
 
 from core.db.models import Prediction
 from core.db.session import make_engine, session_scope
-from tests.api.conftest import Server, postgres_database, running_server, wait_for
-from tests.conftest import POSTGRES_ADMIN_URL
+from tests.api.conftest import Server, running_server, wait_for
+from tests.conftest import POSTGRES_ADMIN_URL, postgres_database
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 

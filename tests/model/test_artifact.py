@@ -27,6 +27,18 @@ from model.artifact import (
 from model.labels import EMOTIONS, SENTIMENTS
 from model.network import ModelConfig
 
+ARTIFACT_FILES = [
+    "encoder.onnx",
+    "encoder.int8.onnx",
+    "context.onnx",
+    "tokenizer.json",
+    "config.json",
+    "calibration.json",
+    "reference_distribution.json",
+    "metrics.json",
+    "MODEL_CARD.md",
+]
+
 
 @pytest.fixture(scope="module")
 def tiny(tiny_artifact: Path) -> ModelArtifact:
@@ -58,17 +70,7 @@ def copy_of(artifact: Path, tmp_path: Path) -> Path:
 
 def test_exported_artifact_holds_the_layout_and_metadata(tiny: ModelArtifact) -> None:
     assert sorted(p.name for p in tiny.path.iterdir()) == sorted([*tiny.files, MANIFEST_FILE])
-    assert set(tiny.files) == {
-        "encoder.onnx",
-        "encoder.int8.onnx",
-        "context.onnx",
-        "tokenizer.json",
-        "config.json",
-        "calibration.json",
-        "reference_distribution.json",
-        "metrics.json",
-        "MODEL_CARD.md",
-    }
+    assert set(tiny.files) == set(ARTIFACT_FILES)
     assert tiny.version == "tiny-0.1"
     assert tiny.emotions.names == EMOTIONS and tiny.sentiments.names == SENTIMENTS
     assert tiny.model_config() == ModelConfig.tiny()
@@ -164,17 +166,7 @@ def test_failed_copy_leaves_no_staging(tiny: ModelArtifact, tmp_path: Path) -> N
 
 @pytest.mark.parametrize(
     "name",
-    [
-        "encoder.onnx",
-        "encoder.int8.onnx",
-        "context.onnx",
-        "tokenizer.json",
-        "config.json",
-        "calibration.json",
-        "reference_distribution.json",
-        "metrics.json",
-        "MODEL_CARD.md",
-    ],
+    ARTIFACT_FILES,
 )
 def test_a_flipped_byte_in_any_file_is_named(tiny_artifact: Path, tmp_path: Path, name: str) -> None:
     artifact = copy_of(tiny_artifact, tmp_path)

@@ -20,17 +20,12 @@ from core.db import migrate
 from core.db.models import ContextMode, Feedback, JobTrigger, Prediction, RequestKind, RetrainingJob
 from core.db.session import make_engine, session_scope
 from model.registry import ModelRegistry
+from tests.conftest import one_torch_thread
 
 NEUTRAL_LEAN = 4.0  # added to the champion's neutral logit: it collapses toward the majority class
 
 
-@pytest.fixture(autouse=True, scope="package")
-def _one_torch_thread() -> Iterator[None]:
-    """The CPU is shared; one intra-op thread avoids OpenMP contention on tiny tensors."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+_one_torch_thread = pytest.fixture(autouse=True, scope="package")(one_torch_thread)
 
 
 @pytest.fixture()

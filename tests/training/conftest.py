@@ -1,17 +1,9 @@
-"""The training tests use tiny tensors: one intra-op thread avoids OpenMP contention on a shared CPU (it made
-single tests 5-10x slower under load). Restored afterwards for the rest of the session."""
+"""The training tests run with one intra-op torch thread (tests/conftest.py `one_torch_thread`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-import torch
 
+from tests.conftest import one_torch_thread
 
-@pytest.fixture(autouse=True, scope="package")
-def _one_torch_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+_one_torch_thread = pytest.fixture(autouse=True, scope="package")(one_torch_thread)
