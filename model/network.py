@@ -140,10 +140,15 @@ class UtteranceEncoder(nn.Module):
         has_text: torch.Tensor,
         has_audio: torch.Tensor,
     ) -> torch.Tensor:
-        text = self.text_proj(self.text(input_ids, attention_mask))
-        speech = self.audio_proj(self.audio(audio, audio_lengths))
-        text = torch.where(has_text[:, None], text, self.missing_text)
-        speech = torch.where(has_audio[:, None], speech, self.missing_audio)
+        return self.fuse(self.text(input_ids, attention_mask), self.audio(audio, audio_lengths), has_text, has_audio)
+
+    def fuse(
+        self, text: torch.Tensor, audio: torch.Tensor, has_text: torch.Tensor, has_audio: torch.Tensor
+    ) -> torch.Tensor:
+        """[B, D] fused embedding from the two encoders' outputs ([B, hidden] pooled text, [B, audio_dim]); the
+        training loop calls it directly with cached text features."""
+        text = torch.where(has_text[:, None], self.text_proj(text), self.missing_text)
+        speech = torch.where(has_audio[:, None], self.audio_proj(audio), self.missing_audio)
         gate = torch.sigmoid(self.gate(torch.cat([text, speech], dim=-1)))
         return self.norm(self.drop(gate * text + (1 - gate) * speech))
 

@@ -370,12 +370,21 @@ def filter_label_noise(logits: np.ndarray, labels: np.ndarray, rows: np.ndarray,
     """`labels` with the noisy ones among `rows` (training/noise.py: small-loss GMM) relabelled by the model
     when it is confident, or dropped (-1) when ambiguous."""
     from training.noise import partition_noisy_labels, per_sample_loss
+    from training.recipe import NoiseConfig
 
     index = np.flatnonzero(rows & (labels >= 0))
     if len(index) < 2:
         return labels
     z, y = logits[index], labels[index]
-    partition = partition_noisy_labels(per_sample_loss(z, y), y, softmax(z, axis=1), seed=seed)
+    thresholds = NoiseConfig()  # the training recipes' defaults
+    partition = partition_noisy_labels(
+        per_sample_loss(z, y),
+        y,
+        softmax(z, axis=1),
+        clean_threshold=thresholds.clean_threshold,
+        relabel_confidence=thresholds.relabel_confidence,
+        seed=seed,
+    )
     cleaned = labels.copy()
     cleaned[index] = np.where(partition.ambiguous, -1, partition.labels)
     return cleaned

@@ -6,8 +6,9 @@ present as context but never as targets. Artifacts carry ONNX graphs, not PyTorc
 from the model config's pretrained text encoder, not from the champion. GPU when present, CPU for small
 configurations; data-parallel on Ray Train with `--engine ray`.
 
-This compact loop trains on text; the recipe-driven training loop (training/loop.py, with the speech corpora)
-is meant to replace `FineTuner` once it lands.
+The epochs run on the training loop's optimisation step and epoch pass (training/loop.py `Stepper`, `run_epoch`)
+with tier 3's own inputs: text dialogues batched by context mode, full precision, no gradient clipping and no
+learning-rate schedule.
 """
 
 from __future__ import annotations
@@ -27,11 +28,15 @@ from model.network import EmotionModel, ModelConfig
 from model.preprocess import PreprocessingConfig, Preprocessor, collate
 from model.text_encoder import pretrained_dir
 from retraining.dataset import DialogueSet
-from retraining.gate import TorchReference, config_from
+from retraining.gate_config import config_from
+from retraining.parity import TorchReference
 from retraining.queue import PermanentError
 from retraining.steps import JobContext
 from retraining.tiers import Draft, TierInputs, uniform_prior
-from training.losses import CrossEntropyLoss, build_loss
+from training.loop import Stepper, run_epoch
+from training.losses import CrossEntropyLoss, ImbalanceLoss
+from training.recipe import MethodConfig, make_loss
+from training.session import build_optimizer
 
 STATE_FILE, CONFIG_FILE = "model.pt", "model_config.json"
 # Losses after which the raw logits assume a uniform class prior (Menon et al. 2021; Cui et al. 2019).
@@ -99,24 +104,23 @@ class FineTuner:
     def __call__(self, model: torch.nn.Module, rank: int, world: int, device: torch.device) -> None:
         core: EmotionModel = getattr(model, "module", model)
         model.to(device).train()
-        optimizer = self._optimizer(core)
-        targets = np.concatenate(self.data.emotions)
-        counts = np.bincount(targets[targets >= 0], minlength=len(core.config.emotions))
-        emotion_loss = build_loss(self.config.loss, np.maximum(counts, 1)).to(device)
+        config = self.config
+        optimizer = build_optimizer(core, lr=config.head_lr, text_lr=config.lr, weight_decay=config.weight_decay)
+        step = Stepper(model, optimizer, torch.amp.GradScaler(device.type, enabled=False))  # full precision
+        emotion_loss = self._emotion_loss(len(core.config.emotions)).to(device)
         preprocessor = Preprocessor.from_file(pretrained_dir() / "tokenizer.json", self.preprocessing)
-        for epoch in range(self.config.epochs):
+        loss_of = functools.partial(
+            self._loss, model, preprocessor=preprocessor, emotion_loss=emotion_loss, device=device
+        )
+        for epoch in range(config.epochs):
             emotion_loss.set_epoch(epoch)
-            for batch in self._shard(epoch, rank, world):
-                optimizer.zero_grad(set_to_none=True)
-                self._loss(model, batch, preprocessor, emotion_loss, device).backward()
-                optimizer.step()
+            run_epoch(self._shard(epoch, rank, world), loss_of, step)
 
-    def _optimizer(self, core: EmotionModel) -> torch.optim.Optimizer:
-        text = [p for p in core.encoder.text.parameters() if p.requires_grad]
-        ids = {id(p) for p in text}
-        rest = [p for p in core.parameters() if p.requires_grad and id(p) not in ids]
-        groups = [{"params": text, "lr": self.config.lr}, {"params": rest, "lr": self.config.head_lr}]
-        return torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
+    def _emotion_loss(self, num_emotions: int) -> ImbalanceLoss:
+        """The configured loss with the training recipes' default parameters, on the training targets' counts."""
+        targets = np.concatenate(self.data.emotions)
+        counts = np.bincount(targets[targets >= 0], minlength=num_emotions)
+        return make_loss(MethodConfig(self.config.loss), np.maximum(counts, 1))
 
     def _shard(self, epoch: int, rank: int, world: int) -> list[list[int]]:
         rng = np.random.default_rng([self.config.seed, epoch])

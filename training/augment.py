@@ -47,7 +47,7 @@ def _mix_with(
     return MixedBatch(mixed_x, mixed_y, lam_t, index)
 
 
-def mixup(x: Tensor, y: Tensor, num_classes: int, rng: np.random.Generator, alpha: float = 0.4) -> MixedBatch:
+def mixup(x: Tensor, y: Tensor, num_classes: int, rng: np.random.Generator, alpha: float) -> MixedBatch:
     """Zhang et al. 2018: mix each sample with a random other sample of the batch (hard or soft `y`)."""
     partner = rng.permutation(len(x))
     return _mix_with(x, y, x, y, partner, sample_lambda(len(x), alpha, rng), num_classes)
@@ -59,7 +59,7 @@ def manifold_mixup(
     y: Tensor,
     num_classes: int,
     rng: np.random.Generator,
-    alpha: float = 2.0,
+    alpha: float,
     mix_at: Sequence[int] | None = None,
 ) -> tuple[Tensor, MixedBatch]:
     """Verma et al. 2019: run `x` through `stages`, mixing the hidden state before one stage picked at random
@@ -81,7 +81,7 @@ def minority_mix(
     y: Tensor,
     num_classes: int,
     rng: np.random.Generator,
-    alpha: float = 1.0,
+    alpha: float,
     pool_x: Tensor | None = None,
     pool_y: Tensor | None = None,
 ) -> MixedBatch:
@@ -112,8 +112,8 @@ def smote(
     x: np.ndarray,
     y: np.ndarray,
     rng: np.random.Generator,
+    k: int,
     target: int | Mapping[int, int] | None = None,
-    k: int = 5,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Chawla et al. 2002 on embeddings: oversample each class up to `target` samples (an int for every class,
     a per-class mapping, or None for the largest class's count). Returns originals followed by new points."""

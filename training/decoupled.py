@@ -28,9 +28,10 @@ def retrain_classifier(
     head: nn.Module | None = None,
     sampler: Sampler | None = None,
     loss: ImbalanceLoss | None = None,
-    epochs: int = 30,
+    *,
+    epochs: int,
+    lr: float,
     batch_size: int = 256,
-    lr: float = 1e-3,
     weight_decay: float = 5e-4,
     seed: int = 0,
 ) -> nn.Module:

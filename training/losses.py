@@ -3,7 +3,8 @@
 Every loss takes logits `[B, C]` and targets that are either class indices `[B]` or distributions `[B, C]`
 (mixed samples), and returns the mean over the batch of the per-sample loss. Class weights multiply the
 per-sample loss and are normalised to mean 1 over classes, so equal counts give exactly plain cross-entropy.
-Call `set_epoch` each epoch; only schedule-dependent losses (LDAM-DRW) use it.
+Call `set_epoch` each epoch; only schedule-dependent losses (LDAM-DRW) use it. Parameters have no defaults here:
+recipes own them (training/recipe.py `LOSS_PARAMS`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from training.common import ArrayLike, as_soft_targets, class_prior, to_numpy
 WEIGHT_SCHEMES = ("inverse", "sqrt_inverse", "effective")
 
 
-def class_weights(counts: ArrayLike, scheme: str = "inverse", beta: float = 0.9999) -> Tensor:
+def class_weights(counts: ArrayLike, scheme: str, beta: float) -> Tensor:
     """Per-class loss weights, mean 1: 1/n, 1/sqrt(n), or Cui et al.'s (1 − β) / (1 − β^n) ("effective number")."""
     n = np.maximum(to_numpy(counts).astype(np.float64), 1.0)
     if scheme == "inverse":
@@ -62,7 +63,7 @@ class CrossEntropyLoss(ImbalanceLoss):
 class FocalLoss(ImbalanceLoss):
     """Lin et al. 2017: −Σ_c α_c y_c (1 − p_c)^γ log p_c; γ=0 and no α is cross-entropy."""
 
-    def __init__(self, gamma: float = 2.0, alpha: Tensor | None = None) -> None:
+    def __init__(self, gamma: float, alpha: Tensor | None) -> None:
         super().__init__()
         self.gamma = gamma
         self.register_buffer("alpha", alpha)
@@ -85,12 +86,7 @@ class LDAMLoss(ImbalanceLoss):
     """
 
     def __init__(
-        self,
-        class_counts: ArrayLike,
-        max_margin: float = 0.5,
-        s: float = 30.0,
-        drw_epoch: int | None = None,
-        beta: float = 0.9999,
+        self, class_counts: ArrayLike, max_margin: float, s: float, drw_epoch: int | None, beta: float
     ) -> None:
         super().__init__()
         n = np.maximum(to_numpy(class_counts).astype(np.float64), 1.0)
@@ -124,7 +120,7 @@ class NormedLinear(nn.Module):
 class LogitAdjustedLoss(ImbalanceLoss):
     """Menon et al. 2021: cross-entropy on logits + τ · log prior; τ=1 is balanced softmax. Predict with raw logits."""
 
-    def __init__(self, class_counts: ArrayLike, tau: float = 1.0) -> None:
+    def __init__(self, class_counts: ArrayLike, tau: float) -> None:
         super().__init__()
         self.register_buffer("offset", tau * torch.as_tensor(np.log(class_prior(class_counts)), dtype=torch.float32))
 
@@ -132,13 +128,11 @@ class LogitAdjustedLoss(ImbalanceLoss):
         return soft_cross_entropy(logits.float() + self.offset, targets)
 
 
-def _weighted_ce(counts: ArrayLike, scheme: str = "inverse", beta: float = 0.9999) -> ImbalanceLoss:
+def _weighted_ce(counts: ArrayLike, scheme: str, beta: float) -> ImbalanceLoss:
     return CrossEntropyLoss(class_weights(counts, scheme, beta))
 
 
-def _focal(
-    counts: ArrayLike, gamma: float = 2.0, alpha: str | ArrayLike | None = None, beta: float = 0.9999
-) -> ImbalanceLoss:
+def _focal(counts: ArrayLike, gamma: float, alpha: str | ArrayLike | None, beta: float) -> ImbalanceLoss:
     """`alpha` is None, a weight scheme name (see `class_weights`) or explicit per-class weights."""
     if isinstance(alpha, str):
         weights = class_weights(counts, alpha, beta)
@@ -166,8 +160,12 @@ _BUILDERS: dict[str, Callable[..., ImbalanceLoss]] = {
 }
 
 
+LOSS_NAMES = tuple(_BUILDERS)
+
+
 def build_loss(name: str, class_counts: ArrayLike, **params: object) -> ImbalanceLoss:
-    """A loss by recipe name with its keyword parameters; unknown names or parameters raise."""
+    """A loss by recipe name with all its keyword parameters (training/recipe.py `make_loss` fills in a recipe's
+    defaults); unknown names, unknown or missing parameters raise."""
     if name not in _BUILDERS:
         raise ValueError(f"unknown loss {name!r}; expected one of {sorted(_BUILDERS)}")
     return _BUILDERS[name](class_counts, **params)

@@ -57,8 +57,8 @@ def partition_noisy_labels(
     losses: ArrayLike,
     labels: ArrayLike,
     probs: ArrayLike,
-    clean_threshold: float = 0.5,
-    relabel_confidence: float = 0.9,
+    clean_threshold: float,
+    relabel_confidence: float,
     min_class_size: int = 20,
     seed: int = 0,
 ) -> NoisePartition:

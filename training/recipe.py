@@ -4,8 +4,9 @@ Layout: top-level `name`, `description`, optional `extends` (a recipe path relat
 merged key by key, this file winning), then one table per section below. `[model]` takes the fields of
 `model.network.ModelConfig` (plus `preset = "tiny"` for the small test network). In `[sampler]` and `[loss]`
 every key but `name` is a parameter of the library builder (training/samplers.py `build_sampler`,
-training/losses.py `build_loss`) and is checked by building it once. Any unknown key is an error that names the
-key, the file and the keys allowed there.
+training/losses.py `build_loss`, which have no defaults of their own): the method's parameter dataclass here
+(`SAMPLER_PARAMS`, `LOSS_PARAMS`) holds the defaults, and the method is checked by building it once. Any unknown
+key is an error that names the key, the file and the keys allowed there.
 """
 
 from __future__ import annotations
@@ -25,15 +26,15 @@ import numpy as np
 
 from model.data.speech import CORPORA
 from model.network import ModelConfig
-from training.losses import build_loss
-from training.samplers import build_sampler
+from training.common import ArrayLike
+from training.losses import ImbalanceLoss, build_loss
+from training.samplers import ClassShareSampler, build_sampler
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 CONTEXT_MODES = ("random", "causal", "bidirectional")
 MONITOR_METRICS = ("macro_f1", "weighted_f1", "accuracy", "balanced_accuracy", "minority_recall")
 AUGMENT_METHODS = ("none", "mixup", "manifold_mixup", "balancemix", "smote")
 DECOUPLED_METHODS = ("none", "crt", "tau_norm")
-SAMPLER_NAMES = ("instance", "sqrt", "class_balanced", "progressive", "dev_f1")
 
 
 class RecipeError(ValueError):
@@ -93,6 +94,98 @@ class MethodConfig:
 
     name: str
     params: Mapping[str, Any] = field(default_factory=dict)
+
+
+# ---- method parameters: the defaults of every [loss] and [sampler] parameter ------------------------------------
+
+EFFECTIVE_BETA = 0.9999  # beta of Cui et al.'s effective-number class weights
+
+
+@dataclass(frozen=True)
+class NoParams:
+    """A method without parameters."""
+
+
+@dataclass(frozen=True)
+class WeightedCEParams:
+    scheme: str = "inverse"  # training/losses.py WEIGHT_SCHEMES
+    beta: float = EFFECTIVE_BETA
+
+
+@dataclass(frozen=True)
+class FocalParams:
+    gamma: float = 2.0
+    alpha: str | list[float] | None = None  # None, a weight scheme name or per-class weights
+    beta: float = EFFECTIVE_BETA
+
+
+@dataclass(frozen=True)
+class LDAMParams:
+    max_margin: float = 0.5
+    s: float = 30.0  # the paper's scale, for a cosine classifier; 1 suits a linear head
+    drw_epoch: int | None = None  # deferred re-weighting from this epoch on; None: never
+    beta: float = EFFECTIVE_BETA
+
+
+@dataclass(frozen=True)
+class LogitAdjustedParams:
+    tau: float = 1.0
+
+
+@dataclass(frozen=True)
+class ProgressiveParams:
+    total_epochs: int | None = None  # None: the recipe's epochs
+
+
+@dataclass(frozen=True)
+class DevF1Params:
+    q: float = 0.0
+    power: float = 1.0
+    floor: float = 0.1
+    momentum: float = 0.0
+
+
+LOSS_PARAMS: dict[str, type] = {
+    "ce": NoParams,
+    "soft_ce": NoParams,
+    "weighted_ce": WeightedCEParams,
+    "focal": FocalParams,
+    "ldam": LDAMParams,
+    "logit_adjusted": LogitAdjustedParams,
+    "balanced_softmax": NoParams,
+}
+SAMPLER_PARAMS: dict[str, type] = {
+    "instance": NoParams,
+    "sqrt": NoParams,
+    "class_balanced": NoParams,
+    "progressive": ProgressiveParams,
+    "dev_f1": DevF1Params,
+}
+SAMPLER_NAMES = tuple(SAMPLER_PARAMS)
+
+
+def _method_params(method: MethodConfig, kinds: Mapping[str, type], what: str) -> dict[str, Any]:
+    """Every parameter of the method: the recipe's values over the defaults of its parameter dataclass."""
+    if method.name not in kinds:
+        raise ValueError(f"unknown {what} {method.name!r}; expected one of {', '.join(kinds)}")
+    kind = kinds[method.name]
+    if kind is NoParams and method.params:
+        raise TypeError(f"{what} {method.name!r} takes no parameters, got {sorted(method.params)}")
+    return dataclasses.asdict(kind(**method.params))
+
+
+def make_loss(method: MethodConfig, counts: ArrayLike) -> ImbalanceLoss:
+    """The library loss with every parameter set (`LOSS_PARAMS` defaults where the recipe sets none)."""
+    return build_loss(method.name, counts, **_method_params(method, LOSS_PARAMS, "loss"))
+
+
+def make_sampler(method: MethodConfig, epochs: int) -> ClassShareSampler:
+    """The library sampler with every parameter set (`SAMPLER_PARAMS` defaults where the recipe sets none);
+    `progressive` defaults its schedule to the recipe's epochs."""
+    params = _method_params(method, SAMPLER_PARAMS, "sampler")
+    if method.name == "progressive" and params["total_epochs"] is None:
+        params["total_epochs"] = epochs
+    return build_sampler(method.name, **params)
 
 
 @dataclass(frozen=True)
@@ -186,8 +279,9 @@ class Recipe:
         sections: dict[str, Any] = {
             name: _section(kind, data.get(name, {}), f"{where} [{name}]") for name, kind in _SECTIONS.items()
         }
-        sections["sampler"] = _method(data.get("sampler", {"name": "instance"}), f"{where} [sampler]")
-        sections["loss"] = _method(data.get("loss", {"name": "ce"}), f"{where} [loss]")
+        for name in ("sampler", "loss"):  # an absent one keeps the field's default
+            if name in data:
+                sections[name] = _method(data[name], f"{where} [{name}]")
         recipe = cls(
             name=data["name"], description=str(data.get("description", "")), model=_model(data, where), **sections
         )
@@ -338,32 +432,15 @@ def _model(data: Mapping[str, Any], where: str) -> ModelConfig:
 def _validate_methods(recipe: Recipe, where: str) -> None:
     """Build the sampler and the loss once with dummy counts so unknown names or parameters fail now."""
     counts = np.arange(1, len(recipe.model.emotions) + 1) * 10
-    for section, builder in (("sampler", _build_sampler_checked), ("loss", _build_loss_checked)):
-        method: MethodConfig = getattr(recipe, section)
+    builds = {
+        "sampler": lambda: make_sampler(recipe.sampler, recipe.optim.epochs),
+        "loss": lambda: make_loss(recipe.loss, counts),
+    }
+    for section, build in builds.items():
         try:
-            builder(method, counts, recipe.optim.epochs)
+            build()
         except (TypeError, ValueError, KeyError) as error:
-            raise RecipeError(f"{where} [{section}] {method.name!r}: {error}") from None
-
-
-def _build_sampler_checked(method: MethodConfig, counts: np.ndarray, epochs: int) -> object:
-    if method.name not in SAMPLER_NAMES:
-        raise ValueError(f"unknown sampler; expected one of {', '.join(SAMPLER_NAMES)}")
-    return make_sampler(method, epochs)
-
-
-def _build_loss_checked(method: MethodConfig, counts: np.ndarray, epochs: int) -> object:
-    return build_loss(method.name, counts, **method.params)
-
-
-def make_sampler(method: MethodConfig, epochs: int) -> Any:
-    """The library sampler; `progressive` defaults its schedule to the recipe's epochs."""
-    params = dict(method.params)
-    if method.name == "progressive":
-        params.setdefault("total_epochs", epochs)
-    elif params and method.name != "dev_f1":
-        raise TypeError(f"sampler {method.name!r} takes no parameters, got {sorted(params)}")
-    return build_sampler(method.name, **params)
+            raise RecipeError(f"{where} [{section}] {getattr(recipe, section).name!r}: {error}") from None
 
 
 def _plain(value: Any) -> Any:

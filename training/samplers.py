@@ -51,7 +51,7 @@ class ClassShareSampler(ABC):
 class FrequencySampler(ClassShareSampler):
     """p(c) ∝ n_c^q: q=1 instance (uniform over samples), q=0.5 square root, q=0 class-balanced."""
 
-    q: float = 1.0
+    q: float
 
     def class_probs(self, counts: np.ndarray, epoch: int) -> np.ndarray:
         return counts.astype(np.float64) ** self.q
@@ -82,10 +82,10 @@ class DevF1Sampler(ClassShareSampler):
     starts as `FrequencySampler(q)`. `momentum` smooths the noisy F1 of tiny dev classes (EMA).
     """
 
-    q: float = 0.0
-    power: float = 1.0
-    floor: float = 0.1
-    momentum: float = 0.0
+    q: float
+    power: float
+    floor: float
+    momentum: float
     f1: np.ndarray | None = field(default=None, init=False)
 
     def update(self, dev: MetricsReport | ArrayLike) -> None:
@@ -100,7 +100,8 @@ class DevF1Sampler(ClassShareSampler):
 
 
 def build_sampler(name: str, **params: float) -> ClassShareSampler:
-    """By recipe name: instance, sqrt, class_balanced, progressive (total_epochs), dev_f1 (q, power, ...)."""
+    """By recipe name: instance, sqrt, class_balanced, progressive (total_epochs), dev_f1 (q, power, floor,
+    momentum); every parameter given (training/recipe.py `make_sampler` fills in a recipe's defaults)."""
     if name == "instance":
         return FrequencySampler(1.0)
     if name == "sqrt":

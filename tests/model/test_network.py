@@ -99,6 +99,17 @@ def test_text_only_ignores_audio_and_audio_only_ignores_text(encoder: UtteranceE
     assert not torch.allclose(both, out1, atol=1e-3)
 
 
+def test_forward_is_fuse_after_the_two_encoders(encoder: UtteranceEncoder) -> None:
+    """The training loop encodes text and audio its own way (cached text, audio rows only) and calls `fuse`."""
+    clips = [0.1 * torch.randn(2000), 0.1 * torch.randn(1200)]
+    batch = encoder_batch([[2023, 2003], [7592]], clips, has_text=[True, False], has_audio=[True, True])
+    with torch.no_grad():
+        text = encoder.text(batch["input_ids"], batch["attention_mask"])
+        audio = encoder.audio(batch["audio"], batch["audio_lengths"])
+        fused = encoder.fuse(text, audio, batch["has_text"], batch["has_audio"])
+        assert torch.equal(encoder(**batch), fused)
+
+
 def test_degenerate_inputs_give_finite_values_and_gradients(config: ModelConfig) -> None:
     torch.manual_seed(0)
     model = EmotionModel(config)

@@ -33,7 +33,7 @@ def test_mixup_is_a_convex_combination_with_soft_labels():
 def test_mixup_accepts_soft_labels_and_alpha_zero_is_identity():
     x, y = _batch()
     soft = torch.softmax(torch.randn(len(x), 4), dim=1)
-    _assert_convex(mixup(x, soft, 4, np.random.default_rng(1)), x, soft, x, soft)
+    _assert_convex(mixup(x, soft, 4, np.random.default_rng(1), alpha=0.4), x, soft, x, soft)
     unchanged = mixup(x, y, 4, np.random.default_rng(1), alpha=0.0)
     torch.testing.assert_close(unchanged.x, x)
 
@@ -42,7 +42,7 @@ def test_manifold_mixup_mixes_the_hidden_state():
     x, y = _batch()
     torch.manual_seed(0)
     stages = [torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4)]
-    out, mixed = manifold_mixup(stages, x, y, 4, np.random.default_rng(2), mix_at=[2])
+    out, mixed = manifold_mixup(stages, x, y, 4, np.random.default_rng(2), alpha=2.0, mix_at=[2])
     hidden = stages[1](stages[0](x))
     _assert_convex(mixed, hidden, F.one_hot(y, 4).float(), hidden, F.one_hot(y, 4).float())
     torch.testing.assert_close(out, stages[2](mixed.x))
@@ -82,7 +82,7 @@ def test_smote_reaches_target_counts_with_points_between_class_mates():
         assert _on_a_segment(point, x[y == 1])
         assert not _on_a_segment(point, x[y == 0])
     np.testing.assert_allclose(new_x[new_y == 2], np.repeat(x[y == 2], 59, axis=0))  # one sample: copies
-    x2, y2 = smote(x, y, np.random.default_rng(5), target={2: 5})
+    x2, y2 = smote(x, y, np.random.default_rng(5), k=5, target={2: 5})
     np.testing.assert_array_equal(np.bincount(y2), [60, 12, 5])
 
 

@@ -45,8 +45,8 @@ def test_crt_is_deterministic_and_trains_a_given_head_in_place(data):
     torch.testing.assert_close(first.weight, second.weight)
     head = torch.nn.Sequential(torch.nn.Linear(DIM, 8), torch.nn.ReLU(), torch.nn.Linear(8, C))
     before = head[0].weight.detach().clone()
-    loss = build_loss("ldam", np.bincount(y.numpy()), s=1.0, drw_epoch=1)
-    assert retrain_classifier(x, y, C, head=head, loss=loss, epochs=2) is head
+    loss = build_loss("ldam", np.bincount(y.numpy()), max_margin=0.5, s=1.0, drw_epoch=1, beta=0.9999)
+    assert retrain_classifier(x, y, C, head=head, loss=loss, epochs=2, lr=1e-3) is head
     assert not torch.equal(before, head[0].weight)
 
 

@@ -17,8 +17,10 @@ from model.export import example_encoder_inputs
 from model.network import EmotionModel, ModelConfig
 from model.text_encoder import load_tokenizer
 from training.datasets import module_sha256, text_features, text_states, tokenize
+from training.forward import encode_text
 from training.recipe import Recipe
 from training.run import RunDir
+from training.session import Session
 
 
 def tiny_recipe(**sections: dict[str, Any]) -> Recipe:
@@ -78,7 +80,7 @@ def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(
 
     real_epoch = loop.train_epoch
 
-    def killed_in_epoch_two(session: loop.Session, epoch: int) -> dict[str, float]:
+    def killed_in_epoch_two(session: Session, epoch: int) -> dict[str, float]:
         if epoch == 2:
             raise KeyboardInterrupt  # what a kill mid-epoch leaves: the checkpoint of the epoch before
         return real_epoch(session, epoch)
@@ -166,15 +168,12 @@ def test_speech_clips_train_with_audio_beside_meld_and_are_reported_apart(
     assert list((cache / "audio").glob("*.npz"))  # decoded once
 
 
-def test_fuse_is_the_utterance_encoder_after_its_two_encoders() -> None:
+def test_text_encoded_in_chunks_of_similar_length_is_the_text_encoder_output() -> None:
     model = EmotionModel(ModelConfig.tiny()).eval()
     inputs = example_encoder_inputs(batch=4, tokens=9, samples=3000)
-    encoder = model.encoder
     with torch.no_grad():
-        expected = encoder(**inputs)
-        text = loop.encode_text(encoder.text, inputs["attention_mask"], inputs["input_ids"], chunk=2)
-        audio = encoder.audio(inputs["audio"], inputs["audio_lengths"])
-        actual = loop.fuse(encoder, text, audio, inputs["has_text"], inputs["has_audio"])
+        expected = model.encoder.text(inputs["input_ids"], inputs["attention_mask"])
+        actual = encode_text(model.encoder.text, inputs["attention_mask"], inputs["input_ids"], chunk=2)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -188,7 +187,7 @@ def test_cached_bottom_layer_states_give_the_full_encoder_output(tmp_path: Path)
     ids, id_mask = tokenize(tokenizer, texts)
     with torch.no_grad():
         expected = model.encoder.text(ids, id_mask)
-        actual = loop.encode_text(model.encoder.text, mask, states=padded)
+        actual = encode_text(model.encoder.text, mask, states=padded)
     torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-3)  # states are stored as float16
 
 

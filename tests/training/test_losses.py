@@ -3,10 +3,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.losses import LDAMLoss, NormedLinear, build_loss, class_weights, soft_cross_entropy
+from training.losses import LOSS_NAMES, LDAMLoss, NormedLinear, build_loss, class_weights, soft_cross_entropy
+from training.recipe import LOSS_PARAMS, MethodConfig, make_loss
 
 COUNTS = np.array([500, 200, 50, 10])
 EQUAL = np.array([100, 100, 100, 100])
+
+
+def recipe_loss(name, counts, **params):
+    """The loss as a recipe builds it: unset parameters take the recipe defaults (training/recipe.py)."""
+    return make_loss(MethodConfig(name, params), counts)
 
 
 @pytest.fixture
@@ -33,7 +39,7 @@ def batch():
 )
 def test_degenerate_settings_equal_cross_entropy(batch, name, counts, params):
     logits, labels = batch
-    loss = build_loss(name, counts, **params)
+    loss = recipe_loss(name, counts, **params)
     expected = F.cross_entropy(logits, labels)
     torch.testing.assert_close(loss(logits, labels), expected)
     torch.testing.assert_close(loss(logits, F.one_hot(labels, 4).float()), expected)  # same as one-hot targets
@@ -53,7 +59,7 @@ def test_degenerate_settings_equal_cross_entropy(batch, name, counts, params):
 def test_gradients_finite_for_extreme_logits_and_soft_targets(name, params):
     logits = torch.tensor([[60.0, -60.0, 0.0, 0.0], [-80.0, 80.0, 0.0, 1.0]], requires_grad=True)
     soft = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.3, 0.0, 0.0, 0.7]])
-    loss = build_loss(name, COUNTS, **params)
+    loss = recipe_loss(name, COUNTS, **params)
     loss.set_epoch(5)
     value = loss(logits, soft)
     value.backward()
@@ -68,27 +74,27 @@ def test_soft_cross_entropy_matches_torch_probability_targets(batch):
 
 
 def test_class_weights():
-    w = class_weights(COUNTS, "inverse").numpy()
+    w = class_weights(COUNTS, "inverse", beta=0.9999).numpy()
     assert w.mean() == pytest.approx(1.0)
     np.testing.assert_allclose(w / w[0], COUNTS[0] / COUNTS, rtol=1e-6)
     effective = class_weights(COUNTS, "effective", beta=0.999).numpy()
     assert np.all(np.diff(effective) > 0)  # rarer classes weigh more
     np.testing.assert_allclose(class_weights(COUNTS, "effective", beta=1e-9).numpy(), 1.0, rtol=1e-6)
     with pytest.raises(ValueError, match="scheme"):
-        class_weights(COUNTS, "log")
+        class_weights(COUNTS, "log", beta=0.9999)
 
 
 def test_weighted_ce_is_per_sample_weighted_mean(batch):
     logits, labels = batch
-    w = class_weights(COUNTS, "inverse")
+    w = class_weights(COUNTS, "inverse", beta=0.9999)
     per_sample = F.cross_entropy(logits, labels, reduction="none") * w[labels]
-    torch.testing.assert_close(build_loss("weighted_ce", COUNTS)(logits, labels), per_sample.mean())
+    torch.testing.assert_close(recipe_loss("weighted_ce", COUNTS)(logits, labels), per_sample.mean())
 
 
 def test_focal_downweights_easy_examples():
     logits = torch.tensor([[4.0, 0.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0]])
     labels = torch.tensor([0, 0])
-    focal = build_loss("focal", COUNTS, gamma=2.0)
+    focal = recipe_loss("focal", COUNTS, gamma=2.0)
     ce = F.cross_entropy(logits, labels, reduction="none")
     ratios = [focal(logits[i : i + 1], labels[i : i + 1]) / ce[i] for i in range(2)]
     assert ratios[0] < 0.01 < ratios[1] < 1.0
@@ -96,7 +102,7 @@ def test_focal_downweights_easy_examples():
 
 def test_ldam_margins_and_deferred_reweighting(batch):
     logits, labels = batch
-    loss = LDAMLoss(COUNTS, max_margin=0.5, s=30.0, drw_epoch=3)
+    loss = LDAMLoss(COUNTS, max_margin=0.5, s=30.0, drw_epoch=3, beta=0.9999)
     margins = loss.margins.numpy()
     assert margins[-1] == pytest.approx(0.5)
     np.testing.assert_allclose(margins / margins[-1], (COUNTS / COUNTS[-1]) ** -0.25, rtol=1e-6)
@@ -132,3 +138,11 @@ def test_build_loss_rejects_unknowns():
         build_loss("dice", COUNTS)
     with pytest.raises(TypeError):
         build_loss("focal", COUNTS, gama=2.0)
+    with pytest.raises(TypeError):
+        build_loss("focal", COUNTS, gamma=2.0)  # the builder has no defaults: the recipe sets every parameter
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_every_loss_builds_from_the_recipe_defaults_alone(name):
+    assert set(LOSS_PARAMS) == set(LOSS_NAMES)
+    assert torch.isfinite(recipe_loss(name, COUNTS)(torch.zeros(2, 4), torch.tensor([0, 3])))

@@ -22,7 +22,9 @@ def noisy_problem():
 def test_gmm_finds_flipped_labels_with_high_precision(noisy_problem):
     logits, probs, y_noisy, y_true, flipped = noisy_problem
     # a calibrated model fitted to 20% noise rarely exceeds ~0.8 confidence, hence the lower relabel threshold
-    part = partition_noisy_labels(per_sample_loss(logits, y_noisy), y_noisy, probs, relabel_confidence=0.75)
+    part = partition_noisy_labels(
+        per_sample_loss(logits, y_noisy), y_noisy, probs, clean_threshold=0.5, relabel_confidence=0.75
+    )
     suspected = ~part.clean
     precision = flipped[suspected].mean()
     recall = suspected[flipped].mean()
@@ -36,9 +38,9 @@ def test_gmm_finds_flipped_labels_with_high_precision(noisy_problem):
 def test_thresholds_move_samples_between_groups(noisy_problem):
     logits, probs, y_noisy, _, _ = noisy_problem
     losses = per_sample_loss(logits, y_noisy)
-    strict = partition_noisy_labels(losses, y_noisy, probs, relabel_confidence=1.01)
+    strict = partition_noisy_labels(losses, y_noisy, probs, clean_threshold=0.5, relabel_confidence=1.01)
     assert strict.relabel.sum() == 0 and strict.ambiguous.sum() > 0
-    trusting = partition_noisy_labels(losses, y_noisy, probs, clean_threshold=0.0)
+    trusting = partition_noisy_labels(losses, y_noisy, probs, clean_threshold=0.0, relabel_confidence=0.9)
     assert trusting.clean.all()
 
 

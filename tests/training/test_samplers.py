@@ -3,6 +3,7 @@ import pytest
 from torch.utils.data import WeightedRandomSampler
 
 from training.metrics import compute_metrics
+from training.recipe import SAMPLER_PARAMS, MethodConfig, make_sampler
 from training.samplers import (
     DevF1Sampler,
     FrequencySampler,
@@ -60,7 +61,7 @@ def test_progressive_goes_from_instance_to_balanced():
 
 
 def test_dev_f1_sampler_favours_weak_classes():
-    sampler = DevF1Sampler(q=0.0, power=1.0, floor=0.1)
+    sampler = DevF1Sampler(q=0.0, power=1.0, floor=0.1, momentum=0.0)
     np.testing.assert_allclose(sampler.class_shares(LABELS, 0), _expected(np.ones(len(COUNTS))))
     names = tuple("abcdef")
     y_dev = np.repeat(np.arange(6), 20)
@@ -73,7 +74,7 @@ def test_dev_f1_sampler_favours_weak_classes():
 
 
 def test_dev_f1_momentum_smooths():
-    sampler = DevF1Sampler(momentum=0.5)
+    sampler = DevF1Sampler(q=0.0, power=1.0, floor=0.1, momentum=0.5)
     sampler.update(np.zeros(6))
     sampler.update(np.ones(6))
     np.testing.assert_allclose(sampler.f1, 0.5)
@@ -87,6 +88,12 @@ def test_epoch_sampler_is_deterministic_per_seed_and_epoch():
     assert not np.array_equal(first, epoch_indices(sampler, LABELS, epoch=4, seed=7))
     assert not np.array_equal(first, epoch_indices(sampler, LABELS, epoch=3, seed=8))
     assert len(first) == len(LABELS)
+
+
+@pytest.mark.parametrize("name", SAMPLER_PARAMS)
+def test_every_sampler_builds_from_the_recipe_defaults_alone(name):
+    sampler = make_sampler(MethodConfig(name), epochs=4)
+    assert sampler.weights(LABELS, 0).sum() == pytest.approx(1.0)
 
 
 def test_unknown_sampler():

@@ -1,0 +1,194 @@
+"""The session of a run: everything the loop works with (data, model, optimiser, library methods), built from a
+recipe, and its checkpoint: what a resumed run restores."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.network import EmotionModel
+from model.text_encoder import load_tokenizer
+from training.common import class_counts
+from training.datasets import (
+    Collator,
+    TextSource,
+    TurnTable,
+    frozen_layers,
+    load_tables,
+    load_waveforms,
+    text_states,
+)
+from training.datasets import text_features as cached_text_features
+from training.losses import ImbalanceLoss
+from training.recipe import Recipe, make_loss, make_sampler
+from training.run import RunDir, load_model_state, model_state
+from training.samplers import ClassShareSampler, DevF1Sampler
+
+
+@dataclass
+class LoopState:
+    """What the loop itself must carry across a restart, beside the model and optimiser states."""
+
+    epoch: int = 0  # the next epoch to run
+    best: float = -math.inf
+    best_epoch: int = -1
+    stale: int = 0  # epochs since the last improvement
+    stopped_early: bool = False
+    labels: np.ndarray | None = None  # training labels after label-noise handling (NO_LABEL = left out)
+    sampler: dict[str, Any] = field(default_factory=dict)
+    train_seconds: float = 0.0
+
+
+@dataclass
+class Session:
+    recipe: Recipe
+    run: RunDir
+    model: EmotionModel
+    device: torch.device
+    tables: dict[str, TurnTable]
+    collators: dict[str, Collator]
+    counts: np.ndarray  # training turns per emotion
+    loss: ImbalanceLoss
+    sampler: ClassShareSampler
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    state: LoopState
+    progress: bool = True
+
+    @property
+    def amp(self) -> bool:
+        return self.device.type == "cuda" and self.recipe.train.amp
+
+    @property
+    def num_emotions(self) -> int:
+        return len(self.recipe.model.emotions)
+
+    @property
+    def num_sentiments(self) -> int:
+        return len(self.recipe.model.sentiments)
+
+    @property
+    def monitor_group(self) -> str:
+        return "meld" if self.recipe.data.meld else "speech"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but CUDA is not available")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def seed_everything(seed: int, *salt: int) -> np.random.Generator:
+    """Seed torch (CPU and CUDA) from (seed, *salt) and return a numpy generator for the same stream."""
+    state = np.random.SeedSequence([seed, *salt]).generate_state(2, dtype=np.uint64)
+    torch.manual_seed(int(state[0]) & (2**63 - 1))
+    return np.random.default_rng(int(state[1]))
+
+
+def build_session(
+    recipe: Recipe, run: RunDir, data_dir: Path, cache_dir: Path | None, device: str = "auto", progress: bool = True
+) -> Session:
+    """Data, model and optimiser of a run; restored from the run's last checkpoint when it has one."""
+    seed_everything(recipe.train.seed)
+    device_ = resolve_device(device if recipe.train.device == "auto" else recipe.train.device)
+    tables = load_tables(data_dir, recipe.data, recipe.model)
+    model = EmotionModel(recipe.model)
+    collators = _collators(model, tables, recipe, cache_dir)
+    model.to(device_)
+    counts = class_counts(tables["train"].emotions, len(recipe.model.emotions))
+    optim = recipe.optim
+    optimizer = build_optimizer(model, lr=optim.lr, text_lr=optim.text_lr, weight_decay=optim.weight_decay)
+    steps = optim.epochs * math.ceil(tables["train"].num_dialogues / optim.batch_dialogues)
+    warmup = optim.warmup_epochs * steps / optim.epochs
+    session = Session(
+        recipe=recipe,
+        run=run,
+        model=model,
+        device=device_,
+        tables=tables,
+        collators=collators,
+        counts=counts,
+        loss=make_loss(recipe.loss, counts).to(device_),
+        sampler=make_sampler(recipe.sampler, optim.epochs),
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup, steps)),
+        scaler=torch.amp.GradScaler(device_.type, enabled=device_.type == "cuda" and recipe.train.amp),
+        state=LoopState(labels=tables["train"].emotions.copy()),
+        progress=progress,
+    )
+    if run.has_checkpoint():
+        restore(session, run.load(run.last_checkpoint))
+    return session
+
+
+def _collators(model: EmotionModel, tables: dict[str, TurnTable], recipe: Recipe, cache_dir: Path | None) -> dict:
+    """The text encoder's frozen part runs once per data set (cached on disk), never in the epochs: a frozen
+    encoder gives pooled outputs, a partly trainable one the states entering its first trainable layer."""
+    text, tokenizer = model.encoder.text, load_tokenizer(max_length=recipe.model.max_tokens)
+    frozen = frozen_layers(text)
+    collators = {}
+    for split, table in tables.items():
+        if frozen == text.num_layers:
+            source: TextSource = cached_text_features(text, tokenizer, table.texts, cache_dir)
+        elif frozen > 0:
+            source = text_states(text, tokenizer, table.texts, cache_dir)
+        else:
+            source = tokenizer
+        waves = load_waveforms(table.audio, recipe.data.max_audio_seconds, cache_dir)
+        collators[split] = Collator(table, source, waves)
+    return collators
+
+
+def build_optimizer(model: EmotionModel, lr: float, text_lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW; the pretrained text layers get their own (small) learning rate."""
+    text = [p for p in model.encoder.text.parameters() if p.requires_grad]
+    text_ids = {id(p) for p in model.encoder.text.parameters()}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in text_ids]
+    groups = [{"params": rest, "lr": lr}]
+    if text:
+        groups.append({"params": text, "lr": text_lr})
+    return torch.optim.AdamW(groups, weight_decay=weight_decay)
+
+
+def _warmup_cosine(warmup: float, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1.0, total - warmup))))
+
+    return factor
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------------
+
+
+def checkpoint(s: Session) -> dict[str, Any]:
+    sampler_state = {"f1": s.sampler.f1} if isinstance(s.sampler, DevF1Sampler) else {}
+    return {
+        "model": model_state(s.model),
+        "optimizer": s.optimizer.state_dict(),
+        "scheduler": s.scheduler.state_dict(),
+        "scaler": s.scaler.state_dict(),
+        "loop": dataclasses.asdict(dataclasses.replace(s.state, sampler=sampler_state)),
+        "training_sha256": s.recipe.training_digest(),
+    }
+
+
+def restore(s: Session, saved: dict[str, Any]) -> None:
+    if saved["training_sha256"] != s.recipe.training_digest():
+        raise RuntimeError(f"{s.run.last_checkpoint} was written by a recipe that trains differently")
+    load_model_state(s.model, saved["model"])
+    s.optimizer.load_state_dict(saved["optimizer"])
+    s.scheduler.load_state_dict(saved["scheduler"])
+    s.scaler.load_state_dict(saved["scaler"])
+    s.state = LoopState(**saved["loop"])
+    if isinstance(s.sampler, DevF1Sampler):
+        s.sampler.f1 = s.state.sampler.get("f1")
