@@ -19,6 +19,8 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 ENV_PREFIX = "EQUIPOISE_"
 CONFIG_ENV = f"{ENV_PREFIX}CONFIG"
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Written only here: also the default of monitoring.collapse.CollapseRules.recall_precision.
+MONITOR_RECALL_PRECISION = 0.04
 
 
 class SettingsError(ValueError):
@@ -71,7 +73,7 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(default=0, ge=0, le=256, description="0 lets ONNX Runtime decide.")
     precision: Literal["fp32", "int8"] = "fp32"
     # The smallest margin whose int8 labels agree with fp32 on >= 99.5% of MELD train turns for the shipped
-    # default (python -m model.benchmarks.int8_rescoring; docs/BENCHMARKS.md).
+    # default (python -m benchmarks.int8_rescoring; docs/BENCHMARKS.md).
     int8_rescore_margin: float = Field(
         default=0.04,
         ge=0,
@@ -117,7 +119,7 @@ class Settings(BaseSettings):
     monitor_interval_s: float = Field(default=300.0, gt=0)
     monitor_window: int = Field(default=500, ge=10)
     monitor_recall_precision: float = Field(
-        default=0.04,
+        default=MONITOR_RECALL_PRECISION,
         gt=0,
         le=1,
         description="95% half-width at which a measured minority recall counts as precise (docs/MONITORING.md).",

@@ -20,6 +20,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from core.settings import MONITOR_RECALL_PRECISION, Settings
+
 
 @dataclass(frozen=True)
 class CollapseRules:
@@ -32,7 +34,15 @@ class CollapseRules:
     cooldown_windows: int = 6
     # 95% half-width at which a measured minority recall counts as precise: a window's, and the monitor's
     # measurement over the newest labelled predictions (monitoring/job.py)
-    recall_precision: float = 0.04
+    recall_precision: float = MONITOR_RECALL_PRECISION
+
+
+def rules_from_settings(settings: Settings, *, min_predictions: int | None = None) -> CollapseRules:
+    """The rules with the configured recall precision; by default a window counts from the rules' own minimum,
+    or from the monitor's window size when that is smaller (else no window would ever count)."""
+    if min_predictions is None:
+        min_predictions = min(settings.monitor_window, CollapseRules.min_predictions)
+    return CollapseRules(min_predictions=min_predictions, recall_precision=settings.monitor_recall_precision)
 
 
 @dataclass(frozen=True)

@@ -129,11 +129,10 @@ def run_monitor(
     version: str,
     reference: ReferenceProfile,
     settings: MonitorSettings,
-    rules: CollapseRules | None = None,
+    rules: CollapseRules,
 ) -> MonitorRun:
     """Process every complete window of `version` not yet snapshotted, one transaction per window: its snapshot
     (and event and job) commit before the next window's analysis, so the prediction logger never waits on it."""
-    rules = rules or CollapseRules()
     with session_scope(engine) as session:
         detector = _detector(session, version, reference, rules)
         last = _last_snapshot(session, version)

@@ -20,7 +20,7 @@ from core.settings import Settings
 from model.artifact import ModelArtifact, load_artifact
 from model.registry import ModelRegistry
 from monitoring.analysis import ReferenceProfile
-from monitoring.collapse import CollapseRules
+from monitoring.collapse import CollapseRules, rules_from_settings
 from monitoring.estimation import class_shares
 from monitoring.job import MonitorRun, MonitorSettings, run_monitor
 from monitoring.windows import load_window
@@ -72,11 +72,7 @@ def monitor_champion(engine: Engine, settings: Settings, rules: CollapseRules | 
         reports_root=settings.state_dir / "reports",
         label_horizon=settings.monitor_label_horizon,
     )
-    rules = rules or CollapseRules(
-        min_predictions=min(settings.monitor_window, CollapseRules.min_predictions),
-        recall_precision=settings.monitor_recall_precision,
-    )
-    return run_monitor(engine, artifact.version, reference, monitoring, rules)
+    return run_monitor(engine, artifact.version, reference, monitoring, rules or rules_from_settings(settings))
 
 
 class MonitorSchedule:

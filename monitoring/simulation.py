@@ -29,7 +29,7 @@ from core.settings import get_settings
 from model.data.meld import group_dialogues, read_utterances
 from model.runtime import InferenceRuntime, UtteranceInput
 from monitoring.analysis import ReferenceProfile, analyse_window
-from monitoring.collapse import CollapseDetector, CollapseRules
+from monitoring.collapse import CollapseDetector, CollapseRules, rules_from_settings
 from monitoring.estimation import (
     class_shares,
     estimate_recall,
@@ -325,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     common = {
         "window_size": args.window_size,
         "bias": args.bias,
-        "rules": CollapseRules(min_predictions=args.window_size, recall_precision=settings.monitor_recall_precision),
+        "rules": rules_from_settings(settings, min_predictions=args.window_size),
         "label_horizon": settings.monitor_label_horizon,
     }
     stationary = run_stream(test, reference, windows=args.windows, degrade_from=None, seed=1, **common)

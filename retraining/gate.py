@@ -15,179 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
-
-import numpy as np
-import torch
-from scipy.special import softmax
+from typing import Any
 
 from core.db.models import ModelStatus
-from model.artifact import ENCODER_FILE, ModelArtifact
-from model.export import (
-    CONTEXT_OUTPUTS,
-    PARITY_TOLERANCE,
-    eval_mode,
-    example_context_inputs,
-    example_encoder_inputs,
-    to_feeds,
-)
+from model.artifact import ModelArtifact
 from model.registry import ModelRegistry, RegistryError
 from retraining.dataset import BASE, FEEDBACK, DialogueSet
-from retraining.graphs import (
-    EMOTION_OUTPUT,
-    FEATURES_OUTPUT,
-    EmotionHead,
-    encode_texts,
-    run_context,
-    session,
-    with_features_output,
-)
-from retraining.queue import PermanentError
-from training.metrics import MetricsReport, compute_metrics
-
-Inputs = Mapping[str, torch.Tensor]
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class GateConfig:
-    min_macro_f1_gain: float = 0.005
-    min_minority_recall_gain: float = 0.02
-    max_weighted_f1_drop: float = 0.01
-    min_heldout: int = 50  # labelled held-out turns needed to judge at all
-    min_feedback_heldout: int = 100  # fewer production turns than this: the base corpora's held-out rows join in
-    parity_tolerance: float = PARITY_TOLERANCE
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> GateConfig:
-        return config_from(cls, params.get("gate"), "gate settings")
-
-
-def config_from(cls: type[T], overrides: Mapping[str, Any] | None, what: str) -> T:
-    """A settings dataclass with a job's overrides (e.g. params["gate"]); unknown keys fail the job for good."""
-    values = dict(overrides or {})
-    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    if unknown:
-        raise PermanentError(f"unknown {what} {sorted(unknown)}")
-    return cls(**values)
-
-
-# ---------------------------------------------------------------------------------------------- parity
-
-
-class ParityReference(Protocol):
-    """What the candidate's graphs must compute, in PyTorch."""
-
-    def context(self, inputs: Inputs) -> Sequence[np.ndarray]:
-        """(emotion_logits, sentiment_logits) for context-graph inputs."""
-        ...
-
-    def encoder(self, inputs: Inputs) -> np.ndarray | None:
-        """The utterance embedding; None when the encoder graph is the base model's, copied unchanged."""
-        ...
-
-
-class HeadReference:
-    """A new emotion classifier on the base context graph's frozen features (tiers 1 and 2): the features come
-    from the base graph, the classifier is applied in PyTorch."""
-
-    def __init__(self, base_context: Path, head: EmotionHead) -> None:
-        self.graph = session(with_features_output(base_context))
-        self.head = head
-
-    def context(self, inputs: Inputs) -> Sequence[np.ndarray]:
-        features, sentiment = self.graph.run([FEATURES_OUTPUT, CONTEXT_OUTPUTS[1]], to_feeds(inputs))
-        weight, bias = torch.tensor(self.head.weight), torch.tensor(self.head.bias)
-        return torch.nn.functional.linear(torch.from_numpy(features), weight, bias).numpy(), sentiment
-
-    def encoder(self, inputs: Inputs) -> np.ndarray | None:
-        return None
-
-
-class TorchReference:
-    """A whole PyTorch model (tier 3)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-
-    def context(self, inputs: Inputs) -> Sequence[np.ndarray]:
-        with eval_mode(self.model), torch.no_grad():
-            return [t.numpy() for t in self.model.head(**inputs)]
-
-    def encoder(self, inputs: Inputs) -> np.ndarray | None:
-        with eval_mode(self.model), torch.no_grad():
-            return self.model.encoder(**inputs).numpy()
-
-
-def _context_probes(dim: int) -> list[dict[str, torch.Tensor]]:
-    return [example_context_inputs(dim, batch=3, turns=5, causal=False), example_context_inputs(dim, 2, 4, True)]
-
-
-def parity(candidate: ModelArtifact, reference: ParityReference, base: ModelArtifact) -> float:
-    """The largest |PyTorch - ONNX Runtime| over the probe outputs (inf when a graph cannot run)."""
-    try:
-        graph = session(candidate.context_path)
-        diffs = [
-            float(np.abs(np.asarray(expected) - actual).max())
-            for inputs in _context_probes(candidate.embed_dim)
-            for expected, actual in zip(
-                reference.context(inputs), graph.run(list(CONTEXT_OUTPUTS), to_feeds(inputs)), strict=True
-            )
-        ]
-        probe = example_encoder_inputs(batch=3, tokens=5, samples=2321, seed=1)
-        embedding = reference.encoder(probe)
-        if embedding is None:
-            if candidate.files[ENCODER_FILE].sha256 != base.files[ENCODER_FILE].sha256:
-                return math.inf  # a changed encoder needs a reference to be checked against
-        else:
-            actual = session(candidate.encoder_path).run(["embedding"], to_feeds(probe))[0]
-            diffs.append(float(np.abs(embedding - actual).max()))
-    except Exception:  # noqa: BLE001 - a corrupted graph fails in ONNX Runtime in many ways; all mean "no parity"
-        return math.inf
-    return max(diffs) if all(np.isfinite(diffs)) else math.inf
-
-
-# ---------------------------------------------------------------------------------------------- metrics
-
-
-def needs_reencoding(candidate: ModelArtifact, base: ModelArtifact) -> bool:
-    """Logged embeddings come from the base encoder; a candidate with another encoder is scored (and so is the
-    champion, to keep the data the same) from the stored texts instead."""
-    return candidate.files[ENCODER_FILE].sha256 != base.files[ENCODER_FILE].sha256
-
-
-def heldout_rows(data: DialogueSet, config: GateConfig, reencode: bool = False) -> np.ndarray:
-    """The labelled held-out turns the gate scores: production ones, joined by the base corpora's held-out turns
-    when production has fewer than `min_feedback_heldout`; only turns with text when re-encoding."""
-    rows = data.labelled(heldout=True, source=FEEDBACK)
-    if rows.sum() < config.min_feedback_heldout:
-        rows |= data.labelled(heldout=True, source=BASE)
-    return rows & np.array([bool(text) for text in data.texts], dtype=bool) if reencode else rows
-
-
-def heldout_logits(artifact: ModelArtifact, data: DialogueSet, rows: np.ndarray, reencode: bool) -> np.ndarray:
-    """Emotion logits [n, C] of `rows`, each scored within its whole dialogue; with `reencode` the stored texts are
-    encoded by the artifact's own encoder instead of using the logged embeddings."""
-    subset, index = data.take(data.dialogues_with(rows))
-    embeddings = encode_texts(artifact, subset.texts) if reencode else None
-    (logits,) = run_context(session(artifact.context_path), subset.dialogues(embeddings), [EMOTION_OUTPUT])
-    return logits[rows[index]]
-
-
-def report(
-    artifact: ModelArtifact,
-    logits: np.ndarray,
-    labels: np.ndarray,
-    minority: Sequence[str],
-    temperature: float | None = None,
-) -> MetricsReport:
-    """Metrics of `logits` against `labels`; ECE with the artifact's temperature unless another is given."""
-    names = artifact.emotions.names
-    probs = softmax(logits / (temperature or artifact.calibration.temperature), axis=1)
-    return compute_metrics(labels, logits.argmax(axis=1), names, probs, [m for m in minority if m in names])
+from retraining.gate_config import GateConfig
+from retraining.heldout import heldout_logits, heldout_rows, needs_reencoding, report
+from retraining.parity import ParityReference, parity
+from training.metrics import MetricsReport
 
 
 def compare(champion: MetricsReport, candidate: MetricsReport, config: GateConfig) -> list[str]:
@@ -213,9 +53,6 @@ def compare(champion: MetricsReport, candidate: MetricsReport, config: GateConfi
             f"drop {drop:.4f} beyond the tolerated {config.max_weighted_f1_drop:.4f}"
         )
     return reasons
-
-
-# ---------------------------------------------------------------------------------------------- the gate
 
 
 @dataclass

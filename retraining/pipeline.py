@@ -23,7 +23,8 @@ from model.artifact import ModelArtifact
 from model.registry import ModelRegistry, RegistryError
 from retraining import tier1_priors, tier2_head, tier3_finetune
 from retraining.dataset import DialogueSet, base_dialogues, feedback_dialogues, recent_probabilities
-from retraining.gate import GateConfig, GateDecision, run_gate
+from retraining.gate import GateDecision, run_gate
+from retraining.gate_config import GateConfig
 from retraining.queue import ENGINES, PermanentError
 from retraining.steps import JobContext, Outcome
 from retraining.tiers import Draft, Evidence, TierChoice, TierInputs, TierRules, choose_tier, finalise

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from retraining.dataset import BASE
-from retraining.gate import HeadReference
 from retraining.graphs import EmotionHead, read_head, write_head
+from retraining.parity import HeadReference
 from retraining.queue import PermanentError
 from retraining.steps import JobContext
 from retraining.tiers import CLASS_PRIOR_KEY, Draft, TierInputs, head_graphs

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from retraining.dataset import FEEDBACK, filter_label_noise
-from retraining.gate import HeadReference, config_from
+from retraining.gate_config import config_from
 from retraining.graphs import (
     FEATURES_OUTPUT,
     EmotionHead,
@@ -26,6 +26,7 @@ from retraining.graphs import (
     with_features_output,
     write_head,
 )
+from retraining.parity import HeadReference
 from retraining.queue import PermanentError
 from retraining.steps import JobContext
 from retraining.tiers import Draft, TierInputs, head_graphs, uniform_prior

@@ -21,15 +21,9 @@ import numpy as np
 from model.artifact import CONTEXT_FILE, ENCODER_FILE, ENCODER_INT8_FILE, Calibration, ModelArtifact, write_artifact
 from model.preprocess import PreprocessingConfig
 from retraining.dataset import DialogueSet
-from retraining.gate import (
-    GateConfig,
-    ParityReference,
-    config_from,
-    heldout_logits,
-    heldout_rows,
-    needs_reencoding,
-    report,
-)
+from retraining.gate_config import GateConfig, config_from
+from retraining.heldout import heldout_logits, heldout_rows, needs_reencoding, report
+from retraining.parity import ParityReference
 from retraining.queue import TIERS, PermanentError
 from retraining.steps import JobContext
 from training.calibration import fit_temperature

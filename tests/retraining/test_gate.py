@@ -11,8 +11,10 @@ from core.db.models import ModelStatus
 from model.artifact import CONTEXT_FILE, ModelArtifact, write_artifact
 from model.registry import ModelRegistry
 from retraining.dataset import DialogueSet
-from retraining.gate import GateConfig, HeadReference, run_gate
+from retraining.gate import run_gate
+from retraining.gate_config import GateConfig
 from retraining.graphs import EmotionHead, read_head, write_head
+from retraining.parity import HeadReference
 from retraining.queue import PermanentError
 from retraining.tiers import head_graphs
 from tests.retraining.synthetic import MINORITY, labelled_turns, single_turns

@@ -15,7 +15,7 @@ from model.artifact import ENCODER_FILE, load_artifact
 from model.labels import EMOTIONS
 from model.registry import ModelRegistry
 from retraining.dataset import BASE, base_dialogues, feedback_dialogues, is_heldout
-from retraining.gate import GateConfig
+from retraining.gate_config import GateConfig
 from retraining.graphs import EMOTION_OUTPUT, read_head, run_context, session
 from retraining.queue import PermanentError
 from retraining.tier2_head import HeadTraining, denoised
