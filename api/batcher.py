@@ -16,19 +16,12 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from api.domain_errors import ModelUnavailable, Overloaded
 from api.metrics import Metrics
 from api.reload import LoadedModel, ModelHolder
 from model.runtime import TurnPrediction, UtteranceInput
 
 log = logging.getLogger(__name__)
-
-
-class Overloaded(RuntimeError):
-    """The queue is full."""
-
-
-class ModelUnavailable(RuntimeError):
-    """No model is loaded, or the service is stopping."""
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 `errors` lists `{field, message, limit}` so a client can point at the offending field and the limit it broke.
 `Problem` subclasses Starlette's HTTPException so FastAPI re-raises it untouched from body reading.
+The data plane raises transport-free errors (api/domain_errors.py) instead; `domain_problem` maps them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.domain_errors import DomainError, InputTooLarge, InvalidInput, ModelUnavailable, Overloaded
 from api.schemas import ProblemDetails
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -102,6 +104,20 @@ def validation_problem(error: ValidationError | RequestValidationError) -> Probl
     return Problem(422, "The request does not match the expected schema.", kind="validation", errors=field_errors)
 
 
+def domain_problem(error: DomainError) -> Problem:
+    """The one place a data-plane refusal becomes an HTTP problem."""
+    match error:
+        case InputTooLarge():
+            return too_large(error.field, error.message, error.limit)
+        case InvalidInput():
+            return invalid(error.field, error.message)
+        case Overloaded():
+            return unavailable(f"The service is overloaded ({error}); retry shortly.", kind="overloaded")
+        case ModelUnavailable():
+            return unavailable(f"No model is being served: {error}.", kind="no-model")
+    raise TypeError(f"no problem is mapped for {type(error).__name__}")
+
+
 def _field_error(issue: Mapping[str, Any]) -> FieldError:
     location = [str(part) for part in issue.get("loc", ())]
     if location and location[0] in REQUEST_PARTS:
@@ -125,10 +141,16 @@ def _title(status: int) -> str:
         return "Error"
 
 
+def _respond(problem: Problem) -> JSONResponse:
+    return problem_response(
+        problem.status_code, problem.detail, kind=problem.kind, errors=problem.errors, headers=problem.headers
+    )
+
+
 async def _http_exception(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     if isinstance(exc, Problem):
-        return problem_response(exc.status_code, exc.detail, kind=exc.kind, errors=exc.errors, headers=exc.headers)
+        return _respond(exc)
     # The framework's own 400s all come from reading the body (undecodable JSON, broken multipart).
     errors = [FieldError("body", str(exc.detail))] if exc.status_code == 400 else []
     return problem_response(exc.status_code, str(exc.detail), errors=errors, headers=exc.headers)
@@ -136,14 +158,17 @@ async def _http_exception(_request: Request, exc: Exception) -> JSONResponse:
 
 async def _request_validation(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    problem = validation_problem(exc)
-    return problem_response(problem.status_code, problem.detail, kind=problem.kind, errors=problem.errors)
+    return _respond(validation_problem(exc))
+
+
+async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DomainError)
+    return _respond(domain_problem(exc))
 
 
 async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
     log.warning("database unavailable: %s", exc)
-    problem = unavailable("The database is unavailable; retry shortly.", kind="database-unavailable")
-    return problem_response(problem.status_code, problem.detail, kind=problem.kind, headers=problem.headers)
+    return _respond(unavailable("The database is unavailable; retry shortly.", kind="database-unavailable"))
 
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
@@ -154,6 +179,7 @@ async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
 def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_exception)
     app.add_exception_handler(RequestValidationError, _request_validation)
+    app.add_exception_handler(DomainError, _domain_error)
     for connection_error in (OperationalError, InterfaceError, SQLAlchemyTimeoutError):
         app.add_exception_handler(connection_error, _database_unavailable)
     app.add_exception_handler(Exception, _unhandled)

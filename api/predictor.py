@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from api.batcher import MicroBatcher, ModelUnavailable, Overloaded, Scored
-from api.errors import invalid, too_large, unavailable
+from api.batcher import MicroBatcher, Scored
+from api.domain_errors import InputTooLarge, InvalidInput
 from api.inputs import RawTurn
 from api.metrics import Metrics
 from api.prediction_log import PredictionLogger
@@ -68,12 +68,8 @@ class Predictor:
     async def _score(self, inputs: list[UtteranceInput], causal: bool) -> Scored:
         try:
             return await self._batcher.score(inputs, causal)
-        except Overloaded as error:
-            raise unavailable(f"The service is overloaded ({error}); retry shortly.", kind="overloaded") from None
-        except ModelUnavailable as error:
-            raise unavailable(f"No model is being served: {error}.", kind="no-model") from None
         except PreprocessError as error:  # the model's own input checks
-            raise invalid("body", str(error)) from None
+            raise InvalidInput("body", str(error)) from None
 
     def _decode_all(self, turns: list[RawTurn], kind: RequestKind) -> list[UtteranceInput]:
         fields = [f"turns.{i}.audio" if kind == RequestKind.DIALOGUE else "audio" for i in range(len(turns))]
@@ -90,9 +86,9 @@ class Predictor:
                 audio, max_bytes=self._settings.max_audio_bytes, max_seconds=self._settings.max_audio_seconds
             )
         except (AudioTooLarge, AudioTooLong) as error:
-            raise too_large(field, error.message, error.limit or 0) from None
+            raise InputTooLarge(field, error.message, error.limit or 0) from None
         except AudioError as error:
-            raise invalid(field, error.message) from None
+            raise InvalidInput(field, error.message) from None
 
     def _record(
         self,
@@ -118,7 +114,7 @@ class Predictor:
             audio=turn.audio if self._settings.store_audio else None,
             audio_seconds=len(audio) / SAMPLE_RATE if audio is not None else None,
             label=answer.emotion,
-            label_index=list(answer.probabilities).index(answer.emotion),
+            label_index=prediction.emotion_index,
             confidence=answer.confidence,
             probabilities=[float(p) for p in prediction.emotion_probs],
             sentiment=answer.sentiment,
@@ -140,7 +136,7 @@ def _answer(
     return UtterancePrediction(
         prediction_id=uuid.uuid4(),
         emotion=prediction.emotion,
-        confidence=emotion_probs[emotions.index(prediction.emotion)],
+        confidence=emotion_probs[prediction.emotion_index],
         probabilities=dict(zip(emotions.names, emotion_probs, strict=True)),
         sentiment=prediction.sentiment,
         sentiment_probabilities={

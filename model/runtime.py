@@ -60,6 +60,7 @@ class UtteranceInput:
 @dataclass(frozen=True)
 class TurnPrediction:
     emotion: str
+    emotion_index: int  # position of `emotion` in the model's emotion labels (the argmax of `emotion_probs`)
     emotion_probs: np.ndarray  # float32 [C_emotion], softmax(logits / T)
     sentiment: str
     sentiment_probs: np.ndarray  # float32 [C_sentiment]
@@ -294,8 +295,10 @@ class InferenceRuntime:
 
     def _prediction(self, emotion: np.ndarray, sentiment: np.ndarray, embedding: np.ndarray) -> TurnPrediction:
         # Copies: views would keep the whole batch's arrays alive as long as any one prediction is.
+        emotion_index = int(emotion.argmax())
         return TurnPrediction(
-            emotion=self.emotions.name(int(emotion.argmax())),
+            emotion=self.emotions.name(emotion_index),
+            emotion_index=emotion_index,
             emotion_probs=emotion.copy(),
             sentiment=self.sentiments.name(int(sentiment.argmax())),
             sentiment_probs=sentiment.copy(),

@@ -211,7 +211,7 @@ def _logged(turn: PreparedTurn, prediction: TurnPrediction, model: ModelInfo, la
         audio_path=source.audio_path if audio is not None else None,
         audio_seconds=len(audio) / SAMPLE_RATE if audio is not None else None,
         label=prediction.emotion,
-        label_index=model.emotions.index(prediction.emotion),
+        label_index=prediction.emotion_index,
         confidence=float(probabilities.max()),
         probabilities=probabilities.tolist(),
         sentiment=prediction.sentiment,

@@ -1,0 +1,37 @@
+"""What the data plane (predictor, batcher) raises when it refuses a request: transport-free.
+
+`api/errors.py` maps each of these to its problem+json response, once, in an exception handler.
+"""
+
+from __future__ import annotations
+
+
+class DomainError(Exception):
+    """A refusal the client is told about, as opposed to a bug."""
+
+
+class InvalidInput(DomainError):
+    """`field` of the request holds a value the model cannot use."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+class InputTooLarge(DomainError):
+    """`field` of the request exceeds `limit` (in the unit `message` names)."""
+
+    def __init__(self, field: str, message: str, limit: float | int) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+        self.limit = limit
+
+
+class Overloaded(DomainError):
+    """The queue is full."""
+
+
+class ModelUnavailable(DomainError):
+    """No model is loaded, or the service is stopping."""
