@@ -27,6 +27,7 @@ serve: $(STAMP)
 	$(VENV)/bin/equipoise serve
 
 test: $(STAMP) tools
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest
 
 lint: $(STAMP)
