@@ -30,6 +30,9 @@ from api.predictor import Predictor
 from api.reload import ModelHolder, ModelLoader, ModelReloader, runtime_loader
 from api.routes import api_router
 from api.schemas import DialogueRequest, UtteranceRequest
+from api.stream import OpenStreams
+from api.v2_schemas import InferenceRequest
+from api.versions import VersionPool
 from core.db.session import make_engine, session_factory
 from core.settings import Settings, get_settings
 from model.registry import ModelRegistry
@@ -46,16 +49,9 @@ def build_state(settings: Settings, loader: ModelLoader | None = None) -> Servic
     metrics.registry.register(MonitoringCollector(engine))
     registry = ModelRegistry(engine, settings.registry_dir)
     holder = ModelHolder()
-    reloader = ModelReloader(
-        registry, holder, loader or runtime_loader(settings), metrics, settings.model_poll_interval_s
-    )
-    batcher = MicroBatcher(
-        holder,
-        metrics,
-        max_size=settings.batch_max_size,
-        max_wait_s=settings.batch_max_wait_ms / 1000,
-        queue_limit=settings.batch_queue_limit,
-    )
+    loader = loader or runtime_loader(settings)
+    reloader = ModelReloader(registry, holder, loader, metrics, settings.model_poll_interval_s)
+    batcher = MicroBatcher.from_settings(holder, metrics, settings)
     preparer = RowPreparer(
         redact_text=settings.redact_text, audio_dir=settings.state_dir / "audio" if settings.store_audio else None
     )
@@ -78,6 +74,7 @@ def build_state(settings: Settings, loader: ModelLoader | None = None) -> Servic
         batcher=batcher,
         logger=logger,
         predictor=Predictor(batcher, logger, metrics, settings),
+        versions=VersionPool(registry, loader, logger, metrics, settings),
         auth=Authenticator(engine, required=settings.auth_required, cache_s=settings.api_key_cache_s),
     )
 
@@ -101,6 +98,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await run_in_threadpool(schedule.stop)
         await state.reloader.stop()
         await state.batcher.stop()
+        await state.versions.close()
         await run_in_threadpool(state.logger.close)
         state.engine.dispose()
         log.info("stopped; %d prediction rows remain in the spool", state.logger.spooled_rows)
@@ -115,6 +113,7 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
         lifespan=lifespan,
     )
     app.state.service = build_state(settings, loader)
+    app.state.open_streams = OpenStreams(settings.stream_max_open, app.state.service.metrics.streams_open)
     errors.install(app)
     app.include_router(api_router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
@@ -128,7 +127,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
         _, definitions = models_json_schema(
-            [(UtteranceRequest, "validation"), (DialogueRequest, "validation")],
+            [(UtteranceRequest, "validation"), (DialogueRequest, "validation"), (InferenceRequest, "validation")],
             ref_template="#/components/schemas/{model}",
         )
         schema.setdefault("components", {}).setdefault("schemas", {}).update(definitions.get("$defs", {}))

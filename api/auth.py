@@ -16,6 +16,7 @@ from fastapi import Request
 from sqlalchemy import Engine, exists, select
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import HTTPConnection
 
 from api.errors import Problem, unavailable
 from core.db import crud
@@ -42,6 +43,7 @@ class Principal:
 
 
 ANONYMOUS = Principal("anonymous (auth off)", Role.ADMIN)
+HEADER_HINT = "`Authorization: Bearer <key>` or `X-API-Key: <key>`"
 
 
 class Authenticator:
@@ -68,23 +70,28 @@ class Authenticator:
         return principal
 
 
-def presented_key(request: Request) -> str | None:
-    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+def presented_key(connection: HTTPConnection) -> str | None:
+    """The key in the headers of a request or a WebSocket handshake."""
+    scheme, _, credentials = connection.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
         return credentials.strip()
-    return request.headers.get("x-api-key") or None
+    return connection.headers.get("x-api-key") or None
 
 
 async def authorize(request: Request, authenticator: Authenticator, role: Role) -> Principal:
+    return await authorize_key(presented_key(request), authenticator, role)
+
+
+async def authorize_key(
+    raw: str | None, authenticator: Authenticator, role: Role, where: str = HEADER_HINT
+) -> Principal:
+    """The principal of the key `raw` (presented as `where` says) if it may act as `role`; a 401, 403 or 503
+    Problem otherwise."""
     if not authenticator.required:
         return ANONYMOUS
-    raw = presented_key(request)
     if raw is None:
         raise Problem(
-            401,
-            "An API key is required: send `Authorization: Bearer <key>` or `X-API-Key: <key>`.",
-            kind="unauthorized",
-            headers={"WWW-Authenticate": "Bearer"},
+            401, f"An API key is required: send {where}.", kind="unauthorized", headers={"WWW-Authenticate": "Bearer"}
         )
     principal = authenticator.cached(raw)
     if principal is None:

@@ -6,6 +6,8 @@ batch holds `max_size` utterances or `max_wait_s` has passed since the first, an
 worker thread so the event loop never blocks on ONNX Runtime. A request that would overflow the batch opens
 the next one. Dialogues of the two context modes are scored in separate calls (`causal` is a graph input).
 If a batch call fails, its requests are retried one by one so one bad input cannot fail its neighbours.
+A live stream's turn comes with the `History` of its conversation (the turns encoded before); it is scored only by
+the model that encoded that history, and refused with `ModelChanged` once another model is served.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from api.domain_errors import ModelUnavailable, Overloaded
+import numpy as np
+
+from api.domain_errors import ModelChanged, ModelUnavailable, Overloaded
 from api.metrics import Metrics
 from api.reload import LoadedModel, ModelHolder
+from core.settings import Settings
 from model.runtime import TurnPrediction, UtteranceInput
 
 log = logging.getLogger(__name__)
@@ -30,10 +35,24 @@ class Scored:
     turns: list[TurnPrediction]
 
 
+@dataclass(frozen=True)
+class History:
+    """The turns of a conversation a live stream keeps: embeddings [P, D] from model `version`'s encoder and the
+    turns' speakers, in turn order."""
+
+    version: str
+    embeddings: np.ndarray
+    speakers: tuple[str | None, ...]
+
+    def __len__(self) -> int:
+        return len(self.speakers)
+
+
 @dataclass(eq=False)
 class _Request:
     dialogue: list[UtteranceInput]
     causal: bool
+    history: History | None
     future: asyncio.Future[Scored] = field(repr=False)
 
     @property
@@ -56,6 +75,16 @@ class MicroBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="equipoise-model")
         self._task: asyncio.Task[None] | None = None
 
+    @classmethod
+    def from_settings(cls, holder: ModelHolder, metrics: Metrics, settings: Settings) -> MicroBatcher:
+        return cls(
+            holder,
+            metrics,
+            max_size=settings.batch_max_size,
+            max_wait_s=settings.batch_max_wait_ms / 1000,
+            queue_limit=settings.batch_queue_limit,
+        )
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="equipoise-batcher")
 
@@ -67,10 +96,11 @@ class MicroBatcher:
             _fail(self._queue.get_nowait(), ModelUnavailable("the service is stopping"))
         self._executor.shutdown(wait=True)
 
-    async def score(self, dialogue: list[UtteranceInput], causal: bool) -> Scored:
+    async def score(self, dialogue: list[UtteranceInput], causal: bool, history: History | None = None) -> Scored:
+        """`dialogue` scored by the served model; with a `history`, after those turns (only `dialogue` is encoded)."""
         if self._holder.current is None:
             raise ModelUnavailable(self._holder.last_error or "no model is loaded")
-        request = _Request(dialogue, causal, asyncio.get_running_loop().create_future())
+        request = _Request(dialogue, causal, history, asyncio.get_running_loop().create_future())
         try:
             self._queue.put_nowait(request)
         except asyncio.QueueFull:
@@ -121,6 +151,9 @@ class MicroBatcher:
             for request in batch:
                 _fail(request, ModelUnavailable(self._holder.last_error or "no model is loaded"))
             return
+        batch = [request for request in batch if not _kept_by_another_model(request, model)]
+        if not batch:
+            return
         self._metrics.batch_size.observe(sum(request.size for request in batch))
         loop = asyncio.get_running_loop()
         outcomes = await loop.run_in_executor(self._executor, _score_batch, model, batch)
@@ -136,6 +169,15 @@ def _fail(request: _Request, error: Exception) -> None:
         request.future.set_exception(error)
 
 
+def _kept_by_another_model(request: _Request, model: LoadedModel) -> bool:
+    """A stream whose history another model encoded (a promotion came between its turns) is refused."""
+    history = request.history
+    if history is None or history.version == model.version:
+        return False
+    _fail(request, ModelChanged(history.version, model.version))
+    return True
+
+
 def _score_batch(model: LoadedModel, batch: list[_Request]) -> list[Outcome]:
     """Runs on the model thread: one call per context mode, then one by one if a call fails."""
     outcomes: dict[int, Outcome] = {}
@@ -143,20 +185,22 @@ def _score_batch(model: LoadedModel, batch: list[_Request]) -> list[Outcome]:
     for position, request in enumerate(batch):
         groups[request.causal].append(position)
     for causal, positions in groups.items():
-        outcomes.update(_score_group(model, [batch[p].dialogue for p in positions], positions, causal))
+        outcomes.update(_score_group(model, [batch[p] for p in positions], positions, causal))
     return [outcomes[position] for position in range(len(batch))]
 
 
 def _score_group(
-    model: LoadedModel, dialogues: list[list[UtteranceInput]], positions: list[int], causal: bool
+    model: LoadedModel, requests: list[_Request], positions: list[int], causal: bool
 ) -> dict[int, Outcome]:
+    dialogues = [request.dialogue for request in requests]
+    history = [(r.history.embeddings, r.history.speakers) if r.history is not None else None for r in requests]
     try:
-        return dict(zip(positions, model.runtime.classify(dialogues, causal), strict=True))
+        return dict(zip(positions, model.runtime.classify(dialogues, causal, history), strict=True))
     except Exception as error:
-        if len(dialogues) == 1:
+        if len(requests) == 1:
             log.exception("model call failed for one request")
             return {positions[0]: error}
     outcomes: dict[int, Outcome] = {}
-    for position, dialogue in zip(positions, dialogues, strict=True):
-        outcomes.update(_score_group(model, [dialogue], [position], causal))
+    for position, request in zip(positions, requests, strict=True):
+        outcomes.update(_score_group(model, [request], [position], causal))
     return outcomes

@@ -17,6 +17,7 @@ from api.metrics import Metrics
 from api.prediction_log import PredictionLogger
 from api.predictor import Predictor
 from api.reload import ModelHolder, ModelReloader
+from api.versions import VersionPool
 from core.db.models import Role
 from core.settings import Settings
 from model.registry import ModelRegistry
@@ -34,6 +35,7 @@ class ServiceState:
     batcher: MicroBatcher
     logger: PredictionLogger
     predictor: Predictor
+    versions: VersionPool  # other registered versions, served by name under /v2
     auth: Authenticator
 
 

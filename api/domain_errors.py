@@ -35,3 +35,15 @@ class Overloaded(DomainError):
 
 class ModelUnavailable(DomainError):
     """No model is loaded, or the service is stopping."""
+
+
+class ModelChanged(DomainError):
+    """Turns kept by a live stream were encoded by a model that is no longer the one served."""
+
+    def __init__(self, kept: str, serving: str) -> None:
+        super().__init__(
+            f"the served model changed from {kept} to {serving}; the turns this stream kept were encoded by {kept}, "
+            "so its context cannot continue: open a new stream"
+        )
+        self.kept = kept
+        self.serving = serving

@@ -3,6 +3,8 @@
 `errors` lists `{field, message, limit}` so a client can point at the offending field and the limit it broke.
 `Problem` subclasses Starlette's HTTPException so FastAPI re-raises it untouched from body reading.
 The data plane raises transport-free errors (api/domain_errors.py) instead; `domain_problem` maps them.
+Under /v2 (the Open Inference Protocol) the same problem is answered in that protocol's shape instead:
+`{"error": message}` (what its clients read), plus the same `errors` list, with the same status and headers.
 """
 
 from __future__ import annotations
@@ -21,10 +23,18 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.domain_errors import DomainError, InputTooLarge, InvalidInput, ModelUnavailable, Overloaded
+from api.domain_errors import (
+    DomainError,
+    InputTooLarge,
+    InvalidInput,
+    ModelChanged,
+    ModelUnavailable,
+    Overloaded,
+)
 from api.schemas import ProblemDetails
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+V2_PREFIX = "/v2"  # the Open Inference Protocol's paths (api/routes/v2.py)
 PROBLEM_TYPE_BASE = "https://equipoise.dev/problems/"
 RETRY_AFTER_S = 1
 REQUEST_PARTS = frozenset({"body", "path", "query", "header", "cookie"})
@@ -85,14 +95,47 @@ def problem_response(
     errors: Iterable[FieldError] = (),
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    body: dict[str, Any] = {
+    body = problem_body(status, detail, kind=kind, errors=errors)
+    return JSONResponse(body, status_code=status, headers=dict(headers or {}), media_type=PROBLEM_MEDIA_TYPE)
+
+
+def problem_body(
+    status: int, detail: str, *, kind: str | None = None, errors: Iterable[FieldError] = ()
+) -> dict[str, Any]:
+    """The problem+json document: the body of an error response, and what a live stream's error message carries."""
+    return {
         "type": PROBLEM_TYPE_BASE + (kind or _slug(status)),
         "title": _title(status),
         "status": status,
         "detail": detail,
         "errors": [asdict(error) for error in errors],
     }
-    return JSONResponse(body, status_code=status, headers=dict(headers or {}), media_type=PROBLEM_MEDIA_TYPE)
+
+
+def v2_error_response(
+    status: int, detail: str, errors: Iterable[FieldError] = (), headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """The Open Inference Protocol's error body: `error` names each field and its limit, as a client of that
+    protocol shows only this string."""
+    errors = list(errors)
+    named = [
+        f"{error.field}: {error.message}"
+        + (f" (limit {error.limit})" if error.limit is not None and str(error.limit) not in error.message else "")
+        for error in errors
+    ]
+    if not named:
+        message = detail
+    elif all(error.message == detail for error in errors):
+        message = "; ".join(named)
+    else:
+        message = f"{detail} [{'; '.join(named)}]"
+    body = {"error": message, "errors": [asdict(error) for error in errors]}
+    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+
+
+def speaks_v2(request: Request) -> bool:
+    path = request.url.path
+    return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
 
 
 def validation_problem(error: ValidationError | RequestValidationError) -> Problem:
@@ -115,6 +158,8 @@ def domain_problem(error: DomainError) -> Problem:
             return unavailable(f"The service is overloaded ({error}); retry shortly.", kind="overloaded")
         case ModelUnavailable():
             return unavailable(f"No model is being served: {error}.", kind="no-model")
+        case ModelChanged():
+            return Problem(409, str(error), kind="model-changed")
     raise TypeError(f"no problem is mapped for {type(error).__name__}")
 
 
@@ -141,39 +186,41 @@ def _title(status: int) -> str:
         return "Error"
 
 
-def _respond(problem: Problem) -> JSONResponse:
+def _respond(request: Request, problem: Problem) -> JSONResponse:
+    if speaks_v2(request):
+        return v2_error_response(problem.status_code, problem.detail, problem.errors, problem.headers)
     return problem_response(
         problem.status_code, problem.detail, kind=problem.kind, errors=problem.errors, headers=problem.headers
     )
 
 
-async def _http_exception(_request: Request, exc: Exception) -> JSONResponse:
+async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     if isinstance(exc, Problem):
-        return _respond(exc)
+        return _respond(request, exc)
     # The framework's own 400s all come from reading the body (undecodable JSON, broken multipart).
     errors = [FieldError("body", str(exc.detail))] if exc.status_code == 400 else []
-    return problem_response(exc.status_code, str(exc.detail), errors=errors, headers=exc.headers)
+    return _respond(request, Problem(exc.status_code, str(exc.detail), errors=errors, headers=exc.headers))
 
 
-async def _request_validation(_request: Request, exc: Exception) -> JSONResponse:
+async def _request_validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    return _respond(validation_problem(exc))
+    return _respond(request, validation_problem(exc))
 
 
-async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DomainError)
-    return _respond(domain_problem(exc))
+    return _respond(request, domain_problem(exc))
 
 
-async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
     log.warning("database unavailable: %s", exc)
-    return _respond(unavailable("The database is unavailable; retry shortly.", kind="database-unavailable"))
+    return _respond(request, unavailable("The database is unavailable; retry shortly.", kind="database-unavailable"))
 
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return problem_response(500, "An internal error occurred; it has been logged.")
+    return _respond(request, Problem(500, "An internal error occurred; it has been logged."))
 
 
 def install(app: FastAPI) -> None:

@@ -69,6 +69,31 @@ async def read_dialogue(request: Request, settings: Settings) -> RawDialogue:
         _check_turn_count(body.get("turns") if isinstance(body, dict) else None, settings)
         parsed = _validate(DialogueRequest, body)
         uploads = [None] * len(parsed.turns)
+    return _dialogue(parsed, uploads, settings)
+
+
+def dialogue_of(body: dict[str, Any], uploads: list[bytes | None], settings: Settings) -> RawDialogue:
+    """A dialogue from parts another transport decoded (the /v2 tensors): `body` as a JSON dialogue request,
+    `uploads[i]` the audio file of turn i; the same schema and limit checks as a /v1 request."""
+    _check_turn_count(body.get("turns"), settings)
+    parsed = _validate(DialogueRequest, body)
+    for index, upload in enumerate(uploads):
+        if upload is not None:
+            _check_audio_size(len(upload), f"turns.{index}.", settings)
+    return _dialogue(parsed, uploads, settings)
+
+
+def parse_json(body: bytes) -> Any:
+    """A request body as JSON; 400 naming the body when it is not UTF-8 JSON or nests too deeply."""
+    try:
+        return json.loads(body)
+    except RecursionError:  # the parser recurses once per level of nesting
+        raise invalid("body", "The request body is nested too deeply to parse.", status=400) from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4,300 digits
+        raise invalid("body", f"The request body is not valid UTF-8 JSON: {error}", status=400) from None
+
+
+def _dialogue(parsed: DialogueRequest, uploads: list[bytes | None], settings: Settings) -> RawDialogue:
     turns = [
         _turn(turn, upload, f"turns.{index}.", settings)
         for index, (turn, upload) in enumerate(zip(parsed.turns, uploads, strict=True))
@@ -101,13 +126,7 @@ def _media_type(request: Request) -> str:
 
 
 async def _json(request: Request) -> Any:
-    body = await request.body()
-    try:
-        return json.loads(body)
-    except RecursionError:  # the parser recurses once per level of nesting
-        raise invalid("body", "The request body is nested too deeply to parse.", status=400) from None
-    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4,300 digits
-        raise invalid("body", f"The request body is not valid UTF-8 JSON: {error}", status=400) from None
+    return parse_json(await request.body())
 
 
 def _validate(model: type[Model], data: Any) -> Model:
@@ -157,6 +176,11 @@ def _check_turn_count(turns: Any, settings: Settings) -> None:
     limit = settings.max_dialogue_turns
     if isinstance(turns, list) and len(turns) > limit:
         raise too_large("turns", f"the dialogue has {len(turns)} turns; the limit is {limit}", limit)
+
+
+def checked_utterance(parsed: UtteranceRequest, settings: Settings) -> RawTurn:
+    """An utterance another transport received as JSON (a live stream's turn), with the same limit checks as /v1."""
+    return _turn(parsed, None, "", settings)
 
 
 def _turn(parsed: UtteranceRequest, upload: bytes | None, prefix: str, settings: Settings) -> RawTurn:

@@ -57,6 +57,13 @@ class Metrics:
         self.model_info = Info("equipoise_model", "The model being served.", registry=r)
         self.model_loaded = Gauge("equipoise_model_loaded", "1 while a model is loaded.", registry=r)
         self.reloads = Counter("equipoise_model_reloads_total", "Model loads by outcome.", ["outcome"], registry=r)
+        self.streams_open = Gauge("equipoise_streams_open", "Live streams (/v1/stream) open now.", registry=r)
+        self.stream_closes = Counter(
+            "equipoise_stream_closes_total", "Live streams closed, by WebSocket close code.", ["code"], registry=r
+        )
+        self.escalations = Counter(
+            "equipoise_stream_escalations_total", "Escalation events pushed to live streams.", registry=r
+        )
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -10,12 +10,13 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from api.batcher import MicroBatcher, Scored
+from api.batcher import History, MicroBatcher, Scored
 from api.domain_errors import InputTooLarge, InvalidInput
 from api.inputs import RawTurn
 from api.metrics import Metrics
 from api.prediction_log import PredictionLogger
 from api.schemas import UtterancePrediction
+from core.audit import selected_for_audit
 from core.db.crud import PredictionRecord
 from core.db.models import ContextMode, RequestKind
 from core.settings import Settings
@@ -31,6 +32,7 @@ class RequestInfo:
     context: ContextMode | None
     conversation_id: str | None
     started: float  # time.perf_counter() when the request arrived
+    streamed: bool = False  # a live stream's turn: a message of its own, not `turns.<i>` of a body
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class Answer:
     model_version: str
     latency_ms: float
     turns: list[UtterancePrediction]
+    embeddings: tuple[np.ndarray, ...] = ()  # each turn's utterance embedding (a live stream keeps them)
 
 
 class Predictor:
@@ -47,32 +50,37 @@ class Predictor:
         self._metrics = metrics
         self._settings = settings
 
-    async def predict(self, turns: list[RawTurn], info: RequestInfo) -> Answer:
-        inputs = await asyncio.to_thread(self._decode_all, turns, info.kind)
-        scored = await self._score(inputs, causal=info.context == ContextMode.CAUSAL)
+    async def predict(self, turns: list[RawTurn], info: RequestInfo, history: History | None = None) -> Answer:
+        """With a live stream's `history`, `turns` come after the kept turns: only they are encoded, answered and
+        logged, numbered on from them."""
+        inputs = await asyncio.to_thread(self._decode_all, turns, info)
+        scored = await self._score(inputs, causal=info.context == ContextMode.CAUSAL, history=history)
+        first_index = len(history) if history is not None else 0
         latency_ms = round((time.perf_counter() - info.started) * 1000, 3)
         created_at = datetime.now(UTC)
         runtime = scored.model.runtime
         answers, records = [], []
         for index, (turn, utterance, prediction) in enumerate(zip(turns, inputs, scored.turns, strict=True)):
             answer = _answer(prediction, runtime.emotions, runtime.sentiments, scored.model.version, latency_ms)
+            answer.audit = selected_for_audit(answer.prediction_id, self._settings.audit_share)
             if info.kind == RequestKind.DIALOGUE:
-                answer.turn_index, answer.speaker = index, turn.speaker
+                answer.turn_index, answer.speaker = first_index + index, turn.speaker
             answers.append(answer)
             records.append(self._record(answer, turn, utterance, prediction, info, created_at))
             self._count(answer, prediction)
         if self._settings.log_predictions:
             self._logger.submit(records)
-        return Answer(scored.model.version, latency_ms, answers)
+        return Answer(scored.model.version, latency_ms, answers, tuple(turn.embedding for turn in scored.turns))
 
-    async def _score(self, inputs: list[UtteranceInput], causal: bool) -> Scored:
+    async def _score(self, inputs: list[UtteranceInput], causal: bool, history: History | None) -> Scored:
         try:
-            return await self._batcher.score(inputs, causal)
+            return await self._batcher.score(inputs, causal, history)
         except PreprocessError as error:  # the model's own input checks
             raise InvalidInput("body", str(error)) from None
 
-    def _decode_all(self, turns: list[RawTurn], kind: RequestKind) -> list[UtteranceInput]:
-        fields = [f"turns.{i}.audio" if kind == RequestKind.DIALOGUE else "audio" for i in range(len(turns))]
+    def _decode_all(self, turns: list[RawTurn], info: RequestInfo) -> list[UtteranceInput]:
+        in_body = info.kind == RequestKind.DIALOGUE and not info.streamed
+        fields = [f"turns.{i}.audio" if in_body else "audio" for i in range(len(turns))]
         return [
             UtteranceInput(text=turn.text, audio=self._decode(turn.audio, field), speaker=turn.speaker)
             for turn, field in zip(turns, fields, strict=True)

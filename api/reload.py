@@ -25,7 +25,7 @@ from core.settings import Settings
 from model.artifact import load_artifact
 from model.labels import LabelSet
 from model.registry import ModelRegistry
-from model.runtime import InferenceRuntime, TurnPrediction, UtteranceInput
+from model.runtime import EmbeddedDialogue, InferenceRuntime, TurnPrediction, UtteranceInput
 
 log = logging.getLogger(__name__)
 PROBE_TOLERANCE = 1e-3
@@ -41,7 +41,12 @@ class Runtime(Protocol):
     precision: str  # "fp32" or "int8"
     rescore_margin: float  # int8 near ties re-scored in fp32 below this top-two gap; 0 when off
 
-    def classify(self, dialogues: list[list[UtteranceInput]], causal: bool) -> list[list[TurnPrediction]]: ...
+    def classify(
+        self,
+        dialogues: list[list[UtteranceInput]],
+        causal: bool,
+        history: Sequence[EmbeddedDialogue | None] | None = None,
+    ) -> list[list[TurnPrediction]]: ...
 
 
 ModelLoader = Callable[[ModelVersion], Runtime]
@@ -81,6 +86,12 @@ def runtime_loader(settings: Settings) -> ModelLoader:
         )
 
     return load
+
+
+def log_load(version: str, runtime: Runtime, role: str) -> None:
+    """The one start-up line of each model load."""
+    providers = ", ".join(runtime.providers)
+    log.info("loaded model %s (%s): provider %s, precision %s", version, role, providers, runtime.precision)
 
 
 def probe_dialogue() -> list[UtteranceInput]:
@@ -187,7 +198,7 @@ class ModelReloader:
             }
         )
         self._metrics.rescored.labels(champion.version)  # the series exists, at 0, from the first load
-        log.info("serving model %s (%s)", champion.version, ", ".join(runtime.providers))
+        log_load(champion.version, runtime, "champion")
 
     def _load_and_probe(self, champion: ModelVersion) -> Runtime:
         runtime = self._loader(champion)

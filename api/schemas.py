@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from core.db.models import ContextMode, JobStatus, JobTrigger, ModelStatus
+from core.db.models import ContextMode, FeedbackKind, JobStatus, JobTrigger, ModelStatus
 
 
 def storable_text(value: str) -> str:
@@ -103,6 +103,10 @@ class UtterancePrediction(BaseModel):
     sentiment_probabilities: dict[str, float]
     model_version: str
     latency_ms: float
+    audit: bool = Field(
+        default=False,
+        description="Offered for random labelling: send its true label with `kind: audit` (core/audit.py).",
+    )
 
 
 class DialoguePrediction(BaseModel):
@@ -118,6 +122,11 @@ class FeedbackRequest(_Strict):
     label: Text = Field(max_length=32, description="The true emotion; one of the model's labels.")
     sentiment: Text | None = Field(default=None, max_length=32)
     source: Text | None = Field(default=None, max_length=64)
+    kind: FeedbackKind = Field(
+        default=FeedbackKind.CORRECTION,
+        description="`audit`: the label answers an audit offer (the prediction said `audit: true`); "
+        "`correction`: a user correcting a mistake.",
+    )
 
 
 class FeedbackResponse(BaseModel):
@@ -125,6 +134,7 @@ class FeedbackResponse(BaseModel):
     prediction_id: uuid.UUID
     label: str
     sentiment: str | None
+    kind: FeedbackKind
     predicted: str
     model_version: str
     created_at: datetime

@@ -19,12 +19,31 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 ENV_PREFIX = "EQUIPOISE_"
 CONFIG_ENV = f"{ENV_PREFIX}CONFIG"
 REPO_ROOT = Path(__file__).resolve().parents[1]
+FEW_CORES = 4  # up to this many cores, the model gets one intra-op thread by default
 # Written only here: also the default of monitoring.collapse.CollapseRules.recall_precision.
 MONITOR_RECALL_PRECISION = 0.04
+# Written only here: also the default of the monitor's and tier 1's bootstraps over conversations.
+MONITOR_BOOTSTRAP_REPLICATES = 200
+# Written only here: also the default of retraining.gate_config.GateConfig.macro_f1_tolerance.
+GATE_MACRO_F1_TOLERANCE = 0.01
+# Written only here: the escalation rule's defaults for batch summaries (scoring.summary) and live streams.
+CUSTOMER_SPEAKER = "customer"  # the speaker whose escalations count (compared case-insensitively)
+ESCALATION_THRESHOLD = 0.2  # rise of the anger probability over the customer's previous turn
 
 
 class SettingsError(ValueError):
     """A setting is unknown or malformed; the message names it."""
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity, which containers and taskset narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_intra_op_threads(cores: int) -> int:
+    """One thread per model call on small hosts: ONNX Runtime's own choice (every core) spins threads that the
+    event loop, the prediction log and other processes need, and its throughput collapses under contention."""
+    return 1 if cores <= FEW_CORES else 0
 
 
 def _default_data_dir() -> Path | None:
@@ -70,7 +89,13 @@ class Settings(BaseSettings):
 
     # Inference
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    intra_op_threads: int = Field(default=0, ge=0, le=256, description="0 lets ONNX Runtime decide.")
+    intra_op_threads: int = Field(
+        default_factory=lambda: default_intra_op_threads(available_cores()),
+        ge=0,
+        le=256,
+        description="ONNX Runtime threads per model call; 0 lets it decide. Default: 1 on hosts of at most "
+        f"{FEW_CORES} cores (measured on 2, docs/BENCHMARKS.md 'Serving defaults'), else 0.",
+    )
     precision: Literal["fp32", "int8"] = "fp32"
     # The smallest margin whose int8 labels agree with fp32 on >= 99.5% of MELD train turns for the shipped
     # default (python -m benchmarks.int8_rescoring; docs/BENCHMARKS.md).
@@ -101,10 +126,34 @@ class Settings(BaseSettings):
     max_dialogue_turns: int = Field(default=200, ge=1, le=5_000)
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
 
+    # Live streams (/v1/stream; a stream holds at most max_dialogue_turns turns; README "Limits")
+    stream_max_open: int = Field(default=256, ge=1, le=100_000, description="Open streams per server process.")
+    stream_idle_timeout_s: float = Field(
+        default=300.0, gt=0, le=86_400, description="A stream with no message and no turn in progress is closed."
+    )
+    stream_open_timeout_s: float = Field(
+        default=10.0, gt=0, le=3_600, description="Time a new connection has to send its `open` message."
+    )
+    stream_max_message_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1024, le=1024**3, description="Largest message a stream client may send."
+    )
+    stream_max_pending_turns: int = Field(
+        default=4, ge=1, le=1_000, description="Turns of one stream waiting to be answered; more are refused."
+    )
+    stream_escalation_threshold: float = Field(
+        default=ESCALATION_THRESHOLD,
+        ge=0,
+        le=1,
+        description="Rise of the customer's anger or negative-sentiment probability over their previous turn that "
+        "pushes an escalation event.",
+    )
+
     # Micro-batching
     batch_max_size: int = Field(default=32, ge=1, le=1024)
     batch_max_wait_ms: float = Field(default=3.0, ge=0, le=1_000)
-    batch_queue_limit: int = Field(default=512, ge=1)
+    # Measured throughput x acceptable wait: 5 micro-batches, about 2 s of work at the 84 utterances/s a 2-core
+    # host served with half its CPU taken by other jobs, 1 s when it has it alone (docs/BENCHMARKS.md).
+    batch_queue_limit: int = Field(default=160, ge=1, description="Requests waiting for the model before 503.")
 
     # Prediction logging
     log_predictions: bool = True
@@ -128,6 +177,25 @@ class Settings(BaseSettings):
         default=20_000, ge=1, description="Most labelled predictions a measured minority recall may span."
     )
     monitor_in_service: bool = Field(default=True, description="Run the monitor on a schedule inside `serve`.")
+    monitor_bootstrap_replicates: int = Field(
+        default=MONITOR_BOOTSTRAP_REPLICATES,
+        ge=50,
+        le=5_000,
+        description="Resamples of a window's conversations behind the estimated prior's and recall's 95% intervals.",
+    )
+    gate_macro_f1_tolerance: float = Field(
+        default=GATE_MACRO_F1_TOLERANCE,
+        ge=-1,
+        le=1,
+        description="The gate promotes only when the lower 95% bound of the macro F1 gain is above minus this "
+        "(docs/MONITORING.md 'The gate'); a job's params.gate.macro_f1_tolerance overrides it.",
+    )
+    audit_share: float = Field(
+        default=0.02,
+        ge=0,
+        le=1,
+        description="Share of predictions offered for random labelling (answered with `audit: true`; core/audit.py).",
+    )
 
     @field_validator("minority_classes", mode="before")
     @classmethod

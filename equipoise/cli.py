@@ -6,19 +6,26 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
-from core.settings import SettingsError, get_settings
+from core.settings import (
+    CUSTOMER_SPEAKER,
+    ESCALATION_THRESHOLD,
+    Settings,
+    SettingsError,
+    get_settings,
+    load_settings,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from core.db.models import RetrainingJob
-    from core.settings import Settings
     from model.registry import ModelRegistry
 
 # Requests still running after this long are cut off so that the prediction log is flushed before exit.
 GRACEFUL_SHUTDOWN_S = 30
+SERVE_FLAGS = ("host", "port", "log_level")  # `serve --host --port --log-level`: settings of the same names
 
 
 def _db(args: argparse.Namespace) -> int:
@@ -103,7 +110,13 @@ def _registry(engine: Engine) -> ModelRegistry:
     return ModelRegistry(engine, registry_dir)
 
 
-def _serve(_args: argparse.Namespace) -> int:
+def serve_settings(args: argparse.Namespace) -> Settings:
+    """The settings `serve` runs with: its flags override the environment and the config file."""
+    flags = {name: getattr(args, name) for name in SERVE_FLAGS if getattr(args, name) is not None}
+    return load_settings(**flags) if flags else get_settings()
+
+
+def _serve(args: argparse.Namespace) -> int:
     import logging
 
     import uvicorn
@@ -113,13 +126,19 @@ def _serve(_args: argparse.Namespace) -> int:
     from api.auth import StartupRefused, check_exposure
     from core.db import migrate
     from core.db.session import make_engine
+    from equipoise.logs import configure_logging
     from model.registry import RegistryError
 
-    settings = get_settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = serve_settings(args)
+    except SettingsError as error:
+        print(f"equipoise serve: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
     engine = make_engine(str(settings.database_url))
     try:
         migrate.upgrade(str(settings.database_url))
+        logging.getLogger(__name__).info("database at revision %s", migrate.current_revision(engine))
         check_exposure(settings, engine)  # refuses early with a clear message; the app logs the warning
         _register_default_model(settings, engine)
     except (StartupRefused, RegistryError, OperationalError) as error:
@@ -131,8 +150,10 @@ def _serve(_args: argparse.Namespace) -> int:
         create_app(settings),
         host=settings.host,
         port=settings.port,
+        log_config=None,  # configure_logging's handler and format serve uvicorn's loggers too
         log_level=settings.log_level,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        ws_max_size=settings.stream_max_message_bytes,  # /v1/stream: larger messages close with 1009
     )
     return 0
 
@@ -155,13 +176,15 @@ def _register_default_model(settings: Settings, engine: Engine) -> None:
 
 def _shipped_default(settings: Settings) -> Path | None:
     """The default model shipped in model/default/, assembled on first use (None when it cannot be)."""
+    from equipoise.logs import quiet_export
     from model.default_model import DefaultModelError, shipped_artifact
 
     if not settings.shipped_default:
         return None
     print("equipoise: assembling the shipped default model (first start only, about a minute)", file=sys.stderr)
     try:
-        return shipped_artifact(settings.state_dir)
+        with quiet_export():
+            return shipped_artifact(settings.state_dir)
     except (DefaultModelError, ModuleNotFoundError, OSError) as error:
         print(f"equipoise: the shipped default model cannot be assembled: {error}", file=sys.stderr)
         return None
@@ -177,10 +200,13 @@ def _default(args: argparse.Namespace) -> int:
     if settings.data_dir is None:
         print("equipoise default: no data directory; set EQUIPOISE_DATA_DIR", file=sys.stderr)
         return 2
-    from training.release import rebuild, release_from_run
+    from training.release import rebuild, recalibrate_release, release_from_run
 
     if args.default_command == "build":
         release_from_run(args.run_dir, args.into or SHIPPED_DIR, settings.data_dir, args.version)
+        return 0
+    if args.default_command == "recalibrate":
+        recalibrate_release(SHIPPED_DIR, args.into or SHIPPED_DIR, settings.data_dir, args.version)
         return 0
     out = args.out or settings.state_dir / "default-rebuilt"
     print(rebuild(settings.state_dir / "runs", settings.data_dir, settings.state_dir / "cache", out))
@@ -278,24 +304,27 @@ def _score_arguments(score: argparse.ArgumentParser) -> None:
         help="local engine: threads scoring chunks at once, each with one ONNX Runtime thread unless "
         "EQUIPOISE_INTRA_OP_THREADS says otherwise (default: one per core on the CPU, 1 on CUDA)",
     )
-    score.add_argument("--customer-speaker", default="customer", help="speaker whose escalations count")
+    score.add_argument(
+        "--customer-speaker",
+        default=CUSTOMER_SPEAKER,
+        help=f"speaker whose escalations count (default {CUSTOMER_SPEAKER})",
+    )
     score.add_argument(
         "--escalation-threshold",
         type=float,
-        default=0.2,
-        help="rise in anger probability that counts as an escalation (default 0.2)",
+        default=ESCALATION_THRESHOLD,
+        help=f"rise in anger probability that counts as an escalation (default {ESCALATION_THRESHOLD})",
     )
     score.add_argument("--commit-rows", type=_positive, default=5_000, help="rows between resume points (default 5000)")
     score.add_argument("--restart", action="store_true", help="ignore an earlier run's manifest and start over")
 
 
 def _worker(args: argparse.Namespace) -> int:
-    import logging
-
+    from equipoise.logs import configure_logging
     from retraining.worker import run_worker
 
     settings = get_settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     run_worker(settings, once=args.once, poll_s=args.poll, lease_s=args.lease)
     return 0
 
@@ -345,6 +374,14 @@ def _print_job(job: RetrainingJob) -> None:
     print(f"log:\n{job.log}", end="")
 
 
+def _serve_arguments(serve: argparse.ArgumentParser) -> None:
+    levels = get_args(Settings.model_fields["log_level"].annotation)
+    serve.add_argument("--host", help="bind address (default: EQUIPOISE_HOST, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default: EQUIPOISE_PORT, 8000)")
+    serve.add_argument("--log-level", choices=levels, help="default: EQUIPOISE_LOG_LEVEL, info")
+    serve.set_defaults(handler=_serve)
+
+
 def _retraining_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     worker = commands.add_parser("worker", help="run the retraining worker (SIGTERM stops it gracefully)")
     worker.add_argument("--once", action="store_true", help="exit when no job is claimable instead of polling")
@@ -362,7 +399,7 @@ def _retraining_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     submit.add_argument("--reason", required=True)
     submit.add_argument("--tier", type=int, choices=[1, 2, 3], help="default: chosen from the labels available")
     submit.add_argument("--engine", choices=["local", "ray"], default="local")
-    submit.add_argument("--params", default="{}", help='JSON object, e.g. \'{"gate": {"min_macro_f1_gain": 0.01}}\'')
+    submit.add_argument("--params", default="{}", help='JSON object, e.g. \'{"gate": {"macro_f1_tolerance": 0.02}}\'')
     jobs.set_defaults(handler=_jobs)
 
 
@@ -397,6 +434,11 @@ def _training_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     build.add_argument("run_dir", type=Path)
     build.add_argument("--into", type=Path, help="directory to write (default: model/default/)")
     build.add_argument("--version", required=True, help="release version, e.g. equipoise-default-1.1.0")
+    recalibrate = default_commands.add_parser(
+        "recalibrate", help="the same weights with calibration refitted on MELD dev (text), as a new patch release"
+    )
+    recalibrate.add_argument("--into", type=Path, help="directory to write (default: model/default/)")
+    recalibrate.add_argument("--version", required=True, help="release version, e.g. equipoise-default-1.0.2")
     rebuild = default_commands.add_parser(
         "rebuild", help="train the default recipe from the data directory and compare with the committed card"
     )
@@ -441,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     models_commands.add_parser("rollback", help="reject the champion and re-crown the previous one")
     models.set_defaults(handler=_models)
 
-    commands.add_parser("serve", help="run the HTTP service").set_defaults(handler=_serve)
+    _serve_arguments(commands.add_parser("serve", help="run the HTTP service"))
     monitor = commands.add_parser("monitor", help="monitoring of the champion's logged predictions")
     monitor.add_subparsers(dest="monitor_command", required=True).add_parser(
         "run", help="snapshot every complete window not yet monitored; queue retraining on collapse"

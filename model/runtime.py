@@ -224,23 +224,55 @@ class InferenceRuntime:
             results[i] = turns
         return results
 
-    def classify(self, dialogues: Sequence[Sequence[UtteranceInput]], causal: bool) -> list[list[TurnPrediction]]:
-        """Predictions per turn of each dialogue (a single utterance is a dialogue of one turn)."""
+    def classify(
+        self,
+        dialogues: Sequence[Sequence[UtteranceInput]],
+        causal: bool,
+        history: Sequence[EmbeddedDialogue | None] | None = None,
+    ) -> list[list[TurnPrediction]]:
+        """Predictions per turn of each dialogue (a single utterance is a dialogue of one turn).
+
+        `history[i]`, when given, holds the turns before dialogue i, encoded earlier (a live stream keeps them): the
+        context head reads them ahead of the dialogue's own turns, but only the dialogue's turns are encoded and
+        answered. In causal mode that is exactly the answer for those turns of the whole dialogue."""
+        pasts = list(history) if history is not None else [None] * len(dialogues)
+        if len(pasts) != len(dialogues):
+            raise PreprocessError(f"{len(dialogues)} dialogues but {len(pasts)} histories")
         prepared = self._prepare([turn for dialogue in dialogues for turn in dialogue])
         embeddings = self._encode_prepared(prepared, self._encoder)
-        scored = self._classify_flat(embeddings, dialogues, causal)
+        scored = self._classify_flat(embeddings, dialogues, causal, pasts)
         if self._fp32_encoder is None:
             return scored
-        return self._rescore_near_ties(prepared, embeddings, dialogues, scored, causal)
+        return self._rescore_near_ties(prepared, embeddings, dialogues, scored, causal, pasts)
 
     def _classify_flat(
-        self, embeddings: np.ndarray, dialogues: Sequence[Sequence[UtteranceInput]], causal: bool
+        self,
+        embeddings: np.ndarray,
+        dialogues: Sequence[Sequence[UtteranceInput]],
+        causal: bool,
+        history: Sequence[EmbeddedDialogue | None],
     ) -> list[list[TurnPrediction]]:
-        """The context head over `embeddings`, the turns of `dialogues` one after the other."""
+        """The context head over `embeddings`, the turns of `dialogues` one after the other, each dialogue read after
+        its history; the predictions of the dialogues' own turns."""
         bounds = np.cumsum([len(dialogue) for dialogue in dialogues])[:-1]
         per_dialogue = np.split(embeddings, bounds) if len(dialogues) else []
-        speakers = [[turn.speaker for turn in dialogue] for dialogue in dialogues]
-        return self.classify_embeddings(list(zip(per_dialogue, speakers, strict=True)), causal)
+        joined = [
+            self._after(past, vectors, [turn.speaker for turn in dialogue])
+            for past, vectors, dialogue in zip(history, per_dialogue, dialogues, strict=True)
+        ]
+        scored = self.classify_embeddings(joined, causal)
+        return [turns[len(past[1]) if past is not None else 0 :] for turns, past in zip(scored, history, strict=True)]
+
+    def _after(
+        self, past: EmbeddedDialogue | None, vectors: np.ndarray, speakers: list[str | None]
+    ) -> EmbeddedDialogue:
+        """A dialogue's turns behind the turns encoded before them."""
+        if past is None:
+            return vectors, speakers
+        kept = np.asarray(past[0], dtype=np.float32)
+        if kept.ndim != 2 or kept.shape[1] != self.embed_dim:
+            raise PreprocessError(f"history embeddings must have shape [P, {self.embed_dim}], got {kept.shape}")
+        return np.concatenate([kept, vectors]), [*past[1], *speakers]
 
     def _rescore_near_ties(
         self,
@@ -249,6 +281,7 @@ class InferenceRuntime:
         dialogues: Sequence[Sequence[UtteranceInput]],
         scored: list[list[TurnPrediction]],
         causal: bool,
+        history: Sequence[EmbeddedDialogue | None],
     ) -> list[list[TurnPrediction]]:
         """Re-encode in fp32 the turns whose int8 answer is a near tie, and score their dialogues again."""
         probabilities = [turn.emotion_probs for turns in scored for turn in turns]
@@ -260,7 +293,10 @@ class InferenceRuntime:
         starts = np.concatenate([[0], np.cumsum([len(dialogue) for dialogue in dialogues])])
         owners = sorted({int(np.searchsorted(starts, i, side="right")) - 1 for i in near})
         again = self._classify_flat(
-            np.concatenate([mixed[starts[d] : starts[d + 1]] for d in owners]), [dialogues[d] for d in owners], causal
+            np.concatenate([mixed[starts[d] : starts[d + 1]] for d in owners]),
+            [dialogues[d] for d in owners],
+            causal,
+            [history[d] for d in owners],
         )
         reencoded = set(near.tolist())
         for d, turns in zip(owners, again, strict=True):

@@ -9,6 +9,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from core.settings import CUSTOMER_SPEAKER, ESCALATION_THRESHOLD
+
 SUMMARY_SCHEMA = pa.schema(
     [
         ("conversation_id", pa.string()),
@@ -24,8 +26,8 @@ SUMMARY_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class SummaryOptions:
-    customer: str = "customer"  # the speaker whose escalations count (compared case-insensitively)
-    escalation_threshold: float = 0.2  # rise of the anger probability over the customer's previous turn
+    customer: str = CUSTOMER_SPEAKER
+    escalation_threshold: float = ESCALATION_THRESHOLD
     anger: str = "anger"
     negative_emotions: tuple[str, ...] = ("anger", "sadness", "disgust", "fear")
     negative_sentiment: str = "negative"

@@ -2,8 +2,8 @@
 
 from fastapi import APIRouter
 
-from api.routes import admin, feedback, health, predict
+from api.routes import admin, feedback, health, predict, stream, v2
 
 api_router = APIRouter()
-for module in (predict, feedback, admin, health):
+for module in (predict, stream, feedback, admin, health, v2):
     api_router.include_router(module.router)

@@ -10,8 +10,9 @@ from sqlalchemy.orm import Session
 from api.deps import PredictKey, ServiceState, SessionDep, StateDep, require_json
 from api.errors import Problem, invalid, problem_responses, unavailable
 from api.schemas import FeedbackRequest, FeedbackResponse
+from core.audit import selected_for_audit
 from core.db import crud
-from core.db.models import ModelVersion, Prediction
+from core.db.models import FeedbackKind, ModelVersion, Prediction
 
 router = APIRouter(prefix="/v1", tags=["feedback"])
 
@@ -27,16 +28,19 @@ PENDING_WAIT_S = 2.0
     dependencies=[Depends(require_json)],
 )
 def post_feedback(body: FeedbackRequest, session: SessionDep, state: StateDep, _key: PredictKey) -> FeedbackResponse:
-    """Attach the true emotion (one of the predicting model's labels) to a prediction."""
+    """Attach the true emotion (one of the predicting model's labels) to a prediction; `kind: audit` only for a
+    prediction that was offered for audit."""
     prediction = _stored_prediction(session, state, body.prediction_id)
     _check_labels(session, state, prediction, body)
-    feedback = crud.add_feedback(session, prediction, body.label, body.sentiment, body.source)
+    _check_kind(state, prediction, body)
+    feedback = crud.add_feedback(session, prediction, body.label, body.sentiment, body.source, body.kind)
     session.commit()
     return FeedbackResponse(
         id=feedback.id,
         prediction_id=prediction.id,
         label=feedback.label,
         sentiment=feedback.sentiment,
+        kind=feedback.kind,
         predicted=prediction.label,
         model_version=prediction.model_version,
         created_at=feedback.created_at,
@@ -67,3 +71,14 @@ def _check_labels(session: Session, state: ServiceState, prediction: Prediction,
     sentiments = list(model.runtime.sentiments.names) if model else []
     if body.sentiment is not None and sentiments and body.sentiment not in sentiments:
         raise invalid("sentiment", f"{body.sentiment!r} is not a sentiment label", ", ".join(sentiments))
+
+
+def _check_kind(state: ServiceState, prediction: Prediction, body: FeedbackRequest) -> None:
+    share = state.settings.audit_share
+    if body.kind == FeedbackKind.AUDIT and not selected_for_audit(prediction.id, share):
+        raise invalid(
+            "kind",
+            f"prediction {prediction.id} was not offered for audit (audit share {share:g}); "
+            "send its label as a correction",
+            share,
+        )
