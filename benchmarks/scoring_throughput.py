@@ -35,10 +35,11 @@ from tqdm import tqdm
 
 from benchmarks.scoring_service import ServiceResult, load_average, measure_service, process_cpu_seconds
 from benchmarks.scoring_service import markdown as service_markdown
+from core.settings import available_cores
 from model.data.meld import group_dialogues, read_utterances
 from model.data.turns import Turn, meld_to_turns, write_turns
 from scoring.engine import RuntimeSpec
-from scoring.local import LocalEngine, available_cores
+from scoring.local import LocalEngine
 from scoring.pipeline import RunReport, ScoreConfig, run_scoring
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -4,10 +4,17 @@
     tokenizer.json                                              the text tokenizer
     config.json                     {"format", "version", "model": ModelConfig dict (label sets included),
                                      "preprocessing": {max_tokens, sample_rate, max_audio_seconds, max_speakers}}
-    calibration.json                {"temperature", "sentiment_temperature", "estimation_weights"}:
-                                    probs = softmax(logits / T); monitoring's posteriors = normalise(probs * w)
+    calibration.json                {"temperature", "sentiment_temperature", "estimation_weights"}: served
+                                    probs = softmax(logits / T); optionally (older artifacts lack it) the record of
+                                    what the model was trained and calibrated on (`Calibration`): "training_prior",
+                                    "dev_prior", "posterior" (bias-corrected temperature scaling), "dev_reference"
+                                    (confusion and class-mix covariance on dev) and "temperature_source"
     reference_distribution.json     {emotion: predicted share on dev} for drift monitoring ({} if not measured)
     metrics.json, MODEL_CARD.md
+    weights.safetensors (optional)  the PyTorch state the graphs were exported from (model/delta.py `save_weights`:
+                                    float32 delta on the pinned text encoder, training recipe in its metadata);
+                                    fine-tuning starts from it. The emotion classifier is read from context.onnx,
+                                    which the cheap retraining tiers rewrite without touching this file.
     manifest.json                   {"format", "files": {name: {"sha256", "size"}}}, every other file
 
 The manifest is written last and the directory appears by one rename, so a reader never sees half an artifact.
@@ -44,6 +51,7 @@ ENCODER_FILE, ENCODER_INT8_FILE, CONTEXT_FILE = "encoder.onnx", "encoder.int8.on
 TOKENIZER_FILE, CONFIG_FILE, CALIBRATION_FILE = "tokenizer.json", "config.json", "calibration.json"
 REFERENCE_FILE, METRICS_FILE, CARD_FILE = "reference_distribution.json", "metrics.json", "MODEL_CARD.md"
 MANIFEST_FILE = "manifest.json"
+WEIGHTS_FILE = "weights.safetensors"
 GRAPH_FILES = (ENCODER_FILE, ENCODER_INT8_FILE, CONTEXT_FILE)
 REQUIRED_FILES = (
     ENCODER_FILE,
@@ -71,14 +79,109 @@ class ArtifactError(ValueError):
 
 
 @dataclass(frozen=True)
+class DataSource:
+    """Where a calibration quantity was measured: which data, which modalities, how much of it."""
+
+    data: str  # e.g. "MELD dev"
+    modalities: str  # the modality mix of its turns: "text", "audio" or "text+audio"
+    turns: int
+    conversations: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.data or not self.modalities or self.turns < 1:
+            raise ValueError(f"a data source needs a name, its modalities and at least one turn, not {self}")
+
+    def describe(self) -> str:
+        conversations = f" in {self.conversations:,} conversations" if self.conversations else ""
+        return f"{self.data} ({self.modalities}, {self.turns:,} turns{conversations})"
+
+
+@dataclass(frozen=True)
+class ClassPrior:
+    """Class shares of some labels, in the order of the emotion label set."""
+
+    shares: tuple[float, ...]
+    source: DataSource
+
+    def __post_init__(self) -> None:
+        shares = tuple(float(s) for s in self.shares)
+        if not all(math.isfinite(s) and s >= 0 for s in shares) or abs(sum(shares) - 1) > SHARE_TOLERANCE:
+            raise ValueError(f"prior shares must be non-negative and sum to 1, not {shares}")
+        object.__setattr__(self, "shares", shares)
+
+
+@dataclass(frozen=True)
+class PosteriorCalibration:
+    """Bias-corrected temperature scaling (BCTS, Alexandari et al. 2020): calibrated posteriors
+    p(y | x) = softmax(z / temperature + biases) of the raw emotion logits z, fitted on dev by NLL. The biases are
+    expressed for the training prior (`Calibration.training_prior`): the posteriors are the model's beliefs for
+    traffic whose class mix is the training one, which is what label-shift estimation corrects from."""
+
+    temperature: float
+    biases: tuple[float, ...]
+    source: DataSource
+
+    def __post_init__(self) -> None:
+        biases = tuple(float(b) for b in self.biases)
+        if not (math.isfinite(self.temperature) and self.temperature > 0) or not all(map(math.isfinite, biases)):
+            raise ValueError(f"posterior calibration needs a positive temperature and finite biases, not {self}")
+        object.__setattr__(self, "biases", biases)
+
+    def posteriors(self, served: np.ndarray, serving_temperature: float) -> np.ndarray:
+        """Served probabilities softmax(z / T_serving) [N, C] -> calibrated posteriors [N, C]. The logits are
+        recovered up to a per-row constant, which the softmax ignores: z = T_serving * log(served)."""
+        log_served = np.log(np.clip(np.asarray(served, dtype=np.float64), 1e-30, None))
+        scaled = log_served * (serving_temperature / self.temperature) + np.asarray(self.biases)
+        scaled -= scaled.max(axis=1, keepdims=True)
+        exp = np.exp(scaled)
+        return exp / exp.sum(axis=1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class DevReference:
+    """The model's behaviour on the clean dev set, for the monitor: its confusion counts (rows: true class,
+    columns: served label) and the covariance of its predicted-class shares under a bootstrap over dev
+    conversations (the reference mix is itself a sample)."""
+
+    confusion: tuple[tuple[int, ...], ...]
+    share_covariance: tuple[tuple[float, ...], ...]
+    source: DataSource
+
+    def __post_init__(self) -> None:
+        confusion = tuple(tuple(int(c) for c in row) for row in self.confusion)
+        covariance = tuple(tuple(float(c) for c in row) for row in self.share_covariance)
+        size = len(confusion)
+        if any(len(row) != size for row in (*confusion, *covariance)) or len(covariance) != size:
+            raise ValueError("dev confusion and share covariance must be square and of the same size")
+        if any(c < 0 for row in confusion for c in row) or not all(math.isfinite(c) for r in covariance for c in r):
+            raise ValueError("dev confusion counts must be non-negative and the covariance finite")
+        object.__setattr__(self, "confusion", confusion)
+        object.__setattr__(self, "share_covariance", covariance)
+
+    def confusion_rates(self) -> np.ndarray:
+        """P(served label j | true class i) [C, C]; a class absent from dev keeps its own label."""
+        counts = np.asarray(self.confusion, dtype=np.float64)
+        totals = counts.sum(axis=1, keepdims=True)
+        return np.where(totals > 0, counts / np.where(totals > 0, totals, 1), np.eye(len(counts)))
+
+
+@dataclass(frozen=True)
 class Calibration:
     temperature: float = 1.0
     sentiment_temperature: float = 1.0
     # Per-class weights w for label-free recall estimation: posteriors = normalise(probs * w). A model trained to
     # favour rare classes (logit-adjusted loss, post-hoc offsets) serves probabilities whose argmax is the
     # decision rule but whose values under-state the majority class; w, fitted on dev, restores calibrated
-    # posteriors for monitoring without touching the served labels. None = all ones.
+    # posteriors for monitoring without touching the served labels. None = all ones. Superseded by `posterior`
+    # (which also carries a temperature); kept so older artifacts load and are monitored as before.
     estimation_weights: tuple[float, ...] | None = None
+    # The record of what the model was trained and calibrated on (None in older artifacts): where the serving
+    # temperature was fitted, the training and dev class priors, BCTS posteriors, and the dev reference.
+    temperature_source: DataSource | None = None
+    training_prior: ClassPrior | None = None
+    dev_prior: ClassPrior | None = None
+    posterior: PosteriorCalibration | None = None
+    dev_reference: DevReference | None = None
 
     def __post_init__(self) -> None:
         for name, value in (("temperature", self.temperature), ("sentiment_temperature", self.sentiment_temperature)):
@@ -89,6 +192,111 @@ class Calibration:
             if not all(math.isfinite(w) and w > 0 for w in weights):
                 raise ValueError(f"estimation_weights must be positive finite numbers, not {weights!r}")
             object.__setattr__(self, "estimation_weights", weights)
+        if self.posterior is not None and self.training_prior is None:
+            raise ValueError("posterior calibration is expressed for the training prior, which is missing")
+
+    @property
+    def has_record(self) -> bool:
+        """Whether the artifact records its priors, BCTS posteriors and dev reference (label-shift monitoring)."""
+        return None not in (self.training_prior, self.dev_prior, self.posterior, self.dev_reference)
+
+    def sizes(self) -> set[int]:
+        """The class counts the per-class parts of the record have (one value when consistent)."""
+        found = {len(self.estimation_weights)} if self.estimation_weights is not None else set()
+        for prior in (self.training_prior, self.dev_prior):
+            if prior is not None:
+                found.add(len(prior.shares))
+        if self.posterior is not None:
+            found.add(len(self.posterior.biases))
+        if self.dev_reference is not None:
+            found.add(len(self.dev_reference.confusion))
+        return found
+
+    def to_dict(self, emotions: Sequence[str]) -> dict[str, Any]:
+        """calibration.json: per-class values keyed by emotion, matrices in label order."""
+        data: dict[str, Any] = {
+            "temperature": self.temperature,
+            "sentiment_temperature": self.sentiment_temperature,
+            "estimation_weights": None if self.estimation_weights is None else list(self.estimation_weights),
+        }
+        if self.temperature_source is not None:
+            data["temperature_source"] = asdict(self.temperature_source)
+        for key in ("training_prior", "dev_prior"):
+            prior: ClassPrior | None = getattr(self, key)
+            if prior is not None:
+                data[key] = {"shares": _by_name(prior.shares, emotions), "source": asdict(prior.source)}
+        if self.posterior is not None:
+            data["posterior"] = {
+                "method": "bias-corrected temperature scaling (Alexandari et al. 2020)",
+                "temperature": self.posterior.temperature,
+                "biases": _by_name(self.posterior.biases, emotions),
+                "prior": "training_prior",
+                "source": asdict(self.posterior.source),
+            }
+        if self.dev_reference is not None:
+            data["dev_reference"] = {
+                "confusion": [list(row) for row in self.dev_reference.confusion],
+                "share_covariance": [list(row) for row in self.dev_reference.share_covariance],
+                "source": asdict(self.dev_reference.source),
+            }
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], emotions: Sequence[str]) -> Calibration:
+        """The inverse of to_dict; raises ValueError (or KeyError/TypeError) on a malformed record."""
+
+        def prior(key: str) -> ClassPrior | None:
+            entry = data.get(key)
+            return None if entry is None else ClassPrior(_in_order(entry["shares"], emotions), _source(entry))
+
+        posterior, reference = data.get("posterior"), data.get("dev_reference")
+        source = data.get("temperature_source")
+        return cls(
+            temperature=data["temperature"],
+            sentiment_temperature=data.get("sentiment_temperature", 1.0),
+            estimation_weights=data.get("estimation_weights"),
+            temperature_source=None if source is None else DataSource(**source),
+            training_prior=prior("training_prior"),
+            dev_prior=prior("dev_prior"),
+            posterior=None
+            if posterior is None
+            else PosteriorCalibration(
+                float(posterior["temperature"]), _in_order(posterior["biases"], emotions), _source(posterior)
+            ),
+            dev_reference=None
+            if reference is None
+            else DevReference(reference["confusion"], reference["share_covariance"], _source(reference)),
+        )
+
+
+CALIBRATION_KEYS = frozenset(
+    {
+        "temperature",
+        "sentiment_temperature",
+        "estimation_weights",
+        "temperature_source",
+        "training_prior",
+        "dev_prior",
+        "posterior",
+        "dev_reference",
+    }
+)
+
+
+def _by_name(values: Sequence[float], emotions: Sequence[str]) -> dict[str, float]:
+    if len(values) != len(emotions):
+        raise ValueError(f"{len(values)} per-class values for {len(emotions)} emotions")
+    return dict(zip(emotions, (float(v) for v in values), strict=True))
+
+
+def _in_order(values: Mapping[str, Any], emotions: Sequence[str]) -> tuple[float, ...]:
+    if not isinstance(values, Mapping) or set(values) != set(emotions):
+        raise ValueError(f"per-class values must name exactly the emotions {', '.join(emotions)}")
+    return tuple(float(values[name]) for name in emotions)
+
+
+def _source(entry: Mapping[str, Any]) -> DataSource:
+    return DataSource(**entry["source"])
 
 
 @dataclass(frozen=True)
@@ -116,6 +324,10 @@ class ModelArtifact:
     @property
     def encoder_path(self) -> Path:
         return self.path / ENCODER_FILE
+
+    @property
+    def weights_path(self) -> Path | None:
+        return self.path / WEIGHTS_FILE if WEIGHTS_FILE in self.files else None
 
     @property
     def encoder_int8_path(self) -> Path | None:
@@ -167,10 +379,12 @@ def write_artifact(
     reference_distribution: Mapping[str, float] | None = None,
     metrics: Mapping[str, Any] | None = None,
     card_text: str | None = None,
+    weights: Path | str | None = None,
 ) -> ModelArtifact:
     """Write a complete artifact to `out_dir` (absent or empty): files into a staging directory beside it, the
     manifest last, then one rename. `graphs` maps encoder.onnx, context.onnx and optionally encoder.int8.onnx
-    to the files to copy. Returns the loaded (re-verified) artifact."""
+    to the files to copy; `weights` is the PyTorch state to carry (WEIGHTS_FILE), if any. Returns the loaded
+    (re-verified) artifact."""
     out_dir = Path(out_dir)
     _check_version(version)
     _check_graphs(graphs)
@@ -190,7 +404,8 @@ def write_artifact(
     staging = out_dir.parent / f".{out_dir.name}.staging-{uuid.uuid4().hex}"
     staging.mkdir()
     try:
-        for name, source in {**graphs, TOKENIZER_FILE: tokenizer}.items():
+        copies = {**graphs, TOKENIZER_FILE: tokenizer, **({WEIGHTS_FILE: weights} if weights is not None else {})}
+        for name, source in copies.items():
             shutil.copyfile(source, staging / name)
         _write_metadata(staging, config, calibration, reference, _json_safe(dict(metrics or {})), card_text)
         _write_manifest(staging)
@@ -211,7 +426,7 @@ def _write_metadata(
     card_text: str | None,
 ) -> None:
     _write_json(root / CONFIG_FILE, config)
-    _write_json(root / CALIBRATION_FILE, asdict(calibration))
+    _write_json(root / CALIBRATION_FILE, calibration.to_dict(config["model"]["emotions"]))
     _write_json(root / REFERENCE_FILE, reference)
     _write_json(root / METRICS_FILE, metrics)
     card = card_text if card_text is not None else default_card(config, calibration, reference, metrics)
@@ -231,7 +446,8 @@ def derive_artifact(
 ) -> ModelArtifact:
     """A new artifact from `source` with some parts replaced, e.g. a retrained context.onnx (head retraining) or
     a new temperature. `graphs` entries replace or add graph files (a None value drops encoder.int8.onnx);
-    everything else not given is kept, except the model card, which is regenerated unless given."""
+    everything else not given is kept, except the model card, which is regenerated unless given, and the PyTorch
+    weights, which a new encoder.onnx leaves behind."""
     kept = {ENCODER_FILE: source.encoder_path, CONTEXT_FILE: source.context_path}
     if source.encoder_int8_path is not None:
         kept[ENCODER_INT8_FILE] = source.encoder_int8_path
@@ -249,6 +465,7 @@ def derive_artifact(
         else reference_distribution,
         metrics=source.metrics if metrics is None else metrics,
         card_text=card_text,
+        weights=None if ENCODER_FILE in (graphs or {}) else source.weights_path,
     )
 
 
@@ -260,6 +477,7 @@ def export_artifact(
     calibration_temperature: float = 1.0,
     sentiment_temperature: float = 1.0,
     estimation_weights: Sequence[float] | None = None,
+    calibration: Calibration | None = None,
     reference_distribution: Mapping[str, float] | None = None,
     metrics: Mapping[str, Any] | None = None,
     card_text: str | None = None,
@@ -267,9 +485,12 @@ def export_artifact(
     int8_ranges: Mapping[str, np.ndarray] | None = None,
     max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS,
     check: bool = True,
+    recipe: Mapping[str, Any] | None = None,
 ) -> ModelArtifact:
     """Export `model` to ONNX (parity-checked unless check=False), quantise the encoder to int8 when asked
-    (smoothed with `int8_ranges`, model/quantize.py), and write the complete artifact to `out_dir`."""
+    (smoothed with `int8_ranges`, model/quantize.py), and write the complete artifact to `out_dir`, carrying the
+    model's PyTorch weights with the training `recipe` (a `Recipe.to_dict()`) it was trained with, when known."""
+    from model.delta import save_weights
     from model.export import export_model
     from model.quantize import quantize_encoder_int8
     from model.text_encoder import pretrained_dir
@@ -286,6 +507,7 @@ def export_artifact(
         if int8:
             int8_path = Path(work) / ENCODER_INT8_FILE
             graphs[ENCODER_INT8_FILE] = quantize_encoder_int8(graphs[ENCODER_FILE], int8_path, dict(int8_ranges or {}))
+        weights = save_weights(model, Path(work) / WEIGHTS_FILE, recipe)
         return write_artifact(
             out_dir,
             version=version,
@@ -293,7 +515,8 @@ def export_artifact(
             tokenizer=pretrained_dir() / TOKENIZER_FILE,
             model_config=config.to_dict(),
             preprocessing=preprocessing,
-            calibration=Calibration(
+            calibration=calibration  # a whole record, when given, replaces the three values above
+            or Calibration(
                 calibration_temperature,
                 sentiment_temperature,
                 None if estimation_weights is None else tuple(estimation_weights),
@@ -301,6 +524,7 @@ def export_artifact(
             reference_distribution=reference_distribution,
             metrics=metrics,
             card_text=card_text,
+            weights=weights,
         )
 
 
@@ -331,6 +555,7 @@ Emotion recognition in conversations from text and voice (ONNX: utterance encode
 
 ## Calibration
 Temperature scaling: emotion T = {calibration.temperature:g}, sentiment T = {calibration.sentiment_temperature:g}.
+{describe_calibration(calibration, model["emotions"])}
 
 ## Reference predicted-class distribution (dev)
 | emotion | share |
@@ -341,6 +566,33 @@ Temperature scaling: emotion T = {calibration.temperature:g}, sentiment T = {cal
 ```json
 {json.dumps(_json_safe(dict(metrics)), indent=2, sort_keys=True)}
 ```
+"""
+
+
+def describe_calibration(calibration: Calibration, emotions: Sequence[str]) -> str:
+    """The calibration record as model-card text: what each quantity was fitted or counted on."""
+    if not calibration.has_record:
+        return "This artifact records no class priors or bias-corrected posteriors (an older format)."
+    assert calibration.training_prior and calibration.dev_prior and calibration.posterior
+    assert calibration.dev_reference
+    source = calibration.temperature_source
+    rows = [
+        ("temperature", f"{calibration.temperature:.3f}", source.describe() if source else "not recorded"),
+        (
+            "bias-corrected temperature scaling (monitoring posteriors)",
+            f"T {calibration.posterior.temperature:.3f}",
+            calibration.posterior.source.describe(),
+        ),
+        ("dev confusion and class-mix covariance", "", calibration.dev_reference.source.describe()),
+    ]
+    for name, prior in (("training prior", calibration.training_prior), ("dev prior", calibration.dev_prior)):
+        shares = ", ".join(f"{e} {s:.3f}" for e, s in zip(emotions, prior.shares, strict=True))
+        rows.append((name, shares, prior.source.describe()))
+    table = "\n".join(f"| {name} | {value} | {where} |" for name, value, where in rows)
+    return f"""
+| quantity | value | fitted or counted on |
+|---|---|---|
+{table}
 """
 
 
@@ -460,15 +712,7 @@ def _parse_metadata(root: Path, files: Mapping[str, FileEntry], sha256: str) -> 
         if isinstance(error, ArtifactError):
             raise
         raise ArtifactError(f"{CONFIG_FILE} is malformed: {error!r}", file=CONFIG_FILE) from None
-    calibration_data = _read_json(root, CALIBRATION_FILE)
-    try:
-        calibration = Calibration(**calibration_data)
-    except (TypeError, ValueError) as error:
-        raise ArtifactError(f"{CALIBRATION_FILE} is malformed: {error}", file=CALIBRATION_FILE) from None
-    weights = calibration.estimation_weights
-    if weights is not None and len(weights) != len(emotions.names):
-        message = f"{CALIBRATION_FILE}: {len(weights)} estimation weights for {len(emotions.names)} emotions"
-        raise ArtifactError(message, file=CALIBRATION_FILE)
+    calibration = _parse_calibration(_read_json(root, CALIBRATION_FILE), emotions)
     metrics = _read_json(root, METRICS_FILE)
     if not isinstance(metrics, dict):
         raise ArtifactError(f"{METRICS_FILE} must hold a JSON object", file=METRICS_FILE)
@@ -485,6 +729,25 @@ def _parse_metadata(root: Path, files: Mapping[str, FileEntry], sha256: str) -> 
         metrics=metrics,
         files=dict(files),
     )
+
+
+def _parse_calibration(data: Any, emotions: LabelSet) -> Calibration:
+    """calibration.json: the temperatures (every artifact), the record of priors and BCTS posteriors (newer ones)."""
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{CALIBRATION_FILE} must hold a JSON object", file=CALIBRATION_FILE)
+    unknown = sorted(set(data) - CALIBRATION_KEYS)
+    if unknown:
+        message = f"{CALIBRATION_FILE}: unknown field {unknown[0]!r} (written by a newer Equipoise?)"
+        raise ArtifactError(message, file=CALIBRATION_FILE)
+    try:
+        calibration = Calibration.from_dict(data, emotions.names)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ArtifactError(f"{CALIBRATION_FILE} is malformed: {error!r}", file=CALIBRATION_FILE) from None
+    sizes = calibration.sizes() - {len(emotions.names)}
+    if sizes:
+        message = f"{CALIBRATION_FILE}: {sizes.pop()} per-class values for {len(emotions.names)} emotions"
+        raise ArtifactError(message, file=CALIBRATION_FILE)
+    return calibration
 
 
 def _checked_shares(shares: Any, emotions: LabelSet, file: str) -> dict[str, float]:

@@ -9,7 +9,9 @@
 
 Assembly loads the pinned pretrained text encoder (hash-checked), applies the delta (sha256-checked), exports
 and parity-checks the ONNX graphs, then scores the probe set through the serving runtime and refuses the result
-unless it matches the recorded outputs. `equipoise serve` assembles it once into the state directory.
+unless it matches the recorded outputs. `equipoise serve` assembles it once into the state directory. The
+artifact carries the applied weights with the release's recipe (weights.safetensors), which fine-tuning starts
+from; `release_model` rebuilds them for an artifact of the release assembled without them.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from core.files import sha256_file
-from model.artifact import ArtifactError, ModelArtifact, load_artifact
+from model.artifact import ArtifactError, Calibration, ModelArtifact, load_artifact
+
+if TYPE_CHECKING:
+    from model.network import EmotionModel
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "default"
 RELEASE_FILE = "release.json"
@@ -88,27 +93,43 @@ def check_probe(artifact: Path | ModelArtifact, expected: list[list[float]]) -> 
     return worst
 
 
-def assemble(out_dir: Path, source: Path = SHIPPED_DIR) -> ModelArtifact:
-    """Build the artifact of the shipped default into `out_dir` (which must not exist) and verify it."""
-    from model.artifact import export_artifact
+def release_model(source: Path = SHIPPED_DIR) -> tuple[EmotionModel, dict[str, Any]]:
+    """The released network (its delta sha256-checked and applied to the pinned text encoder) and the training
+    recipe it was trained with."""
     from model.delta import DELTA_FILE, load_delta
-    from model.quantize import RANGES_FILE, load_ranges
 
     release = read_release(source)
     verified(source / DELTA_FILE, release["delta_sha256"])
-    model = load_delta(source)
+    return load_delta(source), release["recipe"]
+
+
+def release_calibration(release: dict[str, Any]) -> Calibration | None:
+    """The release's calibration record (releases before it carry only a temperature: None)."""
+    recorded = release.get("calibration")
+    return None if recorded is None else Calibration.from_dict(recorded, release["recipe"]["model"]["emotions"])
+
+
+def assemble(out_dir: Path, source: Path = SHIPPED_DIR) -> ModelArtifact:
+    """Build the artifact of the shipped default into `out_dir` (which must not exist) and verify it."""
+    from model.artifact import export_artifact
+    from model.quantize import RANGES_FILE, load_ranges
+
+    release = read_release(source)
+    model, recipe = release_model(source)
     ranges_sha256 = release.get("int8_ranges_sha256")
     int8_ranges = load_ranges(verified(source / RANGES_FILE, ranges_sha256)) if ranges_sha256 else None
     artifact = export_artifact(
         model,
         out_dir,
         version=release["version"],
-        calibration_temperature=release["calibration_temperature"],
+        calibration_temperature=release.get("calibration_temperature", 1.0),  # releases without a record
         reference_distribution=release["reference_distribution"],
         estimation_weights=release.get("estimation_weights"),
+        calibration=release_calibration(release),
         int8_ranges=int8_ranges,
         metrics=release["metrics"],
         card_text=(source / CARD_FILE).read_text(encoding="utf-8"),
+        recipe=recipe,
     )
     try:
         check_probe(artifact, release["probe"])

@@ -101,6 +101,24 @@ class ModelRegistry:
         self.verify(version)
         return self._crown(version, demoted_status=ModelStatus.RETIRED)
 
+    def promote_if_vacant(self, version: str) -> bool:
+        """Make `version` the champion only while there is none; True when it is the champion afterwards. Never
+        demotes anyone: a champion crowned at the same moment wins (the unique index refuses the second), and a
+        rejected version is left rejected."""
+        current = self.champion()
+        if current is not None:
+            return current.version == version
+        self.verify(version)
+        try:
+            with session_scope(self.engine) as session:
+                target = _get(session, version, for_update=True)
+                if target.status == ModelStatus.REJECTED or _champion(session) is not None:
+                    return target.status == ModelStatus.CHAMPION
+                _make_champion(target)
+                return True
+        except IntegrityError:
+            return False
+
     def rollback(self) -> ModelVersion:
         """Reject the current champion and re-crown the previous one (the most recently retired)."""
         with session_scope(self.engine) as session:
@@ -134,8 +152,7 @@ class ModelRegistry:
                     current.status, current.retired_at = demoted_status, _now()
                     current.rejection_reason = reason
                     session.flush()  # the old champion must step down before the unique index sees the new one
-                target.status, target.promoted_at = ModelStatus.CHAMPION, _now()
-                target.retired_at = target.rejection_reason = None
+                _make_champion(target)
                 return target
         except IntegrityError as error:
             raise RegistryError("another promotion happened at the same time; retry") from error
@@ -158,6 +175,11 @@ class ModelRegistry:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return destination
+
+
+def _make_champion(row: ModelVersion) -> None:
+    row.status, row.promoted_at = ModelStatus.CHAMPION, _now()
+    row.retired_at = row.rejection_reason = None
 
 
 def _verified(path: Path) -> ModelArtifact:

@@ -1,14 +1,29 @@
-"""The collapse detector: is the model sliding toward the majority class?
+"""The collapse detector: is the model sliding toward the majority class, or has the traffic changed its mix?
 
-A window is *suspicious* when three signals agree: the majority class's share of predictions rose well
-above the champion's reference share, the predicted-class mix drifted significantly, and minority recall
-fell below its floor. That recall is the one measured from the window's feedback labels when they decide it
-(its 95% interval is within `recall_precision`, or lies wholly on one side of the floor), otherwise the
-label-free estimate. Each signal alone is noisy; together they are specific.
+Two situations raise the majority class's share of predictions. Under *label shift* the traffic holds more
+majority-class turns: the class prior estimated without labels (monitoring/prior.py) moves, and the served mix
+is what the model's dev confusion behaviour makes of that prior. A balanced model's per-class recall does not
+move: nothing is wrong with the model, and no retraining is queued. A *collapse* is the model's own behaviour
+changing. A window is suspicious when any of these holds:
 
-The detector fires after `fire_after` consecutive suspicious windows (small windows never count), then
-stays disarmed until both `cooldown_windows` windows have passed and `clear_after` consecutive healthy
-windows were seen (hysteresis), so one collapse yields one event and one retraining job.
+- the served mix moved toward the majority class beyond what the estimated prior explains: its consistency test
+  rejects it (p < `mix_alpha`) and either the majority class's share rose at least `majority_rise` above the
+  reference or the minority classes' share fell under `minority_share_ratio` times theirs. An artifact without a
+  calibration record has no dev confusion to test against: for it the older rule stands (the majority share's
+  rise, the class-mix drift test and the minority recall below the floor, measured where audit labels decide
+  it, else estimated);
+- minority recall measured on the window's audit labels (a random sample) is decided below the floor: its 95%
+  interval lies wholly under it. Corrections are not a random sample (users correct mistakes), so a recall
+  measured on them never fires the detector;
+- the label-free minority recall is decided below the floor: its 95% upper bound (bootstrap over the window's
+  conversations) lies under it. It is computed on prior-corrected posteriors while label shift explains the
+  served mix, else on the posteriors as calibrated (the correction's premise no longer holds).
+
+The floor is a fraction of the champion's own minority recall on its dev set, never below the absolute floor.
+
+The detector fires after `fire_after` consecutive suspicious windows (small windows never count), then stays
+disarmed until both `cooldown_windows` windows have passed and `clear_after` consecutive healthy windows were
+seen (hysteresis), so one collapse yields one event and one retraining job.
 
 The state is a pure function of the ordered window history since the last event, so the monitor can
 rebuild it from stored snapshots after a restart (`CollapseDetector.replay`).
@@ -20,13 +35,17 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from core.db.models import FeedbackKind
 from core.settings import MONITOR_RECALL_PRECISION, Settings
+from monitoring.prior import MIX_ALPHA
 
 
 @dataclass(frozen=True)
 class CollapseRules:
     min_predictions: int = 200
     majority_rise: float = 0.10
+    minority_share_ratio: float = 0.5  # ... or the minority classes' share of predictions fell under this x reference
+    mix_alpha: float = MIX_ALPHA  # the served mix is unexplained by the estimated prior when its test's p is below
     minority_recall_ratio: float = 0.6
     minority_recall_floor: float = 0.25
     fire_after: int = 2
@@ -56,15 +75,27 @@ class WindowSignals:
     minority_recall_estimated: float | None
     reference_minority_recall: float | None = None
     minority_recall_halfwidth: float | None = None  # 95% half-width of the measured value
+    minority_recall_measured_upper: float | None = None  # upper end of its (Agresti-Coull) 95% interval
+    measured_source: str | None = None  # "audit" (a random sample) or "correction" (biased toward mistakes)
+    minority_recall_estimated_upper: float | None = None  # 95% upper bound of the label-free estimate
+    mix_p_value: float | None = None  # the served mix against the one the estimated prior explains
+    prior_shifted: bool = False  # the estimated prior moved significantly (label shift)
+    minority_share: float | None = None  # of the window's predictions, in the minority classes
+    reference_minority_share: float | None = None
 
     def minority_recall(self, rules: CollapseRules) -> tuple[float | None, str]:
-        """The measured value where the window's labels decide it against the floor, else the estimate."""
+        """The value measured on audit labels where they decide it against the floor, else the estimate."""
         measured, halfwidth = self.minority_recall_measured, self.minority_recall_halfwidth
-        if measured is None or halfwidth is None:
+        if measured is None or halfwidth is None or self.measured_source != FeedbackKind.AUDIT:
             return self.minority_recall_estimated, "estimated"
         if halfwidth <= rules.recall_precision or abs(measured - recall_floor(self, rules)) > halfwidth:
             return measured, "measured"
         return self.minority_recall_estimated, "estimated"
+
+    def audit_recall_below(self, floor: float) -> bool:
+        """Whether the recall measured on audit labels lies, with its whole 95% interval, under `floor`."""
+        upper = self.minority_recall_measured_upper
+        return self.measured_source == FeedbackKind.AUDIT and upper is not None and upper < floor
 
 
 @dataclass(frozen=True)
@@ -82,22 +113,48 @@ def recall_floor(signals: WindowSignals, rules: CollapseRules) -> float:
     return max(rules.minority_recall_floor, rules.minority_recall_ratio * signals.reference_minority_recall)
 
 
+def _mix_unexplained(signals: WindowSignals, rules: CollapseRules, floor: float) -> tuple[bool, str]:
+    """Whether the served mix moved beyond what the estimated prior explains, and how that was judged."""
+    if signals.mix_p_value is not None:
+        return signals.mix_p_value < rules.mix_alpha, f"p {signals.mix_p_value:.2g}"
+    recall, source = signals.minority_recall(rules)
+    low = recall is not None and recall < floor
+    return (
+        signals.drifted and low,
+        f"no dev confusion recorded: class-mix drift, minority recall ({source}) {_shown(recall)}",
+    )
+
+
+def _shown(value: float | None) -> str:
+    return "none" if value is None else f"{value:.3f}"
+
+
+def _minority_share_fell(signals: WindowSignals, rules: CollapseRules) -> bool:
+    share, reference = signals.minority_share, signals.reference_minority_share
+    return share is not None and reference is not None and share < rules.minority_share_ratio * reference
+
+
 def assess(signals: WindowSignals, rules: CollapseRules) -> tuple[bool, tuple[str, ...]]:
     """Whether one window is suspicious, and the reasons that held."""
     if signals.n_predictions < rules.min_predictions:
         return False, ()
     rise = signals.majority_share - signals.reference_majority_share
-    recall, source = signals.minority_recall(rules)
     floor = recall_floor(signals, rules)
+    unexplained, how = _mix_unexplained(signals, rules, floor)
+    upper = signals.minority_recall_estimated_upper
     checks = {
-        f"majority share {signals.majority_share:.2f} is {rise:+.2f} over reference": rise >= rules.majority_rise,
-        "predicted-class mix drifted": signals.drifted,
-        f"minority recall ({source}) {recall if recall is None else round(recall, 3)} below {floor:.3f}": (
-            recall is not None and recall < floor
-        ),
+        f"majority share {signals.majority_share:.2f} is {rise:+.2f} over reference, more than the estimated "
+        f"class mix explains ({how})": rise >= rules.majority_rise and unexplained,
+        f"minority classes' share of predictions {_shown(signals.minority_share)} is under "
+        f"{rules.minority_share_ratio:g} x the reference {_shown(signals.reference_minority_share)}, more than the "
+        f"estimated class mix explains ({how})": (_minority_share_fell(signals, rules) and unexplained),
+        f"minority recall measured on audit labels {_shown(signals.minority_recall_measured)} (95% upper bound "
+        f"{_shown(signals.minority_recall_measured_upper)}) is below {floor:.3f}": signals.audit_recall_below(floor),
+        f"label-free minority recall {_shown(signals.minority_recall_estimated)} (95% upper bound {_shown(upper)}) "
+        f"is below {floor:.3f}": upper is not None and upper < floor,
     }
     held = tuple(reason for reason, ok in checks.items() if ok)
-    return len(held) == len(checks), held
+    return bool(held), held
 
 
 @dataclass

@@ -7,18 +7,22 @@ detector, whose state is rebuilt from the snapshots since the last collapse even
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from core.db.models import CollapseEvent, JobTrigger, MonitoringSnapshot, RetrainingJob
+from core.db.models import CollapseEvent, FeedbackKind, JobTrigger, MonitoringSnapshot, RetrainingJob
 from core.db.session import session_scope
+from core.settings import MONITOR_BOOTSTRAP_REPLICATES
 from monitoring.analysis import ReferenceProfile, WindowFindings, analyse_window
 from monitoring.collapse import CollapseDetector, CollapseRules, Decision, WindowSignals
 from monitoring.estimation import LabelledRecall, labelled_minority_recall
+from monitoring.prior import Interval, LabelShiftEstimate
 from monitoring.windows import Window, load_labelled, load_window
 
 REPLAY_LIMIT = 500
@@ -54,7 +58,7 @@ def _store_snapshot(
         reference_shares=dict(reference.class_shares),
         majority_share=findings.majority_share,
         drift_score=findings.drift.js_distance,
-        drift_p_value=findings.drift.chi2_p_value,
+        drift_p_value=findings.drift.p_value,
         drift_detected=findings.drift.drifted,
         embedding_drift=findings.embedding_drift,
         measured_recall=findings.measured_recall,
@@ -62,15 +66,43 @@ def _store_snapshot(
         minority_recall_measured=findings.minority_recall_measured,
         minority_recall_estimated=findings.minority_recall_estimated,
         minority_recall_measured_halfwidth=findings.minority_recall_halfwidth,
+        minority_recall_measured_upper=findings.minority_recall_measured_upper,
+        measured_source=None if findings.measured_source is None else findings.measured_source.value,
         labelled_horizon=labelled.labelled if labelled else None,
         minority_recall_labelled=labelled.measured if labelled else None,
         minority_recall_labelled_estimated=labelled.estimated if labelled else None,
         minority_recall_labelled_halfwidth=labelled.halfwidth if labelled else None,
+        labelled_source=labelled.source.value if labelled and labelled.source else None,
         report_path=str(report_dir),
+        **label_shift_columns(findings.label_shift),
     )
     session.add(snapshot)
     session.flush()
     return snapshot
+
+
+def label_shift_columns(shift: LabelShiftEstimate) -> dict[str, Any]:
+    """The snapshot columns of one window's label-shift estimate."""
+    names = shift.names
+
+    def per_class(intervals: Sequence[Interval | None], part: str) -> dict[str, float | None]:
+        return {name: None if i is None else getattr(i, part) for name, i in zip(names, intervals, strict=True)}
+
+    minority = shift.minority_recall
+    return {
+        "n_conversations": shift.conversations,
+        "estimated_prior": per_class(shift.prior, "estimate"),
+        "estimated_prior_lower": per_class(shift.prior, "lower"),
+        "estimated_prior_upper": per_class(shift.prior, "upper"),
+        "prior_shift_detected": shift.shift_significant,
+        "expected_shares": None if shift.expected_shares is None else per_class(shift.expected_shares, "estimate"),
+        "mix_unexplained_share": shift.unexplained_share,
+        "mix_p_value": shift.mix_p_value,
+        "estimated_recall_lower": per_class(shift.recall, "lower"),
+        "estimated_recall_upper": per_class(shift.recall, "upper"),
+        "minority_recall_estimated_lower": None if minority is None else minority.lower,
+        "minority_recall_estimated_upper": None if minority is None else minority.upper,
+    }
 
 
 def snapshot_signals(snapshot: MonitoringSnapshot, reference: ReferenceProfile) -> WindowSignals:
@@ -84,6 +116,13 @@ def snapshot_signals(snapshot: MonitoringSnapshot, reference: ReferenceProfile) 
         minority_recall_estimated=snapshot.minority_recall_estimated,
         reference_minority_recall=reference.minority_recall,
         minority_recall_halfwidth=snapshot.minority_recall_measured_halfwidth,
+        minority_recall_measured_upper=snapshot.minority_recall_measured_upper,
+        measured_source=snapshot.measured_source,
+        minority_recall_estimated_upper=snapshot.minority_recall_estimated_upper,
+        mix_p_value=snapshot.mix_p_value,
+        prior_shifted=bool(snapshot.prior_shift_detected),
+        minority_share=sum(float(snapshot.class_shares[name]) for name in reference.minority),
+        reference_minority_share=reference.minority_share,
     )
 
 
@@ -117,11 +156,40 @@ def _record_collapse(session: Session, snapshot: MonitoringSnapshot, decision: D
     return event
 
 
+def newest_labelled_recall(
+    session: Session,
+    version: str,
+    reference: ReferenceProfile,
+    *,
+    until: datetime,
+    settings: MonitorSettings,
+    rules: CollapseRules,
+) -> LabelledRecall | None:
+    """Minority recall over the newest audit-labelled predictions up to `until` when they are enough for the rules'
+    precision; else over the newest corrections (biased toward mistakes: their source says so); else None."""
+    for kind in (FeedbackKind.AUDIT, FeedbackKind.CORRECTION):
+        probabilities, true = load_labelled(
+            session, version, reference.names, until=until, limit=settings.label_horizon, kind=kind
+        )
+        found = labelled_minority_recall(
+            probabilities,
+            true,
+            reference.names,
+            reference.minority,
+            precision=rules.recall_precision,
+            model=reference.shift_model,
+        )
+        if found is not None:
+            return replace(found, source=kind)
+    return None
+
+
 @dataclass(frozen=True)
 class MonitorSettings:
     window_size: int
     reports_root: Path
     label_horizon: int  # most labelled predictions the measurement of minority recall may span
+    replicates: int = MONITOR_BOOTSTRAP_REPLICATES  # resamples of a window's conversations behind its intervals
 
 
 def run_monitor(
@@ -166,21 +234,16 @@ def _monitor_next_window(
     report_dir = settings.reports_root / version / window.end.strftime("%Y%m%dT%H%M%S%f")
     findings = analyse_window(
         window.probabilities,
-        window.true,
+        window.labels,
+        window.conversations,
         reference,
         embeddings=window.embeddings,
         report_dir=report_dir,
+        replicates=settings.replicates,
+        mix_alpha=detector.rules.mix_alpha,
     )
-    probabilities, true = load_labelled(
-        session, version, reference.names, until=window.end, limit=settings.label_horizon
-    )
-    labelled = labelled_minority_recall(
-        probabilities,
-        true,
-        reference.names,
-        reference.minority,
-        precision=detector.rules.recall_precision,
-        weights=reference.estimation_weights,
+    labelled = newest_labelled_recall(
+        session, version, reference, until=window.end, settings=settings, rules=detector.rules
     )
     snapshot = _store_snapshot(session, window, findings, labelled, reference, report_dir)
     run.snapshots.append(snapshot.id)

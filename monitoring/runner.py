@@ -1,18 +1,19 @@
 """Monitoring of the serving champion: its reference profile, one monitor pass, and the periodic schedule.
 
-The reference is what the champion's artifact recorded on held-out data (its predicted-class mix and its
-minority recall). Embedding drift is measured against the first window the champion served, since the
-artifact carries no embeddings: it answers "has the traffic moved since this model went live?".
+The reference is what the champion's artifact recorded on its clean dev set: its predicted-class mix, its
+calibration record (training prior, BCTS posteriors, dev confusion) and its minority recall there. Embedding
+drift is measured against the first window the champion served, since the artifact carries no embeddings: it
+answers "has the traffic moved since this model went live?".
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 from sqlalchemy import Engine
 
 from core.db.session import session_scope
@@ -28,13 +29,19 @@ from monitoring.windows import load_window
 log = logging.getLogger(__name__)
 
 
-def reference_minority_recall(metrics: Mapping[str, Any]) -> float | None:
-    """Minority recall the artifact recorded on dev (preferred) or test, if any."""
-    for split in ("dev", "test"):
-        value = metrics.get(split, {}).get("minority_recall") if isinstance(metrics.get(split), dict) else None
-        if value is not None:
-            return float(value)
-    return None
+def reference_minority_recall(artifact: ModelArtifact, minority: Sequence[str]) -> float | None:
+    """The champion's own minority recall on held-out data, never on test: on its dev set from the calibration
+    record's confusion, else on the held-out split a retrained candidate was gated on; None when unknown."""
+    names = artifact.emotions.names
+    classes = [names.index(name) for name in minority if name in names]
+    reference = artifact.calibration.dev_reference
+    if reference is not None and classes:
+        rates, support = reference.confusion_rates(), np.asarray(reference.confusion).sum(axis=1)
+        present = [k for k in classes if support[k] > 0]
+        return float(np.mean([rates[k, k] for k in present])) if present else None
+    heldout = artifact.metrics.get("heldout")
+    value = heldout.get("minority_recall") if isinstance(heldout, dict) else None
+    return None if value is None else float(value)
 
 
 def reference_profile(
@@ -51,9 +58,9 @@ def reference_profile(
         names=names,
         class_shares=shares,
         minority=tuple(name for name in minority if name in names),
-        minority_recall=reference_minority_recall(artifact.metrics),
+        minority_recall=reference_minority_recall(artifact, minority),
         embeddings=first.embeddings,
-        estimation_weights=artifact.calibration.estimation_weights,
+        calibration=artifact.calibration,
     )
 
 
@@ -71,6 +78,7 @@ def monitor_champion(engine: Engine, settings: Settings, rules: CollapseRules | 
         window_size=settings.monitor_window,
         reports_root=settings.state_dir / "reports",
         label_horizon=settings.monitor_label_horizon,
+        replicates=settings.monitor_bootstrap_replicates,
     )
     return run_monitor(engine, artifact.version, reference, monitoring, rules or rules_from_settings(settings))
 

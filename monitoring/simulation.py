@@ -1,362 +1,340 @@
-"""Collapse simulation on real MELD test turns: does monitoring stay quiet when it should and fire when it must?
+"""Monitoring on real MELD streams, offline: does the monitor stay quiet when it should and fire when it must?
 
-A real model scores MELD dev (the reference) and test (the stream) once. Windows are bootstrap samples of
-test turns. The *stationary* stream serves the healthy model's probabilities in every window; the
-*collapse* stream switches, after a few healthy windows, to a degraded model whose head is biased toward
-the majority class (a constant added to its logit), the way a model drifts when its priors go stale.
-Every window goes through the production analysis (`analyse_window`) and detector (`CollapseDetector`), and
-every turn carries its gold label as feedback.
+All of MELD is scored once through the serving runtime (monitoring/meld_stream.py). A *stream* is a sequence of
+those turns, whole dialogues in order, served with some logits (the model's, or a degraded model's) and the
+artifact's serving temperature. Every window of a stream goes through the production analysis
+(`analyse_window`) and detector (`CollapseDetector`) against the *production* reference: the one the artifact
+records (`reference_from_artifact`, as the monitor builds it), never one rebuilt here. A share of the turns
+may carry their gold label as audit feedback (a random sample, as audit sampling makes it).
 
-A 500-turn MELD window holds about ten fear turns, too few to measure minority recall (its 95% interval spans
-±0.15), so, as in production, the measured minority recall of each window spans the newest labelled turns up to
-its end, as many as a precise measurement needs (`labelled_minority_recall`), and the label-free estimate is
-judged on the same turns. Its remaining sampling noise shows against the recall of the whole stream (the
-population the windows are drawn from): the *noise floor*.
+The streams the acceptance asks for are built here: the healthy stream (all of MELD, dialogues in order), pure
+label shift (each class's turns kept with a class-specific probability, so p(x | y) and the model's per-class
+behaviour do not move), a model leaning to the majority class (a constant on its logit), any other model's
+logits from some window on, and resampled healthy streams (a bootstrap over conversations) for the false-alarm
+rate. `benchmarks/monitoring_simulation.py` runs them all and writes docs/MONITORING.md's figures.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from scipy.stats import beta
 
-from core.settings import get_settings
-from model.data.meld import group_dialogues, read_utterances
-from model.runtime import InferenceRuntime, UtteranceInput
-from monitoring.analysis import ReferenceProfile, analyse_window
-from monitoring.collapse import CollapseDetector, CollapseRules, rules_from_settings
-from monitoring.estimation import (
-    class_shares,
-    estimate_recall,
-    labelled_minority_recall,
-    mean_recall,
-    measure_recall,
-    posteriors,
-)
+from core.db.models import FeedbackKind
+from core.settings import MONITOR_BOOTSTRAP_REPLICATES
+from model.artifact import ModelArtifact
+from monitoring.analysis import LabelledTurns, ReferenceProfile, analyse_window
+from monitoring.collapse import CollapseDetector, CollapseRules
+from monitoring.estimation import labelled_minority_recall, mean_recall, measure_recall
+from monitoring.meld_stream import ScoredMeld
+from monitoring.runner import reference_minority_recall
 
 
 @dataclass(frozen=True)
-class ScoredSplit:
-    """A model's probabilities, embeddings and the gold labels of one split."""
+class Stream:
+    """Turns served in this order: raw emotion logits, gold labels, conversations, and where the model changed."""
 
-    names: tuple[str, ...]
-    probabilities: np.ndarray
-    embeddings: np.ndarray
-    true: np.ndarray
+    name: str
+    logits: np.ndarray  # [N, C]
+    true: np.ndarray  # [N]
+    conversations: np.ndarray  # [N]
+    splits: np.ndarray  # [N] the MELD split of each turn
+    degraded_from: int | None = None  # first turn served by a degraded model
+
+    def __len__(self) -> int:
+        return len(self.true)
+
+    def served(self, temperature: float) -> np.ndarray:
+        scaled = self.logits / temperature
+        exp = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+        return exp / exp.sum(axis=1, keepdims=True)
+
+
+def reference_from_artifact(artifact: ModelArtifact, minority: Sequence[str]) -> ReferenceProfile:
+    """The champion's yardstick exactly as the monitor reads it from the artifact (monitoring/runner.py), less the
+    embeddings of the first served window."""
+    names = artifact.emotions.names
+    return ReferenceProfile(
+        names=names,
+        class_shares=dict(artifact.reference_distribution),
+        minority=tuple(name for name in minority if name in names),
+        minority_recall=reference_minority_recall(artifact, minority),
+        calibration=artifact.calibration,
+    )
+
+
+def healthy_stream(scored: ScoredMeld) -> Stream:
+    """All of MELD, train then dev then test, dialogues in order."""
+    return _stream("healthy", scored, np.arange(len(scored)))
+
+
+def label_shift_stream(
+    scored: ScoredMeld, majority: int, share: float, seed: int, rows: np.ndarray | None = None
+) -> Stream:
+    """All of MELD (or its `rows`) in order, thinned class by class so that `share` of the turns are of class
+    `majority`: every turn of the class that must grow is kept, every other turn with one probability. Thinning
+    by class keeps p(x | y), the model's behaviour on each class, and the order of the dialogues: pure label
+    shift."""
+    rows = np.arange(len(scored)) if rows is None else np.asarray(rows)
+    is_majority = scored.true[rows] == majority
+    ratio = share / (1 - share) * (~is_majority).sum() / is_majority.sum()
+    draw = np.random.default_rng(seed).random(len(rows))
+    keep = np.where(is_majority, draw < min(ratio, 1.0), draw < min(1 / ratio, 1.0))
+    return _stream(f"label shift to {share:.0%} {scored.names[majority]}", scored, rows[keep])
+
+
+def resampled_stream(scored: ScoredMeld, turns: int, seed: int) -> Stream:
+    """Healthy traffic of about `turns` turns: whole MELD dialogues drawn with replacement (a bootstrap over
+    conversations), one after the other; a dialogue drawn twice becomes two conversations."""
+    rng = np.random.default_rng(seed)
+    dialogues = scored.dialogues(np.arange(len(scored)))
+    chosen: list[np.ndarray] = []
+    while sum(len(d) for d in chosen) < turns:
+        chosen.append(dialogues[rng.integers(len(dialogues))])
+    rows = np.concatenate(chosen)
+    stream = _stream(f"resampled {seed}", scored, rows)
+    draws = np.repeat(np.arange(len(chosen)), [len(d) for d in chosen])
+    return Stream(stream.name, stream.logits, stream.true, draws, stream.splits)
+
+
+def with_logits_from(stream: Stream, logits: np.ndarray, turn: int, name: str) -> Stream:
+    """`stream` served from `turn` on by a model whose logits for the same turns are `logits` [N, C]."""
+    served = stream.logits.copy()
+    served[turn:] = logits[turn:]
+    return Stream(name, served, stream.true, stream.conversations, stream.splits, turn)
+
+
+def logit_bias(logits: np.ndarray, cls: int, bias: float) -> np.ndarray:
+    """The same model with `bias` added to one class's raw logit (its head's bias)."""
+    shifted = logits.copy()
+    shifted[:, cls] += bias
+    return shifted
+
+
+def _stream(name: str, scored: ScoredMeld, rows: np.ndarray) -> Stream:
+    return Stream(name, scored.logits[rows], scored.true[rows], scored.conversation[rows], scored.split[rows])
 
 
 @dataclass(frozen=True)
 class WindowRecord:
     window: int
+    split: str  # the MELD split of the window's first turn
     degraded: bool
-    majority_share: float
-    drifted: bool
+    majority_share: float  # of the served labels
+    true_majority_share: float
+    estimated_majority_prior: float
+    estimated_majority_prior_lower: float
+    estimated_majority_prior_upper: float
+    prior_shifted: bool
+    mix_p_value: float | None
+    unexplained_share: float | None
+    drifted: bool  # class-mix drift: the clustered test and the Jensen-Shannon floor
+    drift_p_value: float
     js_distance: float
-    minority_recall_estimated: float | None  # the window's label-free estimate
-    minority_recall_detector: float | None  # what the detector judged: measured where the labels decide it
-    detector_recall_source: str  # "measured" or "estimated"
-    labelled_horizon: int | None  # labelled turns the measurement below spans; None: not yet precise
-    minority_recall_labelled: float | None  # measured over those turns
-    minority_recall_labelled_estimated: float | None  # label-free estimate on the same turns
-    minority_recall_population: float | None  # measured on every turn of the stream, same model
+    minority_recall_estimated: float | None  # label-free, prior-corrected
+    minority_recall_estimated_lower: float | None
+    minority_recall_estimated_upper: float | None
+    minority_recall_true: float | None  # measured on every turn of the window (the simulation knows all labels)
+    audit_labels: int
+    minority_recall_audit: float | None  # measured on the window's audit labels
+    labelled_horizon: int | None  # audit labels the newest precise measurement spans; None: not yet precise
+    minority_recall_labelled: float | None
+    minority_recall_labelled_estimated: float | None
     suspicious: bool
     fired: bool
+    reasons: tuple[str, ...]
 
 
-def degrade(probabilities: np.ndarray, names: Sequence[str], majority: str, bias: float) -> np.ndarray:
-    """The same model with `bias` added to the majority class's logit."""
-    logits = np.log(np.clip(probabilities, 1e-12, 1.0))
-    logits[:, list(names).index(majority)] += bias
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
+@dataclass(frozen=True)
+class SimulationSettings:
+    temperature: float  # the artifact's serving temperature
+    rules: CollapseRules
+    window: int = 500
+    audit_share: float = 0.0
+    label_horizon: int = 20_000
+    replicates: int = MONITOR_BOOTSTRAP_REPLICATES
+    seed: int = 0
 
 
-def reference_profile(
-    dev: ScoredSplit,
-    minority: Sequence[str],
-    estimation_weights: Sequence[float] | None = None,
-    reference_rows: int = 1000,
-) -> ReferenceProfile:
-    predicted = dev.probabilities.argmax(axis=1)
-    rows = np.random.default_rng(0).choice(len(dev.embeddings), min(reference_rows, len(dev.embeddings)), replace=False)
-    return ReferenceProfile(
-        names=dev.names,
-        class_shares=class_shares(predicted, dev.names),
-        minority=tuple(minority),
-        minority_recall=mean_recall(measure_recall(dev.true, predicted, dev.names), minority),
-        embeddings=dev.embeddings[rows],
-        estimation_weights=estimation_weights,
-    )
-
-
-def run_stream(
-    test: ScoredSplit,
-    reference: ReferenceProfile,
-    *,
-    windows: int,
-    window_size: int,
-    degrade_from: int | None,
-    bias: float,
-    rules: CollapseRules,
-    seed: int,
-    label_horizon: int,
-    report_dir: Path | None = None,
-) -> list[WindowRecord]:
-    """Score `windows` bootstrap windows through analysis and detection; every turn carries its label. With
-    `report_dir`, the Evidently report of the first window on which the detector fires is kept there."""
-    rng = np.random.default_rng(seed)
-    served: list[np.ndarray] = []  # each window's probabilities and labels, newest window first
-    labels: list[np.ndarray] = []
-    degraded = degrade(test.probabilities, test.names, reference.majority, bias)
-    population = {
-        False: population_minority_recall(test.probabilities, test, reference.minority),
-        True: population_minority_recall(degraded, test, reference.minority),
-    }
-    detector = CollapseDetector(rules)
-    records: list[WindowRecord] = []
-    for w in range(windows):
-        rows = rng.choice(len(test.true), window_size, replace=True)
-        is_degraded = degrade_from is not None and w >= degrade_from
-        probabilities = (degraded if is_degraded else test.probabilities)[rows]
-        keep_report = report_dir is not None and not any(r.fired for r in records) and is_degraded
+def run_stream(stream: Stream, reference: ReferenceProfile, settings: SimulationSettings) -> list[WindowRecord]:
+    """Every complete window of `stream` through the production analysis and detector."""
+    served = stream.served(settings.temperature)
+    audited = np.random.default_rng(settings.seed).random(len(stream)) < settings.audit_share
+    detector = CollapseDetector(settings.rules)
+    names, majority = reference.names, reference.names.index(reference.majority)
+    records = []
+    for w in range(len(stream) // settings.window):
+        rows = np.arange(w * settings.window, (w + 1) * settings.window)
+        true = np.where(audited[rows], stream.true[rows], -1)
+        labels = LabelledTurns(true, FeedbackKind.AUDIT) if audited[rows].any() else LabelledTurns.unlabelled(len(rows))
         findings = analyse_window(
-            probabilities,
-            test.true[rows],
+            served[rows],
+            labels,
+            stream.conversations[rows],
             reference,
-            embeddings=test.embeddings[rows],
-            report_dir=report_dir / f"window_{w:03d}" if keep_report and report_dir else None,
+            replicates=settings.replicates,
+            seed=w,
+            mix_alpha=settings.rules.mix_alpha,
         )
-        signals = findings.signals(reference)
-        decision = detector.observe(signals)
-        judged, source = signals.minority_recall(rules)
-        served.insert(0, probabilities[::-1])
-        labels.insert(0, test.true[rows][::-1])
+        decision = detector.observe(findings.signals(reference))
+        shift = findings.label_shift
+        prior = shift.prior[majority]
+        minority = shift.minority_recall
+        seen = np.flatnonzero(audited[: rows[-1] + 1])[::-1][: settings.label_horizon]  # newest audit labels first
         labelled = labelled_minority_recall(
-            np.concatenate(served)[:label_horizon],
-            np.concatenate(labels)[:label_horizon],
-            test.names,
+            served[seen],
+            stream.true[seen],
+            names,
             reference.minority,
-            precision=rules.recall_precision,
-            weights=reference.estimation_weights,
+            precision=settings.rules.recall_precision,
+            model=reference.shift_model,
         )
         records.append(
             WindowRecord(
                 window=w,
-                degraded=is_degraded,
+                split=str(stream.splits[rows[0]]),
+                degraded=stream.degraded_from is not None and rows[0] >= stream.degraded_from,
                 majority_share=findings.majority_share,
+                true_majority_share=float(np.mean(stream.true[rows] == majority)),
+                estimated_majority_prior=prior.estimate,
+                estimated_majority_prior_lower=prior.lower,
+                estimated_majority_prior_upper=prior.upper,
+                prior_shifted=shift.shift_significant,
+                mix_p_value=shift.mix_p_value,
+                unexplained_share=shift.unexplained_share,
                 drifted=findings.drift.drifted,
+                drift_p_value=findings.drift.p_value,
                 js_distance=findings.drift.js_distance,
                 minority_recall_estimated=findings.minority_recall_estimated,
-                minority_recall_detector=judged,
-                detector_recall_source=source,
+                minority_recall_estimated_lower=None if minority is None else minority.lower,
+                minority_recall_estimated_upper=None if minority is None else minority.upper,
+                minority_recall_true=minority_recall_of(served[rows], stream.true[rows], reference),
+                audit_labels=findings.n_labelled,
+                minority_recall_audit=findings.minority_recall_measured,
                 labelled_horizon=labelled.labelled if labelled else None,
                 minority_recall_labelled=labelled.measured if labelled else None,
                 minority_recall_labelled_estimated=labelled.estimated if labelled else None,
-                minority_recall_population=population[is_degraded],
                 suspicious=decision.suspicious,
                 fired=decision.fired,
+                reasons=decision.reasons,
             )
         )
     return records
 
 
-def population_minority_recall(probabilities: np.ndarray, split: ScoredSplit, minority: Sequence[str]) -> float | None:
-    return mean_recall(measure_recall(split.true, probabilities.argmax(axis=1), split.names), minority)
+def minority_recall_of(served: np.ndarray, true: np.ndarray, reference: ReferenceProfile) -> float | None:
+    return mean_recall(measure_recall(true, served.argmax(axis=1), reference.names), reference.minority)
 
 
-def tracking_error(records: Sequence[WindowRecord], *, floor: bool = False) -> dict[str, float]:
-    """How far the label-free minority recall strays from the measured one on the same labelled turns, over the
-    windows that have a measurement; with `floor`, how far the stream's population recall does (the
-    measurement's own sampling noise)."""
-    pairs = [
-        (r.minority_recall_population if floor else r.minority_recall_labelled_estimated, r.minority_recall_labelled)
-        for r in records
-    ]
-    return gap_statistics([(a, b) for a, b in pairs if a is not None and b is not None])
+def proportion_interval(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Clopper-Pearson (exact) interval of a binomial proportion."""
+    tail = (1 - confidence) / 2
+    lower = 0.0 if successes == 0 else float(beta.ppf(tail, successes, trials - successes + 1))
+    upper = 1.0 if successes == trials else float(beta.ppf(1 - tail, successes + 1, trials - successes))
+    return lower, upper
 
 
-def gap_statistics(pairs: Sequence[tuple[float, float]]) -> dict[str, float]:
-    gaps = np.array([abs(a - b) for a, b in pairs])
-    if not len(gaps):
-        return {"windows": 0}
+def summarise(records: Sequence[WindowRecord]) -> dict[str, Any]:
+    fired = [r.window for r in records if r.fired]
+    first_degraded = next((r.window for r in records if r.degraded), None)
+    after = [w for w in fired if first_degraded is not None and w >= first_degraded]
+    drifted = sum(r.drifted for r in records)
     return {
-        "windows": len(gaps),
-        "mean_abs": float(gaps.mean()),
-        "max_abs": float(gaps.max()),
-        "share_within_0.1": float((gaps <= 0.1).mean()),
+        "windows": len(records),
+        "events": fired,
+        "false_alarms": [w for w in fired if first_degraded is None or w < first_degraded],
+        "windows_to_detect": None if not after or first_degraded is None else after[0] - first_degraded + 1,
+        "suspicious_windows": sum(r.suspicious for r in records),
+        "drift_flagged": drifted,
+        "drift_flagged_share": drifted / max(len(records), 1),
+        "drift_test_significant": sum(r.drift_p_value < 0.01 for r in records),
+        "prior_shift_flagged": sum(r.prior_shifted for r in records),
+        "mix_unexplained": sum(r.mix_p_value is not None and r.mix_p_value < 0.01 for r in records),
+        "records": [asdict(r) for r in records],
     }
 
 
-def tracking_by_window_size(
-    test: ScoredSplit, reference: ReferenceProfile, sizes: Sequence[int], windows: int, seed: int = 3
-) -> dict[int, dict[str, dict[str, float]]]:
-    """Estimated against measured minority recall, and the noise floor, on `windows` bootstrap windows of each
-    size (healthy model; the recall functions of `analyse_window`, without its drift tests)."""
-    rng = np.random.default_rng(seed)
-    weighted = posteriors(test.probabilities, reference.estimation_weights)
-    predicted = test.probabilities.argmax(axis=1)
-    population = population_minority_recall(test.probabilities, test, reference.minority)
-    table: dict[int, dict[str, dict[str, float]]] = {}
-    for size in sizes:
-        estimated, floor = [], []
-        for _ in range(windows):
-            rows = rng.choice(len(test.true), size, replace=True)
-            measured = mean_recall(measure_recall(test.true[rows], predicted[rows], test.names), reference.minority)
-            estimate = mean_recall(estimate_recall(weighted[rows], test.names, predicted[rows]), reference.minority)
-            if measured is not None and estimate is not None and population is not None:
-                estimated.append((estimate, measured))
-                floor.append((population, measured))
-        table[size] = {"estimated": gap_statistics(estimated), "noise_floor": gap_statistics(floor)}
-    return table
+def false_alarm_rate(
+    scored: ScoredMeld,
+    reference: ReferenceProfile,
+    settings: SimulationSettings,
+    *,
+    streams: int,
+    windows: int,
+    seed: int = 1000,
+) -> dict[str, Any]:
+    """Collapse events and flagged windows on `streams` resampled healthy streams of `windows` windows each, with
+    Clopper-Pearson 95% intervals: the share of streams with any event, and the per-window rates."""
+    counts = {"streams_with_event": 0, "events": 0, "suspicious": 0, "drifted": 0, "prior_shifted": 0}
+    for s in range(streams):
+        stream = resampled_stream(scored, windows * settings.window, seed + s)
+        records = run_stream(stream, reference, settings)
+        events = sum(r.fired for r in records)
+        counts["streams_with_event"] += events > 0
+        counts["events"] += events
+        counts["suspicious"] += sum(r.suspicious for r in records)
+        counts["drifted"] += sum(r.drifted for r in records)
+        counts["prior_shifted"] += sum(r.prior_shifted for r in records)
+    total = streams * windows
+    rates: dict[str, Any] = {"streams": streams, "windows": total, **counts}
+    rates["stream_event_share"] = counts["streams_with_event"] / streams
+    rates["stream_event_interval"] = proportion_interval(counts["streams_with_event"], streams)
+    for key in ("suspicious", "drifted", "prior_shifted"):
+        rates[f"{key}_share"] = counts[key] / total
+        rates[f"{key}_interval"] = proportion_interval(counts[key], total)
+    return rates
 
 
 def plot_stream(records: Sequence[WindowRecord], title: str, path: Path) -> None:
+    """Served and true majority share, the estimated prior with its interval, and minority recall (label-free with
+    its interval, and true) per window; collapse events as red lines, degraded windows shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    windows = [r.window for r in records]
-    figure, axis = plt.subplots(figsize=(9, 4))
-    axis.plot(windows, [r.majority_share for r in records], label="majority share")
-    axis.plot(windows, [r.minority_recall_detector for r in records], label="minority recall, window (detector's)")
-    measured = [r for r in records if r.detector_recall_source == "measured"]
-    axis.plot(
-        [r.window for r in measured],
-        [r.minority_recall_detector for r in measured],
-        "o",
-        markersize=3,
+    windows = np.array([r.window for r in records])
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    top.plot(windows, [r.majority_share for r in records], label="majority share of predictions")
+    top.plot(windows, [r.true_majority_share for r in records], ":", color="black", label="true majority share")
+    top.plot(windows, [r.estimated_majority_prior for r in records], color="C2", label="estimated prior (no labels)")
+    top.fill_between(
+        windows,
+        [r.estimated_majority_prior_lower for r in records],
+        [r.estimated_majority_prior_upper for r in records],
+        color="C2",
+        alpha=0.2,
+        label="  95% interval (bootstrap over conversations)",
+    )
+    estimated = [np.nan if r.minority_recall_estimated is None else r.minority_recall_estimated for r in records]
+    bottom.plot(windows, estimated, color="C1", label="minority recall, label-free")
+    bottom.fill_between(
+        windows,
+        [np.nan if r.minority_recall_estimated_lower is None else r.minority_recall_estimated_lower for r in records],
+        [np.nan if r.minority_recall_estimated_upper is None else r.minority_recall_estimated_upper for r in records],
         color="C1",
-        label="  ... measured from the window's labels",
+        alpha=0.2,
     )
-    axis.plot(
-        windows, [r.minority_recall_labelled for r in records], label="minority recall, labelled turns (measured)"
-    )
-    axis.plot(
-        windows,
-        [r.minority_recall_labelled_estimated for r in records],
-        "--",
-        label="minority recall, same labelled turns (estimated)",
-    )
-    axis.plot(
-        windows,
-        [r.minority_recall_population for r in records],
-        ":",
-        color="black",
-        label="minority recall over the whole stream",
-    )
-    for r in records:
-        if r.fired:
-            axis.axvline(r.window, color="red", linestyle=":", label="collapse event")
-    first_degraded = next((r.window for r in records if r.degraded), None)
-    if first_degraded is not None:
-        axis.axvspan(first_degraded - 0.5, windows[-1] + 0.5, color="grey", alpha=0.15, label="degraded model")
-    axis.set(xlabel="window", ylim=(0, 1), title=title)
-    axis.legend(loc="upper left", fontsize=8)
+    true = [np.nan if r.minority_recall_true is None else r.minority_recall_true for r in records]
+    bottom.plot(windows, true, ":", color="black", label="minority recall, measured on every turn")
+    for axis in (top, bottom):
+        for r in records:
+            if r.fired:
+                axis.axvline(r.window, color="red", linestyle="--", label="collapse event")
+        first_degraded = next((r.window for r in records if r.degraded), None)
+        if first_degraded is not None:
+            axis.axvspan(first_degraded - 0.5, windows[-1] + 0.5, color="grey", alpha=0.15, label="degraded model")
+        handles, labels = axis.get_legend_handles_labels()
+        unique = dict(zip(labels, handles, strict=True))
+        axis.legend(unique.values(), unique.keys(), loc="upper left", fontsize=7)
+        axis.set_ylim(0, 1)
+    top.set_title(title)
+    bottom.set_xlabel("window (500 predictions)")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
-
-
-def horizon_statistics(records: Sequence[WindowRecord]) -> dict[str, float]:
-    """How many labelled turns the windows' measured minority recall spanned."""
-    horizons = [r.labelled_horizon for r in records if r.labelled_horizon is not None]
-    return {"median": float(np.median(horizons)), "max": float(max(horizons))} if horizons else {}
-
-
-def summarise(records: Sequence[WindowRecord]) -> dict[str, object]:
-    fired = [r.window for r in records if r.fired]
-    first_degraded = next((r.window for r in records if r.degraded), None)
-    delay = None if first_degraded is None or not fired else fired[0] - first_degraded + 1
-    return {
-        "windows": len(records),
-        "events": fired,
-        "windows_to_detect": delay,
-        "windows_with_labels": sum(r.minority_recall_labelled is not None for r in records),
-        "windows_judged_on_measured_recall": sum(r.detector_recall_source == "measured" for r in records),
-        "labelled_horizon": horizon_statistics(records),
-        "false_alarms": [w for w in fired if first_degraded is None or w < first_degraded],
-        "tracking": tracking_error(records),
-        "noise_floor": tracking_error(records, floor=True),
-        "healthy_tracking": tracking_error([r for r in records if not r.degraded]),
-        "records": [asdict(r) for r in records],
-    }
-
-
-def score_meld(runtime: InferenceRuntime, data_dir: Path, split: str) -> ScoredSplit:
-    """Score every MELD dialogue of `split` with bidirectional context, as batch scoring does."""
-    dialogues = group_dialogues(read_utterances(data_dir, split))
-    inputs = [[UtteranceInput(u.text, None, u.speaker) for u in d.utterances] for d in dialogues]
-    turns = [turn for dialogue in runtime.classify(inputs, causal=False) for turn in dialogue]
-    names = runtime.emotions.names
-    return ScoredSplit(
-        names=names,
-        probabilities=np.stack([t.emotion_probs for t in turns]).astype(np.float64),
-        embeddings=np.stack([t.embedding for t in turns]),
-        true=np.array([names.index(u.emotion) for d in dialogues for u in d.utterances]),
-    )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True, help="model artifact directory")
-    parser.add_argument("--data-dir", type=Path, default=None)
-    parser.add_argument("--out", type=Path, default=Path("docs/simulation"))
-    parser.add_argument("--windows", type=int, default=100)
-    parser.add_argument("--window-size", type=int, default=500)
-    parser.add_argument("--bias", type=float, default=2.0, help="logit added to the majority class when degraded")
-    parser.add_argument(
-        "--tracking-sizes", default="500,1000,2000", help="window sizes of the tracking comparison, comma-separated"
-    )
-    parser.add_argument("--tracking-windows", type=int, default=300, help="bootstrap windows per tracking size")
-    args = parser.parse_args(argv)
-    settings = get_settings()
-    data_dir = args.data_dir or settings.data_dir
-    runtime = InferenceRuntime.load(args.model, device="cpu")
-    dev, test = score_meld(runtime, data_dir, "dev"), score_meld(runtime, data_dir, "test")
-    weights = runtime.artifact.calibration.estimation_weights
-    reference = reference_profile(dev, settings.minority_classes, weights)
-    common = {
-        "window_size": args.window_size,
-        "bias": args.bias,
-        "rules": rules_from_settings(settings, min_predictions=args.window_size),
-        "label_horizon": settings.monitor_label_horizon,
-    }
-    stationary = run_stream(test, reference, windows=args.windows, degrade_from=None, seed=1, **common)
-    collapse = run_stream(
-        test, reference, windows=30, degrade_from=10, seed=2, report_dir=args.out / "evidently", **common
-    )
-    args.out.mkdir(parents=True, exist_ok=True)
-    plot_stream(stationary, "Stationary stream (healthy model)", args.out / "stationary.png")
-    plot_stream(
-        collapse, f"Collapse stream (+{args.bias} on the majority logit from window 10)", args.out / "collapse.png"
-    )
-    sizes = [int(size) for size in args.tracking_sizes.split(",")]
-    sweep = tracking_by_window_size(test, reference, sizes, args.tracking_windows)
-    summary = {
-        "model": runtime.version,
-        "reference": {"class_shares": dict(reference.class_shares), "minority_recall": reference.minority_recall},
-        "stationary": summarise(stationary),
-        "collapse": summarise(collapse),
-        "tracking_by_window_size": sweep,
-    }
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    for name in ("stationary", "collapse"):
-        part = summary[name]
-        print(
-            f"{name}: events {part['events']}, windows to detect {part['windows_to_detect']}, "
-            f"tracking {part['tracking']}, noise floor {part['noise_floor']}"
-        )
-    for size, row in sweep.items():
-        print(f"window {size}: estimated {row['estimated']}, noise floor {row['noise_floor']}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

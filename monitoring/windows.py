@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
-from sqlalchemy import ColumnElement, Subquery, func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.db.models import Feedback, Prediction
+from core.db.crud import newest_feedback_ids, newest_labels
+from core.db.models import Feedback, FeedbackKind, Prediction
+from monitoring.analysis import LabelledTurns
 
 
 @dataclass(frozen=True)
@@ -22,20 +24,22 @@ class Window:
     names: tuple[str, ...]
     ids: list[uuid.UUID]
     created_at: list[datetime]
+    conversations: list[str]  # each turn's conversation id; a turn logged without one is its own
     probabilities: np.ndarray  # [N, C], in the order of `names`
     embeddings: np.ndarray | None  # [N, D] when every row logged one
-    true: np.ndarray  # [N] class index from the newest feedback label, -1 where unlabelled
+    labels: LabelledTurns  # audit labels where the window has any, else corrections
 
     def __len__(self) -> int:
         return len(self.ids)
 
     @property
-    def predicted(self) -> np.ndarray:
-        return self.probabilities.argmax(axis=1)
+    def true(self) -> np.ndarray:
+        """[N] class index from the newest label of the window's label source, -1 where unlabelled."""
+        return self.labels.true
 
     @property
-    def labelled(self) -> np.ndarray:
-        return self.true >= 0
+    def predicted(self) -> np.ndarray:
+        return self.probabilities.argmax(axis=1)
 
     @property
     def start(self) -> datetime:
@@ -50,26 +54,6 @@ def _probability_row(stored: list[float] | dict[str, float], names: Sequence[str
     return [float(stored[name]) for name in names] if isinstance(stored, dict) else [float(p) for p in stored]
 
 
-def _newest_feedback_ids(*where: ColumnElement[bool]) -> Subquery:
-    """(prediction_id, feedback_id): the newest feedback of each prediction matching `where` (a prediction's
-    label is the last one sent for it)."""
-    return (
-        select(Feedback.prediction_id, func.max(Feedback.id).label("feedback_id"))
-        .join(Prediction, Prediction.id == Feedback.prediction_id)
-        .where(*where)
-        .group_by(Feedback.prediction_id)
-        .subquery()
-    )
-
-
-def _newest_feedback(session: Session, ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
-    newest = _newest_feedback_ids(Prediction.id.in_(ids))
-    rows = session.execute(
-        select(Feedback.prediction_id, Feedback.label).join(newest, Feedback.id == newest.c.feedback_id)
-    )
-    return {prediction_id: label for prediction_id, label in rows}
-
-
 def _same_instant_tail(session: Session, model_version: str, last: Prediction) -> list[Prediction]:
     """Rows logged at the same instant as the window's last row: a window never splits an instant, because
     the next window starts strictly after its end time."""
@@ -77,6 +61,18 @@ def _same_instant_tail(session: Session, model_version: str, last: Prediction) -
         Prediction.model_version == model_version, Prediction.created_at == last.created_at, Prediction.id > last.id
     )
     return list(session.scalars(query.order_by(Prediction.id)))
+
+
+def window_labels(session: Session, ids: list[uuid.UUID], names: Sequence[str]) -> LabelledTurns:
+    """The newest audit label of each prediction when the window has any (a random sample of its turns), else the
+    newest correction (biased: users correct mistakes)."""
+    index = {name: k for k, name in enumerate(names)}
+    for kind in (FeedbackKind.AUDIT, FeedbackKind.CORRECTION):
+        labels = newest_labels(session, ids, kind) if ids else {}
+        true = np.array([index.get(labels.get(i, ""), -1) for i in ids], dtype=np.int64)
+        if (true >= 0).any():
+            return LabelledTurns(true, kind)
+    return LabelledTurns.unlabelled(len(ids))
 
 
 def load_window(
@@ -89,28 +85,34 @@ def load_window(
     rows = list(session.scalars(query.order_by(Prediction.created_at, Prediction.id).limit(limit)))
     if len(rows) == limit:
         rows += _same_instant_tail(session, model_version, rows[-1])
-    labels = _newest_feedback(session, [row.id for row in rows]) if rows else {}
-    index = {name: k for k, name in enumerate(names)}
+    ids = [row.id for row in rows]
     embeddings = [row.embedding for row in rows]
     return Window(
         model_version=model_version,
         names=tuple(names),
-        ids=[row.id for row in rows],
+        ids=ids,
         created_at=[row.created_at for row in rows],
+        conversations=[row.conversation_id or f"turn:{row.id}" for row in rows],
         probabilities=np.array([_probability_row(row.probabilities, names) for row in rows]).reshape(-1, len(names)),
         embeddings=(
             np.stack([np.frombuffer(e, dtype="<f4") for e in embeddings]) if rows and all(embeddings) else None
         ),
-        true=np.array([index.get(labels.get(row.id, ""), -1) for row in rows], dtype=np.int64),
+        labels=window_labels(session, ids, names),
     )
 
 
 def load_labelled(
-    session: Session, model_version: str, names: Sequence[str], *, until: datetime, limit: int
+    session: Session,
+    model_version: str,
+    names: Sequence[str],
+    *,
+    until: datetime,
+    limit: int,
+    kind: FeedbackKind | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Served probabilities [N, C] and newest feedback label (class index) [N] of the newest `limit` predictions
-    of `model_version` logged up to `until` that carry a feedback label in `names`, newest first."""
-    newest = _newest_feedback_ids(Prediction.model_version == model_version, Prediction.created_at <= until)
+    """Served probabilities [N, C] and newest label (class index) [N] of the newest `limit` predictions of
+    `model_version` logged up to `until` that carry a label in `names` (of `kind` when given), newest first."""
+    newest = newest_feedback_ids(Prediction.model_version == model_version, Prediction.created_at <= until, kind=kind)
     rows = session.execute(
         select(Prediction.probabilities, Feedback.label)
         .join(newest, newest.c.prediction_id == Prediction.id)

@@ -6,10 +6,18 @@
   embedding and the stored text (redacted when redaction is on); never raw text.
 - Deduplication by `text_sha256`: of several labelled rows with the same text only the newest label is kept;
   the others stay in their dialogues as unlabelled context.
-- Held-out split: a row is held out when the hash of its key (text_sha256, else the prediction id) falls under
-  the held-out fraction, so the same row (and the same text) always lands in the same split, for every
-  candidate; per class this is a stratified sample in expectation. Base corpora keep their own split (MELD train
-  for training, dev held out).
+- Held-out split by conversation: a turn is held out when the salted hash of its conversation (the logged
+  conversation id; a turn logged without one is a conversation of its own, keyed by its text hash) falls under
+  the held-out fraction. Training and held-out turns never share a conversation, and a conversation keeps its
+  side for every job, so no model the loop trained (an earlier job's champion included) saw a held-out
+  conversation; the held-out set grows with the feedback, each job judging on every held-out conversation among
+  the newest `max_labelled` labels. Speakers cannot be kept apart beyond that: the logged speaker names a role
+  within its conversation (agent, customer), not a person across conversations. Base corpora keep their own
+  split (MELD train for training, dev held out: the shipped model's selection set, which the gate uses only
+  when a job allows it).
+- Modalities: every turn records whether it carried text and audio when it was served, and where its raw audio
+  was stored (when audio storage is on), so a candidate with a new encoder can be scored on the same inputs.
+- Label kinds: each label records whether it answered an audit offer (a random sample) or corrected a mistake.
 - Base corpora: MELD dialogues encoded (text only) by the base model's encoder, cached per encoder hash.
 """
 
@@ -35,16 +43,28 @@ from model.labels import LabelSet
 from model.preprocess import speaker_indices
 from retraining.graphs import Dialogue, encode_texts
 
-HELDOUT_SALT = "equipoise-heldout-v1"
+HELDOUT_SALT = "equipoise-heldout-conversation-v1"
 HELDOUT_FRACTION = 0.2
 FEEDBACK, BASE = "feedback", "base"
+TEXT, AUDIO, TEXT_AUDIO = "text", "audio", "text+audio"  # the modalities a turn was served with
 _CHUNK = 5_000  # ids per IN (...) list
 
 
-def is_heldout(key: str, fraction: float = HELDOUT_FRACTION) -> bool:
-    """The fixed split: a stable hash of the row's key, independent of the job, the candidate and the other rows."""
-    digest = hashlib.sha256(f"{HELDOUT_SALT}:{key}".encode()).digest()
+def conversation_key(conversation_id: str | None, turn_key: str) -> str:
+    """The unit of the held-out split and of the gate's resampling: the logged conversation, else the turn alone
+    (`turn_key`: its text hash, else its prediction id)."""
+    return f"conversation:{conversation_id}" if conversation_id is not None else f"single:{turn_key}"
+
+
+def is_heldout(conversation: str, fraction: float = HELDOUT_FRACTION, salt: str = HELDOUT_SALT) -> bool:
+    """The split: a stable hash of the conversation key, independent of the job, the candidate and the other
+    conversations (benchmarks vary `salt` to draw other splits)."""
+    digest = hashlib.sha256(f"{salt}:{conversation}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64 < fraction
+
+
+def modality(has_text: bool, has_audio: bool) -> str:
+    return TEXT_AUDIO if has_text and has_audio else AUDIO if has_audio else TEXT
 
 
 @dataclass
@@ -58,8 +78,13 @@ class DialogueSet:
     heldout: np.ndarray  # bool [N]
     lengths: np.ndarray  # int64 [K], turns per dialogue
     causal: np.ndarray  # bool [K], the context mode the dialogue was scored in
-    keys: list[str]  # [N] deduplication and split key
+    has_text: np.ndarray  # bool [N], the turn was served with text
+    has_audio: np.ndarray  # bool [N], the turn was served with audio
+    keys: list[str]  # [N] deduplication key
+    conversations: list[str]  # [N] conversation key: the split and resampling unit
     texts: list[str | None]  # [N] stored text (redacted when redaction is on)
+    audio_paths: list[str | None]  # [N] stored raw audio (only when audio storage was on)
+    label_kinds: list[str | None]  # [N] a feedback label's kind ("audit" or "correction"); None otherwise
     sources: list[str]  # [N] FEEDBACK or BASE
 
     def __len__(self) -> int:
@@ -95,6 +120,10 @@ class DialogueSet:
     def class_counts(self, rows: np.ndarray, num_classes: int) -> np.ndarray:
         return np.bincount(self.labels[rows & (self.labels >= 0)], minlength=num_classes)
 
+    def modalities(self) -> list[str]:
+        """[N] the modality each turn was served with (TEXT, AUDIO or TEXT_AUDIO)."""
+        return [modality(t, a) for t, a in zip(self.has_text.tolist(), self.has_audio.tolist(), strict=True)]
+
     def save(self, directory: Path) -> None:
         np.savez(directory / "turns.npz", **{name: getattr(self, name) for name in (*_TURN_ARRAYS, *_DIALOGUE_ARRAYS)})
         lists = {name: getattr(self, name) for name in _TURN_LISTS}
@@ -114,9 +143,9 @@ class DialogueSet:
         )
 
 
-_TURN_ARRAYS = ("embeddings", "speakers", "labels", "sentiments", "heldout")
+_TURN_ARRAYS = ("embeddings", "speakers", "labels", "sentiments", "heldout", "has_text", "has_audio")
 _DIALOGUE_ARRAYS = ("lengths", "causal")
-_TURN_LISTS = ("keys", "texts", "sources")
+_TURN_LISTS = ("keys", "conversations", "texts", "audio_paths", "label_kinds", "sources")
 
 
 @dataclass(frozen=True)
@@ -126,7 +155,12 @@ class _Turn:
     label: int
     sentiment: int
     key: str
+    conversation: str
     text: str | None
+    has_text: bool = True
+    has_audio: bool = False
+    audio_path: str | None = None
+    label_kind: str | None = None
 
 
 def _build(
@@ -136,7 +170,7 @@ def _build(
     max_speakers: int,
     heldout: Sequence[bool] | None = None,
 ) -> DialogueSet:
-    """A DialogueSet from (turns, causal) pairs; `heldout` per turn, else the hash split of each key."""
+    """A DialogueSet from (turns, causal) pairs; `heldout` per turn, else the hash split of each conversation."""
     turns = [turn for group, _ in dialogues for turn in group]
     speakers = [speaker_indices([t.speaker for t in group], max_speakers) for group, _ in dialogues]
     return DialogueSet(
@@ -144,11 +178,16 @@ def _build(
         speakers=np.concatenate([np.zeros(0, np.int64), *speakers]),
         labels=np.array([t.label for t in turns], dtype=np.int64),
         sentiments=np.array([t.sentiment for t in turns], dtype=np.int64),
-        heldout=np.array(heldout if heldout is not None else [is_heldout(t.key) for t in turns], dtype=bool),
+        heldout=np.array(heldout if heldout is not None else [is_heldout(t.conversation) for t in turns], dtype=bool),
+        has_text=np.array([t.has_text for t in turns], dtype=bool),
+        has_audio=np.array([t.has_audio for t in turns], dtype=bool),
         lengths=np.array([len(group) for group, _ in dialogues], dtype=np.int64),
         causal=np.array([causal for _, causal in dialogues], dtype=bool),
         keys=[t.key for t in turns],
+        conversations=[t.conversation for t in turns],
         texts=[t.text for t in turns],
+        audio_paths=[t.audio_path for t in turns],
+        label_kinds=[t.label_kind for t in turns],
         sources=[source] * len(turns),
     )
 
@@ -188,6 +227,7 @@ def _chunks(values: Sequence[Any]) -> list[Sequence[Any]]:
 class _Label:
     emotion: int
     sentiment: int
+    kind: str | None = None  # FeedbackKind value
 
 
 def _labelled_rows(session: Session, versions: Collection[str], limit: int) -> list[tuple[Prediction, Feedback]]:
@@ -238,7 +278,8 @@ def _dedup_labels(
             duplicates += 1
         else:
             seen.add(_key(prediction))
-            kept[prediction.id] = _Label(emotions.index(feedback.label), _index(sentiments, feedback.sentiment))
+            kind = None if feedback.kind is None else str(feedback.kind)
+            kept[prediction.id] = _Label(emotions.index(feedback.label), _index(sentiments, feedback.sentiment), kind)
     return kept, duplicates, unknown
 
 
@@ -262,7 +303,19 @@ def _causal(rows: Sequence[Prediction]) -> bool:
 def _logged_turn(row: Prediction, label: _Label | None) -> _Turn:
     label = label or _Label(-1, -1)
     vector = np.frombuffer(row.embedding or b"", dtype="<f4")
-    return _Turn(vector, row.speaker, label.emotion, label.sentiment, _key(row), row.text)
+    return _Turn(
+        vector,
+        row.speaker,
+        label.emotion,
+        label.sentiment,
+        _key(row),
+        conversation_key(row.conversation_id, _key(row)),
+        row.text,
+        bool(row.has_text),
+        bool(row.has_audio),
+        row.audio_path,
+        label.kind,
+    )
 
 
 def feedback_dialogues(
@@ -331,6 +384,7 @@ def base_dialogues(
                     _index(artifact.emotions, u.emotion),
                     _index(artifact.sentiments, u.sentiment),
                     f"meld:{split}:{u.dialogue_id}:{u.turn}",
+                    f"meld:{split}:{u.dialogue_id}",
                     u.text,
                 )
                 for u in d.utterances

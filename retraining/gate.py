@@ -4,9 +4,11 @@
    i.e. exactly the files the service would load.
 2. ONNX parity: the candidate's graphs under ONNX Runtime must match its PyTorch reference within
    `PARITY_TOLERANCE` on probe inputs. A candidate whose graphs fail to load or run fails here.
-3. Metrics: champion (the job's base version) and candidate are scored on the same labelled held-out turns;
-   the candidate must raise macro F1 and minority recall by the configured margins without losing more than
-   the tolerated weighted F1.
+3. Metrics: champion (the job's base version) and candidate are scored on the same labelled held-out turns
+   (retraining/heldout.py: the held-out conversations of the feedback, every modality they were served with).
+   A paired bootstrap over conversations (retraining/paired.py) gives each gain, candidate - champion, a 95%
+   interval; the candidate must show a minority-recall gain whose lower bound is above 0, a macro F1 gain whose
+   lower bound is above -`macro_f1_tolerance`, and no weighted F1 drop beyond `max_weighted_f1_drop`.
 4. Promotion only when every check passed and the champion is still the base version; otherwise the candidate is
    rejected with the reasons (model_versions.rejection_reason). A rejected candidate is never the champion.
 """
@@ -20,31 +22,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from core.db.models import ModelStatus
 from model.artifact import ModelArtifact
 from model.registry import ModelRegistry, RegistryError
-from retraining.dataset import BASE, FEEDBACK, DialogueSet
+from retraining.dataset import DialogueSet
 from retraining.gate_config import GateConfig
-from retraining.heldout import heldout_logits, heldout_rows, needs_reencoding, report
+from retraining.heldout import heldout_logits, needs_reencoding, report, select_heldout
+from retraining.paired import MACRO_F1, MINORITY_RECALL, PairedComparison, paired_bootstrap
 from retraining.parity import ParityReference, parity
 from training.metrics import MetricsReport
 
 
-def compare(champion: MetricsReport, candidate: MetricsReport, config: GateConfig) -> list[str]:
-    """Why the candidate is not better enough (empty: it is)."""
+def compare(
+    champion: MetricsReport, candidate: MetricsReport, paired: PairedComparison, config: GateConfig
+) -> list[str]:
+    """Why the candidate is not shown better (empty: it is)."""
     reasons = []
-    gain = candidate.macro_f1 - champion.macro_f1
-    if gain < config.min_macro_f1_gain:
-        reasons.append(
-            f"macro F1 {candidate.macro_f1:.4f} vs champion {champion.macro_f1:.4f}: "
-            f"gain {gain:+.4f} below the required {config.min_macro_f1_gain:+.4f}"
-        )
-    if candidate.minority_recall is None or champion.minority_recall is None:
+    unit = f"{config.confidence:.0%} paired bootstrap over {paired.conversations} conversations"
+    required = required_lower_bounds(config)
+    recall = paired.gains[MINORITY_RECALL]
+    if recall is None:
         reasons.append("no minority-class turn among the held-out data: minority recall cannot be judged")
-    elif (gain := candidate.minority_recall - champion.minority_recall) < config.min_minority_recall_gain:
+    elif not recall.lower > required[MINORITY_RECALL]:
+        reasons.append(f"minority recall gain {recall} ({unit}): its lower bound is not above 0")
+    f1 = paired.gains[MACRO_F1]
+    if f1 is None or not f1.lower > required[MACRO_F1]:
         reasons.append(
-            f"minority recall {candidate.minority_recall:.4f} vs champion {champion.minority_recall:.4f}: "
-            f"gain {gain:+.4f} below the required {config.min_minority_recall_gain:+.4f}"
+            f"macro F1 gain {f1} ({unit}): its lower bound is not above the tolerated {required[MACRO_F1]:+.4f}"
         )
     drop = champion.weighted_f1 - candidate.weighted_f1
     if drop > config.max_weighted_f1_drop:
@@ -55,15 +61,45 @@ def compare(champion: MetricsReport, candidate: MetricsReport, config: GateConfi
     return reasons
 
 
+def required_lower_bounds(config: GateConfig) -> dict[str, float]:
+    """What each rule requires the gain's lower bound to exceed."""
+    return {MINORITY_RECALL: 0.0, MACRO_F1: -config.macro_f1_tolerance}
+
+
+def paired_comparison(
+    labels: np.ndarray,
+    champion: np.ndarray,
+    candidate: np.ndarray,
+    conversations: Sequence[str],
+    names: Sequence[str],
+    minority: Sequence[str],
+    config: GateConfig,
+) -> PairedComparison:
+    """The gate's paired bootstrap of predicted classes `champion` and `candidate` on the same labelled turns."""
+    return paired_bootstrap(
+        labels,
+        champion,
+        candidate,
+        conversations,
+        num_classes=len(names),
+        minority=[names.index(name) for name in minority if name in names],
+        replicates=config.bootstrap_replicates,
+        seed=config.bootstrap_seed,
+        confidence=config.confidence,
+    )
+
+
 @dataclass
 class GateDecision:
     version: str | None
     promoted: bool
     reasons: list[str] = field(default_factory=list)
     parity_max_abs_diff: float | None = None
-    heldout: dict[str, Any] = field(default_factory=dict)
+    heldout: dict[str, Any] = field(default_factory=dict)  # HeldoutSelection.describe(): set, why, sizes
     champion: dict[str, Any] | None = None  # MetricsReport.to_dict() of the base version
     candidate: dict[str, Any] | None = None
+    paired: dict[str, Any] | None = None  # PairedComparison.to_dict(): gains with their bounds, replicates, seed
+    by_modality: dict[str, Any] = field(default_factory=dict)  # per served modality: turns, both models' scores
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -114,21 +150,45 @@ def _judge_metrics(
     config: GateConfig,
 ) -> None:
     reencode = needs_reencoding(candidate, base)
-    rows = heldout_rows(data, config, reencode)
-    labels = data.labels[rows]
-    decision.heldout = {
-        "turns": int(rows.sum()),
-        "feedback": int((rows & data.labelled(heldout=True, source=FEEDBACK)).sum()),
-        "base": int((rows & data.labelled(heldout=True, source=BASE)).sum()),
-        "reencoded_from_text": reencode,
-    }
-    if rows.sum() < config.min_heldout:
-        decision.reasons.append(f"only {int(rows.sum())} labelled held-out turns; the gate needs {config.min_heldout}")
+    selection = select_heldout(data, config, reencode)
+    decision.heldout = selection.describe(data, reencode)
+    rows = selection.rows
+    if not rows.any():
+        decision.reasons.append(f"the gate does not decide: {selection.note}")
         return
-    champion = report(base, heldout_logits(base, data, rows, reencode), labels, minority)
-    challenger = report(candidate, heldout_logits(candidate, data, rows, reencode), labels, minority)
+    labels = data.labels[rows]
+    before, after = (heldout_logits(model, data, rows, reencode) for model in (base, candidate))
+    champion, challenger = report(base, before, labels, minority), report(candidate, after, labels, minority)
     decision.champion, decision.candidate = champion.to_dict(), challenger.to_dict()
-    decision.reasons += compare(champion, challenger, config)
+    conversations = [data.conversations[i] for i in np.flatnonzero(rows)]
+    names = base.emotions.names
+    paired = paired_comparison(
+        labels, before.argmax(axis=1), after.argmax(axis=1), conversations, names, minority, config
+    )
+    decision.paired = paired.to_dict() | {"required_lower_bounds": required_lower_bounds(config)}
+    modalities = np.array(data.modalities())[rows]
+    decision.by_modality = {
+        served: _modality_scores(base, candidate, before, after, labels, modalities == served, minority)
+        for served in sorted(set(modalities.tolist()))
+    }
+    decision.reasons += compare(champion, challenger, paired, config)
+
+
+def _modality_scores(
+    base: ModelArtifact,
+    candidate: ModelArtifact,
+    before: np.ndarray,
+    after: np.ndarray,
+    labels: np.ndarray,
+    rows: np.ndarray,
+    minority: Sequence[str],
+) -> dict[str, Any]:
+    """Turns of one served modality, and both models' macro F1 and minority recall on them (point estimates)."""
+    scores = {"turns": int(rows.sum())}
+    for role, model, logits in (("champion", base, before), ("candidate", candidate, after)):
+        scored = report(model, logits[rows], labels[rows], minority)
+        scores[role] = {"macro_f1": scored.macro_f1, "minority_recall": scored.minority_recall}
+    return scores
 
 
 def _check_champion(decision: GateDecision, registry: ModelRegistry, base_version: str) -> None:

@@ -19,6 +19,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from model.artifact import ModelArtifact
+from model.audio import decode_audio
 from model.preprocess import Preprocessor, collate, context_batch, in_original_order, length_buckets
 
 EMOTION_OUTPUT = "emotion_logits"
@@ -145,11 +146,34 @@ def run_context(
 
 def encode_texts(artifact: ModelArtifact, texts: Sequence[str | None], batch_size: int = 64) -> np.ndarray:
     """Text-only utterance embeddings [N, D] from the artifact's encoder.onnx (audio marked missing)."""
+    return encode_utterances(artifact, texts, [None] * len(texts), batch_size)
+
+
+def encode_utterances(
+    artifact: ModelArtifact,
+    texts: Sequence[str | None],
+    audio_paths: Sequence[str | None],
+    batch_size: int = 64,
+    chunk: int = 256,
+) -> np.ndarray:
+    """Utterance embeddings [N, D] from the artifact's encoder.onnx: each turn's text and its audio file (decoded
+    to 16 kHz mono), whichever it has; a missing one is marked missing. Audio is decoded `chunk` turns at a time."""
+    if len(texts) != len(audio_paths):
+        raise ValueError(f"{len(texts)} texts but {len(audio_paths)} audio paths")
     if not texts:
         return np.zeros((0, artifact.embed_dim), dtype=np.float32)
     preprocessor = Preprocessor.from_file(artifact.tokenizer_path, artifact.preprocessing)
-    prepared = preprocessor.prepare(list(texts), [None] * len(texts))
     encoder = session(artifact.encoder_path)
-    buckets = length_buckets([u.bucket_key for u in prepared], batch_size)
-    encoded = [encoder.run(["embedding"], collate([prepared[i] for i in bucket]).feeds())[0] for bucket in buckets]
-    return np.stack(in_original_order(buckets, encoded)).astype(np.float32)
+    parts = []
+    for start in range(0, len(texts), chunk):
+        audios = [_stored_audio(path) for path in audio_paths[start : start + chunk]]
+        prepared = preprocessor.prepare(list(texts[start : start + chunk]), audios)
+        buckets = length_buckets([u.bucket_key for u in prepared], batch_size)
+        encoded = [encoder.run(["embedding"], collate([prepared[i] for i in b]).feeds())[0] for b in buckets]
+        parts.append(np.stack(in_original_order(buckets, encoded)))
+    return np.concatenate(parts).astype(np.float32)
+
+
+def _stored_audio(path: str | None) -> np.ndarray | None:
+    # Stored audio was accepted by the service under its own limits; 600 s is the largest it can be set to.
+    return None if path is None else decode_audio(path, max_bytes=Path(path).stat().st_size, max_seconds=600.0)

@@ -40,12 +40,14 @@ class Environment:
     data_dir: Path | None
     minority: tuple[str, ...]
     device: str  # torch device for tier 3
+    gate: GateConfig = GateConfig()  # the service's gate settings; a job's params["gate"] overrides them
 
     @classmethod
     def from_settings(cls, settings: Settings, registry: ModelRegistry) -> Environment:
         cuda = settings.device != "cpu" and torch.cuda.is_available()
+        gate = GateConfig(macro_f1_tolerance=settings.gate_macro_f1_tolerance)
         return cls(
-            registry, settings.state_dir, settings.data_dir, settings.minority_classes, "cuda" if cuda else "cpu"
+            registry, settings.state_dir, settings.data_dir, settings.minority_classes, "cuda" if cuda else "cpu", gate
         )
 
 
@@ -74,7 +76,9 @@ def retrain(ctx: JobContext, env: Environment) -> Outcome:
         minority=minority,
         engine=ctx.job.engine,
         device=env.device,
-        gate=GateConfig.from_params(params),
+        gate=GateConfig.from_params(params, env.gate),
+        corpora=env.data_dir,
+        cache_dir=env.state_dir / "cache",
     )
     draft = BUILDERS[choice.tier](ctx, inputs)
     artifact_dir = finalise(ctx, inputs, draft)

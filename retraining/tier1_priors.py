@@ -1,30 +1,53 @@
-"""Tier 1: prior correction without training.
+"""Tier 1: prior correction without training, for traffic whose class mix moved (label shift).
 
-EM (Saerens, Latinne & Decaestecker 2002, training/posthoc.py) estimates the class priors of recent production
-traffic from the served (calibrated) probabilities alone; the posteriors are then moved from the training prior
-to the new one by adding log(new / training prior) per class. The served probabilities are
-softmax(logits / T), so in raw-logit units the offset is T · log(new / training). It goes into the emotion
-head's bias inside context.onnx: the candidate stays a self-contained artifact, nothing else changes.
+The class prior of the base version's recent traffic is estimated as the monitor does (monitoring/prior.py): MLLS
+(Saerens et al. 2002) on the base artifact's BCTS posteriors (Alexandari et al. 2020) against the training prior
+its calibration record states, with 95% intervals from the bootstrap over the recent conversations. The
+correction is applied only when it is warranted:
+
+- the shift is significant: for at least one class the simultaneous 95% interval (Bonferroni over the classes)
+  excludes the recorded training prior. Otherwise the job ends without a candidate: on unshifted traffic a
+  correction could only add noise;
+- label shift explains the served mix (the monitor's consistency test against the dev confusion, p >= 0.01). A
+  served mix the estimated prior does not explain is the model's own behaviour changing: no prior fixes that,
+  and the job ends without a candidate (feedback labels and tier 2 are the remedy).
+
+What the correction is for. The base model's calibrated posteriors are moved from the training prior to the
+estimated one, p_new(y | x) proportional to p(y | x) * pi_new / pi_train, which in raw logits is the offset
+T_bcts * log(pi_new / pi_train) added to the emotion head's bias (T_bcts: the BCTS temperature). The served
+decision rule keeps its relation to the prior it is calibrated for. A balanced decision rule (argmax of
+p(y | x) / pi_y, which logit-adjusted training approximates) is invariant to pure label shift for per-class
+recall: tier 1 does not restore recall, it serves accuracy and calibration (fewer false alarms on the classes that
+became rare, probabilities that match the new mix). Because it trades some recall of the classes that became rare
+for precision, the gate, which requires a minority-recall gain, promotes it only when the minority classes grew.
+
+Never the served probabilities as if they were calibrated, and never a prior guessed from outside the artifact:
+an artifact without a calibration record is refused.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from sqlalchemy import select
 
-from retraining.dataset import BASE
+from core.db.models import Prediction
+from core.db.session import session_scope
+from core.settings import MONITOR_BOOTSTRAP_REPLICATES
+from model.artifact import Calibration, ClassPrior, DataSource, ModelArtifact
+from monitoring.collapse import CollapseRules
+from monitoring.prior import ShiftModel, estimate_label_shift
 from retraining.graphs import EmotionHead, read_head, write_head
 from retraining.parity import HeadReference
 from retraining.queue import PermanentError
 from retraining.steps import JobContext
-from retraining.tiers import CLASS_PRIOR_KEY, Draft, TierInputs, head_graphs
-from training.common import class_prior
-from training.posthoc import estimate_priors_em, prior_shift
+from retraining.tiers import Draft, TierInputs, head_graphs
 
-PRIORS_FILE = "priors.json"
+PRIORS_FILE, RECENT_FILE = "priors.json", "recent.npz"
+PRIOR_WINDOW = 2_000  # newest predictions of the base version to estimate from (params.prior_window)
 # A class EM finds nearly absent would otherwise get an offset near log(1e-6) and never be predicted again.
 MAX_LOG_RATIO = 3.0
 
@@ -33,46 +56,101 @@ MAX_LOG_RATIO = 3.0
 class PriorCorrection:
     train_prior: list[float]
     new_prior: list[float]
-    iterations: int
-    converged: bool
+    lower: list[float]  # 95% interval of each class's share, bootstrap over conversations
+    upper: list[float]
+    significant: bool
+    mix_p_value: float | None
     offset: list[float]  # added to the emotion head's bias (raw-logit units, centred)
     samples: int
+    conversations: int
+    replicates: int
 
 
 def correction(
-    probs: np.ndarray, train_prior: np.ndarray, temperature: float, max_log_ratio: float = MAX_LOG_RATIO
+    served: np.ndarray,
+    conversations: np.ndarray,
+    calibration: Calibration,
+    names: tuple[str, ...],
+    *,
+    replicates: int = MONITOR_BOOTSTRAP_REPLICATES,
+    max_log_ratio: float = MAX_LOG_RATIO,
+    seed: int = 0,
 ) -> PriorCorrection:
-    if len(probs) == 0:
+    """The correction the served probabilities [N, C] of the base version (each turn's conversation beside it)
+    call for, with its evidence; `offset` is zero unless the shift is significant."""
+    if len(served) == 0:
         raise PermanentError("no recent predictions of the base version to estimate priors from")
-    estimate = estimate_priors_em(probs, train_prior)
-    log_ratio = np.clip(prior_shift(train_prior, estimate.prior), -max_log_ratio, max_log_ratio)
-    offset = temperature * log_ratio
+    if calibration.training_prior is None or calibration.posterior is None:
+        raise PermanentError(
+            "the base artifact records no training prior and no bias-corrected posteriors (an older calibration "
+            "format): prior correction needs them; re-release or recalibrate it"
+        )
+    model = ShiftModel.from_calibration(calibration)
+    estimate = estimate_label_shift(served, conversations, model, names, (), replicates=replicates, seed=seed)
+    new_prior = np.array([interval.estimate for interval in estimate.prior])
+    log_ratio = np.clip(np.log(new_prior.clip(1e-6)) - np.log(model.source_prior), -max_log_ratio, max_log_ratio)
+    offset = calibration.posterior.temperature * log_ratio if estimate.shift_significant else np.zeros(len(names))
     return PriorCorrection(
-        train_prior=class_prior(train_prior).tolist(),
-        new_prior=estimate.prior.tolist(),
-        iterations=estimate.iterations,
-        converged=estimate.converged,
+        train_prior=model.source_prior.tolist(),
+        new_prior=new_prior.tolist(),
+        lower=[interval.lower for interval in estimate.prior],
+        upper=[interval.upper for interval in estimate.prior],
+        significant=estimate.shift_significant,
+        mix_p_value=estimate.mix_p_value,
         offset=(offset - offset.mean()).tolist(),
-        samples=len(probs),
+        samples=len(served),
+        conversations=estimate.conversations,
+        replicates=replicates,
     )
 
 
-def training_prior(inputs: TierInputs) -> np.ndarray:
-    """The prior the base model's posteriors assume: params["train_prior"] ({emotion: share}), else the one its
-    artifact records (metrics "class_prior": a retrained candidate's, e.g. an earlier correction's new prior), else
-    the base corpus's training labels, else the base model's reference distribution."""
-    names = inputs.base.emotions.names
-    recorded = inputs.params.get("train_prior") or inputs.base.metrics.get(CLASS_PRIOR_KEY)
-    if recorded:
-        return class_prior([float(recorded[name]) for name in names])
-    counts = inputs.data.class_counts(inputs.data.labelled(heldout=False, source=BASE), len(names))
-    if counts.sum() > 0:
-        return class_prior(counts)
-    if inputs.base.reference_distribution:
-        return class_prior([inputs.base.reference_distribution[name] for name in names])
-    raise PermanentError(
-        "no training prior: pass params.train_prior, provide the base corpora, or use a base "
-        "artifact with a class prior or a reference distribution"
+def refusal(found: PriorCorrection, names: tuple[str, ...], mix_alpha: float = CollapseRules.mix_alpha) -> str | None:
+    """Why the correction must not be applied, or None when it may."""
+    shares = ", ".join(
+        f"{n} {old:.3f} -> {new:.3f} [{lo:.3f}, {hi:.3f}]"
+        for n, old, new, lo, hi in zip(names, found.train_prior, found.new_prior, found.lower, found.upper, strict=True)
+    )
+    if not found.significant:
+        return f"no significant label shift in {found.samples} recent predictions: {shares}"
+    if found.mix_p_value is not None and found.mix_p_value < mix_alpha:
+        return (
+            f"the served mix is not explained by the estimated prior (p = {found.mix_p_value:.2g}): the model's "
+            f"behaviour changed, which prior correction cannot fix ({shares})"
+        )
+    return None
+
+
+def corrected_calibration(base: ModelArtifact, found: PriorCorrection, version: str) -> Calibration:
+    """The candidate's calibration record: its posteriors are the base's corrected to the new prior, so the prior
+    they assume is the estimated one; its dev confusion is no longer the base's (its decision rule moved), so the
+    dev reference is dropped and the monitor falls back to the rules for artifacts without one."""
+    calibration = base.calibration
+    assert calibration.training_prior is not None
+    source = DataSource(
+        f"MLLS estimate over recent traffic of {base.version} (tier 1 of {version})",
+        calibration.training_prior.source.modalities,
+        found.samples,
+        found.conversations,
+    )
+    return replace(calibration, training_prior=ClassPrior(tuple(found.new_prior), source), dev_reference=None)
+
+
+def recent_predictions(
+    ctx: JobContext, version: str, names: tuple[str, ...], limit: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Served probabilities [N, C] (in the order of `names`) and conversation ids [N] of the newest `limit`
+    predictions of `version` (a turn logged without a conversation is its own)."""
+    query = (
+        select(Prediction.id, Prediction.probabilities, Prediction.conversation_id)
+        .where(Prediction.model_version == version)
+        .order_by(Prediction.created_at.desc(), Prediction.id.desc())
+        .limit(limit)
+    )
+    with session_scope(ctx.queue.engine) as session:
+        rows = session.execute(query).all()
+    return (
+        np.array([[p[n] for n in names] if isinstance(p, dict) else p for _, p, _ in rows], dtype=np.float64),
+        np.array([c or f"turn:{i}" for i, _, c in rows]),
     )
 
 
@@ -81,18 +159,31 @@ def corrected_head(context_graph: Path, offset: list[float]) -> EmotionHead:
     return EmotionHead(head.weight, (head.bias + np.asarray(offset, dtype=np.float32)).astype(np.float32))
 
 
-def _correct(out: Path, inputs: TierInputs) -> None:
-    probs = np.load(inputs.data_dir / "recent_probabilities.npy")
+def _recent(out: Path, ctx: JobContext, inputs: TierInputs) -> None:
+    names = inputs.base.emotions.names
+    limit = int(inputs.params.get("prior_window", PRIOR_WINDOW))
+    served, conversations = recent_predictions(ctx, inputs.base.version, names, limit)
+    np.savez(out / RECENT_FILE, served=served.reshape(-1, len(names)), conversations=conversations)
+
+
+def _correct(out: Path, inputs: TierInputs, recent_dir: Path) -> None:
+    with np.load(recent_dir / RECENT_FILE) as recent:
+        served, conversations = recent["served"], recent["conversations"]
     limit = float(inputs.params.get("max_log_ratio", MAX_LOG_RATIO))
-    found = correction(probs, training_prior(inputs), inputs.base.calibration.temperature, limit)
+    names = inputs.base.emotions.names
+    found = correction(served, conversations, inputs.base.calibration, names, max_log_ratio=limit)
     write_head(inputs.base.context_path, out / "context.onnx", corrected_head(inputs.base.context_path, found.offset))
     (out / PRIORS_FILE).write_text(json.dumps(asdict(found), indent=2), encoding="utf-8")
 
 
 def build(ctx: JobContext, inputs: TierInputs) -> Draft:
-    directory = ctx.step("priors", lambda out: _correct(out, inputs))
+    recent_dir = ctx.step("recent", lambda out: _recent(out, ctx, inputs))
+    directory = ctx.step("priors", lambda out: _correct(out, inputs, recent_dir))
     found = PriorCorrection(**json.loads((directory / PRIORS_FILE).read_text(encoding="utf-8")))
     names = inputs.base.emotions.names
+    reason = refusal(found, names)
+    if reason is not None:
+        raise PermanentError(f"tier 1: {reason}")
     ctx.log(
         "tier 1: priors "
         + ", ".join(
@@ -103,7 +194,8 @@ def build(ctx: JobContext, inputs: TierInputs) -> Draft:
     return Draft(
         graphs=head_graphs(inputs.base, directory / "context.onnx"),
         reference=HeadReference(inputs.base.context_path, head),
-        recipe={"tier": 1, "method": "EM prior correction (Saerens et al. 2002)", **asdict(found)},
+        recipe={"tier": 1, "method": "MLLS prior correction on BCTS posteriors (Saerens 2002; Alexandari 2020)"}
+        | asdict(found),
         class_prior=dict(zip(names, found.new_prior, strict=True)),
-        calibration=inputs.base.calibration,
+        calibration=corrected_calibration(inputs.base, found, inputs.version),
     )

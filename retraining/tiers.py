@@ -96,6 +96,8 @@ class TierInputs:
     engine: str  # "local" or "ray"
     device: str  # torch device for training
     gate: GateConfig
+    corpora: Path | None = None  # the base corpora's directory (tier 3 reads the recipe's speech clips there)
+    cache_dir: Path | None = None  # decoded audio, kept across jobs
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,11 @@ class Draft:
     tokenizer: Path | None = None  # None: the base artifact's (likewise below)
     model_config: Mapping[str, Any] | None = None
     preprocessing: PreprocessingConfig | None = None
+    # The PyTorch state of the graphs; None: the base artifact's (tiers 1 and 2 rewrite only the emotion
+    # classifier, which fine-tuning reads back from context.onnx).
+    weights: Path | None = None
+    # The predicted-class mix on clean dev data the monitor compares traffic with; None: the held-out split's.
+    reference_distribution: Mapping[str, float] | None = None
 
 
 def uniform_prior(artifact: ModelArtifact) -> dict[str, float]:
@@ -137,6 +144,7 @@ def _package(out: Path, inputs: TierInputs, draft: Draft) -> None:
         tokenizer=draft.tokenizer or base.tokenizer_path,
         model_config=draft.model_config or base.config,
         preprocessing=draft.preprocessing or base.preprocessing,
+        weights=draft.weights or base.weights_path,
     )
     sentiment_t = base.calibration.sentiment_temperature
     provisional = write_artifact(
@@ -155,5 +163,8 @@ def _package(out: Path, inputs: TierInputs, draft: Draft) -> None:
         predicted = np.bincount(logits.argmax(axis=1), minlength=len(base.emotions)) / len(logits)
         shares = dict(zip(base.emotions.names, predicted.tolist(), strict=True))
         metrics["heldout"] = report(provisional, logits, labels, inputs.minority, calibration.temperature).to_dict()
-    write_artifact(out / "artifact", **fields, calibration=calibration, reference_distribution=shares, metrics=metrics)
+    reference = shares if draft.reference_distribution is None else dict(draft.reference_distribution)
+    write_artifact(
+        out / "artifact", **fields, calibration=calibration, reference_distribution=reference, metrics=metrics
+    )
     shutil.rmtree(out / "draft")

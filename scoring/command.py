@@ -8,11 +8,12 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from core.settings import Settings
+from core.db.models import ModelStatus
+from core.settings import Settings, available_cores
 from model.registry import RegistryError
 from model.runtime import CUDA_PROVIDER, DeviceUnavailable, select_providers
 from scoring.engine import Engine, RuntimeSpec
-from scoring.local import LocalEngine, available_cores
+from scoring.local import LocalEngine
 from scoring.pipeline import ScoreConfig, run_header, run_key, run_scoring
 from scoring.summary import SummaryOptions
 
@@ -133,5 +134,12 @@ def _log(
 
     log = PredictionLog(settings, run_key(run_header(config, engine.model)), engine.model.version, config.causal)
     cleanup.callback(log.close)
-    log.ensure_model_version(spec.artifact_dir)
+    status = log.ensure_model_version(spec.artifact_dir)
+    print(f"logging to the database as model {engine.model.version} ({status.value}): {_monitored(status)}")
     return log
+
+
+def _monitored(status: ModelStatus) -> str:
+    if status == ModelStatus.CHAMPION:
+        return "`equipoise monitor run` monitors these predictions"
+    return "the monitor watches the champion only; these predictions are monitored if this version is promoted"

@@ -2,6 +2,11 @@
 
 Prediction ids are derived from the run (input, model, context) and the turn, so a resumed run that scores a
 conversation again never logs it twice. Rows are built and inserted by `core.db.crud`, as the service does it.
+
+The monitor watches the champion's predictions only (its collapse events queue retraining of the served model), so
+the scoring model is registered the way `serve` registers its default: on a database without a champion it becomes
+the champion, and its predictions are monitored; beside a champion, a different model stays a candidate and its
+logged predictions wait, under its own version, until it is promoted.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from pathlib import Path
 from sqlalchemy import inspect
 
 from core.db import crud
-from core.db.models import ContextMode, ModelVersion, Prediction, RequestKind
+from core.db.models import ContextMode, ModelStatus, ModelVersion, Prediction, RequestKind
 from core.db.session import make_engine, session_scope
 from core.settings import Settings
 from scoring.engine import LoggedTurn
@@ -38,14 +43,18 @@ class PredictionLog:
         if not inspect(self._engine).has_table(Prediction.__tablename__):
             raise DatabaseNotReady("the database has no predictions table; run `equipoise db upgrade` first")
 
-    def ensure_model_version(self, artifact_dir: Path) -> None:
-        """Register the artifact as a candidate unless its version is known."""
+    def ensure_model_version(self, artifact_dir: Path) -> ModelStatus:
+        """Register the artifact unless its version is known, and crown it when there is no champion; returns the
+        version's status."""
         from model.registry import ModelRegistry
 
+        registry = ModelRegistry(self._engine, Path(self._settings.registry_dir))
         with session_scope(self._engine) as session:
-            if session.get(ModelVersion, self._version) is not None:
-                return
-        ModelRegistry(self._engine, Path(self._settings.registry_dir)).register(artifact_dir)
+            known = session.get(ModelVersion, self._version) is not None
+        if not known:
+            registry.register(artifact_dir)
+        registry.promote_if_vacant(self._version)
+        return registry.get(self._version).status
 
     def write(self, turns: Sequence[LoggedTurn]) -> None:
         for start in range(0, len(turns), BATCH_ROWS):

@@ -7,17 +7,12 @@ leaves cores idle between its operators. Chunks come back in input order; at mos
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from scoring.conversations import SourcePlan, iter_chunks
 from scoring.engine import ModelInfo, Runtime, RuntimeSpec, ScoredItem, ScoringOptions, score_chunk
-
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class LocalEngine:

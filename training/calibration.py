@@ -1,14 +1,21 @@
-"""Calibration fitted on dev: temperature scaling (Guo et al. 2017), one scalar T minimising the NLL; and the
-per-class estimation weights of the artifact (model/artifact.py Calibration), which turn served probabilities
-into calibrated posteriors for label-free recall estimation."""
+"""Calibration fitted on dev: temperature scaling (Guo et al. 2017), one scalar T minimising the NLL; bias-corrected
+temperature scaling (Alexandari et al. 2020), the calibrated posteriors monitoring and prior correction work on;
+and the whole calibration record of an artifact (model/artifact.py Calibration): the priors, the dev confusion
+and the reference class mix with its covariance under a bootstrap over dev conversations. The per-class
+estimation weights of older artifacts are fitted here too."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize, minimize_scalar
 from scipy.special import log_softmax
 
-from training.common import ArrayLike, Logits, to_numpy
+from core.resampling import turn_weights
+from model.artifact import Calibration, ClassPrior, DataSource, DevReference, PosteriorCalibration
+from training.common import ArrayLike, Logits, class_prior, to_numpy
 
 
 def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
@@ -50,3 +57,87 @@ def fit_estimation_weights(probs: ArrayLike, labels: ArrayLike) -> tuple[float, 
 
     bias = minimize(nll_and_grad, np.zeros(log_p.shape[1]), jac=True, method="L-BFGS-B").x
     return tuple(float(w) for w in np.exp(bias - bias.mean()))
+
+
+def fit_bcts(logits: ArrayLike, labels: ArrayLike) -> tuple[float, np.ndarray]:
+    """Bias-corrected temperature scaling (Alexandari et al. 2020): the T and per-class biases b minimising the NLL
+    of softmax(logits / T + b). The NLL is convex in (1 / T, b), so L-BFGS finds the optimum. At the optimum the
+    mean posterior equals the labels' class shares (the bias gradient is their difference), so the posteriors
+    assume the prior of the data they were fitted on. Returns T and b (centred: a common shift changes nothing)."""
+    z = to_numpy(logits).astype(np.float64)
+    y = to_numpy(labels).astype(np.int64)
+    n, c = z.shape
+    rows = np.arange(n)
+    target = np.bincount(y, minlength=c)
+
+    def nll_and_grad(params: np.ndarray) -> tuple[float, np.ndarray]:
+        inverse_t, bias = params[0], params[1:]
+        log_q = log_softmax(inverse_t * z + bias, axis=1)
+        q = np.exp(log_q)
+        grad_inverse_t = float((q * z).sum() - z[rows, y].sum())
+        grad_bias = q.sum(axis=0) - target
+        return float(-log_q[rows, y].sum() / n), np.r_[grad_inverse_t, grad_bias] / n
+
+    start = np.r_[1.0 / fit_temperature(z, y), np.zeros(c)]
+    bounds = [(1.0 / 20.0, 1.0 / 0.05)] + [(None, None)] * c
+    params = minimize(nll_and_grad, start, jac=True, method="L-BFGS-B", bounds=bounds).x
+    return float(1.0 / params[0]), params[1:] - params[1:].mean()
+
+
+def share_covariance(
+    predicted: np.ndarray, conversations: np.ndarray, num_classes: int, replicates: int = 2000, seed: int = 0
+) -> np.ndarray:
+    """[C, C] covariance of the predicted-class shares under the bootstrap over conversations."""
+    weights = turn_weights(conversations, replicates, seed)
+    one_hot = np.eye(num_classes)[np.asarray(predicted)]
+    shares = (weights @ one_hot) / weights.sum(axis=1, keepdims=True)
+    return np.cov(shares, rowvar=False)
+
+
+@dataclass(frozen=True)
+class CalibrationFit:
+    """What a model's dev scores give its artifact: the calibration record and the reference class mix."""
+
+    calibration: Calibration
+    reference_distribution: dict[str, float]
+
+
+def fit_calibration_record(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    conversations: np.ndarray,
+    emotions: Sequence[str],
+    *,
+    dev_source: DataSource,
+    training_prior: ClassPrior,
+    sentiment_temperature: float = 1.0,
+) -> CalibrationFit:
+    """Everything the artifact records about calibration, fitted on one clean dev set of the modality mix the model
+    serves (raw emotion `logits` [N, C], gold `labels`, each turn's conversation): the serving temperature, the
+    BCTS posteriors re-expressed for `training_prior` (Saerens et al. 2002: b + log(train / dev) moves posteriors
+    fitted under the dev prior to the training one), the dev prior, the dev confusion and the predicted-class mix
+    with its covariance under the bootstrap over dev conversations."""
+    z, y = to_numpy(logits).astype(np.float64), to_numpy(labels).astype(np.int64)
+    c = len(emotions)
+    counts = np.bincount(y, minlength=c)
+    dev_prior = class_prior(counts)
+    bcts_temperature, biases = fit_bcts(z, y)
+    # a class absent from dev has no calibrated bias to move: it keeps the one fitted
+    shift = np.log(np.asarray(training_prior.shares).clip(1e-6)) - np.log(dev_prior)
+    biases = biases + np.where(counts > 0, shift, 0.0)
+    predicted = z.argmax(axis=1)
+    confusion = np.zeros((c, c), dtype=np.int64)
+    np.add.at(confusion, (y, predicted), 1)
+    shares = np.bincount(predicted, minlength=c) / len(predicted)
+    calibration = Calibration(
+        temperature=fit_temperature(z, y),
+        sentiment_temperature=sentiment_temperature,
+        temperature_source=dev_source,
+        training_prior=training_prior,
+        dev_prior=ClassPrior(tuple(dev_prior), dev_source),
+        posterior=PosteriorCalibration(bcts_temperature, tuple(biases - biases.mean()), dev_source),
+        dev_reference=DevReference(
+            tuple(map(tuple, confusion)), tuple(map(tuple, share_covariance(predicted, conversations, c))), dev_source
+        ),
+    )
+    return CalibrationFit(calibration, dict(zip(emotions, shares.round(6).tolist(), strict=True)))

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from model.data.speech import MAPPING_NOTES
 from model.network import EmotionModel
 from training.recipe import Recipe, load_recipe
 from training.run import RunDir, RunError, includes_text, load_model_state
+
+if TYPE_CHECKING:
+    from model.artifact import Calibration
 
 
 def train_command(
@@ -62,6 +66,13 @@ def load_trained_model(run: RunDir) -> tuple[Recipe, EmotionModel]:
     return recipe, model.eval()
 
 
+def recorded_calibration(final: dict[str, Any], emotions: Sequence[str]) -> Calibration | None:
+    """The calibration record of a finished run (its final.json), None for runs finished before it existed."""
+    from model.artifact import Calibration
+
+    return Calibration.from_dict(final["calibration"], emotions) if "calibration" in final else None
+
+
 def export_command(run_dir: Path, out_dir: Path, version: str | None = None) -> Path:
     """Export a finished run to a model artifact (model/artifact.py) with its calibration temperature, the
     reference predicted-class distribution on dev, and its test metrics."""
@@ -77,10 +88,12 @@ def export_command(run_dir: Path, out_dir: Path, version: str | None = None) -> 
         Path(out_dir),
         version=version,
         calibration_temperature=final["temperature"],
-        estimation_weights=final.get("estimation_weights"),
+        estimation_weights=final.get("estimation_weights"),  # runs finished before the calibration record
+        calibration=recorded_calibration(final, recipe.model.emotions),
         reference_distribution=final["reference_distribution"],
         metrics=test,
         card_text=model_card(recipe, final),
+        recipe=recipe.to_dict(),
     )
     print(f"exported {run.path} as {version} to {out_dir}")
     return Path(out_dir)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
@@ -21,6 +21,9 @@ from model.quantize import ActivationRanges
 from model.runtime import InferenceRuntime, TurnPrediction, UtteranceInput
 from training.metrics import MetricsReport, compute_metrics
 
+if TYPE_CHECKING:
+    from training.calibration import CalibrationFit
+
 DIALOGUES_PER_CALL = 64
 
 
@@ -29,6 +32,7 @@ class Scored:
     labels: np.ndarray  # [N] true class index
     probs: np.ndarray  # [N, C] calibrated probabilities
     rescored: np.ndarray  # [N] bool, int8 near ties re-encoded in fp32 (model/runtime.py)
+    conversations: np.ndarray | None = None  # [N] the dialogue of each turn (MELD)
 
     @property
     def predicted(self) -> np.ndarray:
@@ -45,7 +49,9 @@ def _score(runtime: InferenceRuntime, dialogues: list[list[UtteranceInput]], lab
         for scored in runtime.classify(dialogues[start : start + DIALOGUES_PER_CALL], causal=False):
             turns += scored
     index = np.array([runtime.emotions.index(name) for name in labels], dtype=np.int64)
-    return Scored(index, np.stack([turn.emotion_probs for turn in turns]), np.array([turn.rescored for turn in turns]))
+    conversations = np.repeat(np.arange(len(dialogues)), [len(d) for d in dialogues])
+    probs, rescored = np.stack([turn.emotion_probs for turn in turns]), np.array([turn.rescored for turn in turns])
+    return Scored(index, probs, rescored, conversations)
 
 
 def score_meld(runtime: InferenceRuntime, data_dir: Path, split: str = "test") -> Scored:
@@ -105,12 +111,33 @@ def int8_agreements(
     return results
 
 
-def estimation_weights(artifact_dir: Path, data_dir: Path) -> tuple[float, ...]:
-    """The artifact's per-class estimation weights (model/artifact.py Calibration), fitted on MELD dev."""
-    from training.calibration import fit_estimation_weights
+def meld_calibration(artifact_dir: Path, data_dir: Path) -> CalibrationFit:
+    """The artifact's calibration record measured through the serving runtime: fitted on MELD dev scored as text
+    with bidirectional context (the modality mix the shipped model serves, and nothing else: no acted speech), with
+    the training prior of MELD train's labels."""
+    from model.artifact import ClassPrior, DataSource
+    from training.calibration import fit_calibration_record
+    from training.common import class_prior
 
-    dev = score_meld(InferenceRuntime.load(artifact_dir, device="cpu"), data_dir, "dev")
-    return fit_estimation_weights(dev.probs, dev.labels)
+    runtime = InferenceRuntime.load(artifact_dir, device="cpu")
+    emotions = runtime.emotions.names
+    dev = score_meld(runtime, data_dir, "dev")
+    assert dev.conversations is not None
+    train = [runtime.emotions.index(u.emotion) for u in read_utterances(data_dir, "train")]
+    logits = runtime.artifact.calibration.temperature * np.log(np.clip(dev.probs.astype(np.float64), 1e-30, None))
+    dev_source = DataSource("MELD dev", "text", len(dev.labels), len(np.unique(dev.conversations)))
+    training = ClassPrior(
+        tuple(class_prior(np.bincount(train, minlength=len(emotions)))), DataSource("MELD train", "text", len(train))
+    )
+    return fit_calibration_record(
+        logits,
+        dev.labels,
+        dev.conversations,
+        emotions,
+        dev_source=dev_source,
+        training_prior=training,
+        sentiment_temperature=runtime.artifact.calibration.sentiment_temperature,
+    )
 
 
 def meld_int8_ranges(artifact_dir: Path, data_dir: Path, texts: int = 2_000, seed: int = 0) -> ActivationRanges:

@@ -1,5 +1,6 @@
-"""After the epochs: the best weights, the decoupled classifier stage, the post-hoc bias, temperature and
-estimation weights fitted on dev, the reference distribution, then reports and plots of dev and test."""
+"""After the epochs: the best weights, the decoupled classifier stage, the post-hoc bias, the calibration record
+(temperature, bias-corrected posteriors, priors, reference class mix) fitted on the clean dev set of the modality
+mix the model serves, then reports and plots of dev and test."""
 
 from __future__ import annotations
 
@@ -9,20 +10,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from training.calibration import fit_estimation_weights, fit_temperature
+from model.artifact import ClassPrior, DataSource
+from training.calibration import CalibrationFit, fit_calibration_record
+from training.common import class_prior
 from training.datasets import NO_LABEL
 from training.decoupled import retrain_classifier, select_tau, tau_normalize
 from training.forward import MODES, dev_selection, predict, report
 from training.metrics import compute_metrics
 from training.plots import plot_confusion, plot_per_class
 from training.posthoc import logit_adjustment, tune_class_biases, tune_logit_adjustment
+from training.recipe import PosthocConfig
 from training.run import load_model_state, model_state
 from training.samplers import build_sampler
 from training.session import Session
 
 
 def finish(s: Session) -> dict[str, Any]:
-    """Best weights -> decoupled stage -> post-hoc bias -> temperature on dev -> reports and plots."""
+    """Best weights -> decoupled stage -> post-hoc bias -> calibration on dev -> reports and plots."""
     load_model_state(s.model, s.run.load(s.run.best_model))
     decoupled = decouple(s)
     rows, dev = dev_selection(s)
@@ -30,13 +34,9 @@ def finish(s: Session) -> dict[str, Any]:
     offset, posthoc = posthoc_offset(s, dev.emotion, dev_labels)
     with torch.no_grad():
         s.model.head.emotion_head.bias.add_(torch.as_tensor(offset, dtype=torch.float32, device=s.device))
-    dev_all = predict(s, "dev", causal=False)
-    temperature = fit_temperature(dev_all.emotion, s.tables["dev"].emotions) if len(dev_all.emotion) else 1.0
-    served = torch.softmax(dev_all.emotion / temperature, dim=1).numpy()
-    weights = fit_estimation_weights(served, s.tables["dev"].emotions) if len(served) else None
+    fit = calibration_fit(s)
+    temperature = fit.calibration.temperature
     reports = {split: split_reports(s, split, temperature) for split in ("dev", "test")}
-    predicted = np.bincount(dev_all.emotion.argmax(dim=1).numpy(), minlength=s.num_emotions)
-    shares = predicted / max(predicted.sum(), 1)
     final = {
         "recipe": s.recipe.name,
         "seed": s.recipe.train.seed,
@@ -46,15 +46,40 @@ def finish(s: Session) -> dict[str, Any]:
         "stopped_early": s.state.stopped_early,
         "train_seconds": round(s.state.train_seconds, 1),
         "temperature": temperature,
-        "estimation_weights": None if weights is None else list(weights),
+        "calibration": fit.calibration.to_dict(s.recipe.model.emotions),
         "decoupled": decoupled,
         "posthoc": {**posthoc, "offset": np.asarray(offset).round(6).tolist()},
-        "reference_distribution": dict(zip(s.recipe.model.emotions, shares.round(6).tolist(), strict=True)),
+        "reference_distribution": fit.reference_distribution,
         "test": {group: _brief(r["bidirectional"]["emotion"]) for group, r in reports["test"].items()},
     }
     s.run.save(model_state(s.model), s.run.final_model)
     s.run.write_json(s.run.final, final)
     return final
+
+
+# The data and modality mix of each report group: the model serves the monitored group's (MELD: text).
+GROUP_SOURCES = {"meld": ("MELD", "text"), "speech": ("acted speech (RAVDESS, TESS, EmoDB)", "text+audio")}
+
+
+def calibration_fit(s: Session) -> CalibrationFit:
+    """The artifact's calibration record, fitted on the clean dev set of the modality mix the model serves (the
+    monitored group of dev, bidirectional context, after the post-hoc offset), with the training prior of the
+    same group's training labels."""
+    data, modalities = GROUP_SOURCES[s.monitor_group]
+    rows, dev = dev_selection(s)
+    table = s.tables["dev"]
+    train_rows = s.tables["train"].groups()[s.monitor_group]
+    train_counts = np.bincount(s.tables["train"].emotions[train_rows], minlength=s.num_emotions)
+    training_source = DataSource(f"{data} train", modalities, len(train_rows), None)
+    dialogues = table.dialogue_of[rows]
+    return fit_calibration_record(
+        dev.emotion.numpy(),
+        table.emotions[rows],
+        dialogues,
+        s.recipe.model.emotions,
+        dev_source=DataSource(f"{data} dev", modalities, len(rows), len(np.unique(dialogues))),
+        training_prior=ClassPrior(tuple(class_prior(train_counts)), training_source),
+    )
 
 
 def decouple(s: Session) -> dict[str, Any]:
@@ -81,11 +106,18 @@ def decouple(s: Session) -> dict[str, Any]:
 
 def posthoc_offset(s: Session, logits: Tensor, labels: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
     """Per-class logit offset: logit adjustment (tau fixed or tuned on dev) then per-class bias tuning."""
-    config, info = s.recipe.posthoc, {}
+    return class_offset(s.recipe.posthoc, s.counts, logits, labels)
+
+
+def class_offset(
+    config: PosthocConfig, counts: np.ndarray, logits: Tensor | np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """`posthoc_offset` for any model: `counts` are its training turns per emotion, `logits` and `labels` dev's."""
+    info: dict[str, Any] = {}
     tau = config.logit_adjustment
     if tau == "tune":
-        tau = tune_logit_adjustment(logits, labels, s.counts).value
-    offset = logit_adjustment(s.counts, float(tau)) if tau != "none" else np.zeros(s.num_emotions)
+        tau = tune_logit_adjustment(logits, labels, counts).value
+    offset = logit_adjustment(counts, float(tau)) if tau != "none" else np.zeros(len(counts))
     info["logit_adjustment_tau"] = None if tau == "none" else float(tau)
     if config.bias_tuning:
         search = tune_class_biases(logits, labels, init=offset)

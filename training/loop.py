@@ -122,14 +122,20 @@ def modality_dropout(batch: Batch, p: float, rng: np.random.Generator) -> Batch:
     both = (batch.has_text & batch.has_audio).cpu().numpy()
     if p <= 0 or not both.any():
         return batch
-    drop = both & (rng.random(len(both)) < p)
-    drop_text = drop & (rng.random(len(both)) < 0.5)
+    keep_text, keep_audio = kept_modalities(both, p, rng)
     device = batch.has_text.device
     return dataclasses.replace(
         batch,
-        has_text=batch.has_text & torch.from_numpy(~drop_text).to(device),
-        has_audio=batch.has_audio & torch.from_numpy(~(drop & ~drop_text)).to(device),
+        has_text=batch.has_text & torch.from_numpy(keep_text).to(device),
+        has_audio=batch.has_audio & torch.from_numpy(keep_audio).to(device),
     )
+
+
+def kept_modalities(both: np.ndarray, p: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, whether its text and its audio stay: of the rows with `both`, a share p loses one of the two."""
+    drop = both & (rng.random(len(both)) < p)
+    drop_text = drop & (rng.random(len(both)) < 0.5)
+    return ~drop_text, ~(drop & ~drop_text)
 
 
 def choose_causal(mode: str, rng: np.random.Generator) -> bool:

@@ -1,6 +1,6 @@
 """Post-hoc corrections of a trained classifier's logits, each expressed as one additive per-class offset
-(so a serving model stores a single vector): logit adjustment, per-class bias tuning on dev for macro F1, and
-prior-shift correction with class priors re-estimated by EM from unlabelled predictions (retraining tier 1).
+(so a serving model stores a single vector): logit adjustment and per-class bias tuning on dev for macro F1.
+The prior-shift correction of retraining tier 1 estimates its priors with monitoring/prior.py.
 """
 
 from __future__ import annotations
@@ -85,34 +85,3 @@ def _coordinate_pass(
             if score > best + 1e-12:
                 best, offset = score, trial
     return offset, best
-
-
-@dataclass(frozen=True)
-class PriorEstimate:
-    prior: np.ndarray
-    iterations: int
-    converged: bool
-
-
-def estimate_priors_em(
-    probs: ArrayLike, train_prior: ArrayLike, max_iter: int = 1000, tol: float = 1e-6
-) -> PriorEstimate:
-    """Saerens, Latinne & Decaestecker 2002: EM for the class priors of unlabelled data, given posteriors
-    p(c|x) of a model trained under `train_prior`. Posteriors should be calibrated (temperature-scaled) first;
-    EM trusts them."""
-    p = to_numpy(probs).astype(np.float64)
-    train = class_prior(train_prior)
-    prior = train.copy()
-    for iteration in range(1, max_iter + 1):
-        posterior = p * (prior / train)  # E-step: posteriors under the current prior estimate
-        posterior /= posterior.sum(axis=1, keepdims=True)
-        updated = posterior.mean(axis=0)  # M-step
-        if np.abs(updated - prior).max() < tol:
-            return PriorEstimate(updated, iteration, True)
-        prior = updated
-    return PriorEstimate(prior, max_iter, False)
-
-
-def prior_shift(train_prior: ArrayLike, new_prior: ArrayLike) -> np.ndarray:
-    """Offset log(new / train): turns posteriors under the training prior into posteriors under the new one."""
-    return np.log(class_prior(new_prior)) - np.log(class_prior(train_prior))

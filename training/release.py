@@ -1,6 +1,8 @@
 """Building the shipped default (model/default/) from a finished run, and checking a rebuild against it.
 
 equipoise default build RUN [--into model/default]   delta + release.json + MODEL_CARD.md from a run
+equipoise default recalibrate --version V [--into D]  the same delta recalibrated on MELD dev (text) as a new
+                                                      patch release, measured afresh
 equipoise default rebuild                             train training/recipes/default.toml (the released seed)
                                                       into the state directory, build it there, and print
                                                       its metrics beside the committed card's
@@ -9,23 +11,30 @@ equipoise default rebuild                             train training/recipes/def
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.files import sha256_file
 from core.settings import Settings
+from model.artifact import Calibration, describe_calibration
 from model.data.speech import MAPPING_NOTES
 from model.default_model import CARD_FILE, RELEASE_FILE, SHIPPED_DIR, probe_outputs, read_release
 from model.delta import DELTA_FILE, save_delta
 from model.network import EmotionModel
 from model.quantize import RANGES_FILE, save_ranges
-from training.evaluate import estimation_weights, evaluate_artifact, int8_agreements, meld_int8_ranges
+from training.evaluate import evaluate_artifact, int8_agreements, meld_calibration, meld_int8_ranges
 from training.metrics import MetricsReport
 from training.recipe import Recipe
 from training.run import RunDir
 
+if TYPE_CHECKING:
+    from model.artifact import ModelArtifact
+
 HEADLINE = ("accuracy", "weighted_f1", "macro_f1")
+# Calibration fields of releases made before the calibration record (replaced by "calibration").
+LEGACY_CALIBRATION_FIELDS = ("calibration_temperature", "estimation_weights")
 RELEASE_SEED = 2  # the seed of the best MELD dev macro F1 among the recipe's three (docs/TRAINING_RESULTS.md)
 
 
@@ -41,7 +50,8 @@ def build_release(
     model: EmotionModel, recipe: Recipe, final: dict[str, Any], into: Path, data_dir: Path, version: str
 ) -> dict[str, Any]:
     """Write delta, release.json and MODEL_CARD.md of a trained model (`final`: its run's final.json) into
-    `into`; the metrics are measured on the assembled artifact through the serving runtime."""
+    `into`; the calibration record and the metrics are measured on the assembled artifact through the serving
+    runtime."""
     from model.artifact import ENCODER_INT8_FILE, derive_artifact, export_artifact
     from model.delta import load_delta
     from model.quantize import quantize_encoder_int8
@@ -50,42 +60,71 @@ def build_release(
     shipped = load_delta(into)  # what users get: the float16 delta on the pinned base
     with tempfile.TemporaryDirectory(prefix="equipoise-release-") as work:
         fp32 = export_artifact(
-            shipped,
-            Path(work) / "fp32",
-            version=version,
-            calibration_temperature=final["temperature"],
-            reference_distribution=final["reference_distribution"],
-            int8=False,
+            shipped, Path(work) / "fp32", version=version, calibration_temperature=final["temperature"], int8=False
         )
         ranges = meld_int8_ranges(fp32.path, data_dir)  # the int8 encoder's smoothing needs the fp32 graph first
         save_ranges(ranges, into / RANGES_FILE)
         int8 = quantize_encoder_int8(fp32.encoder_path, Path(work) / ENCODER_INT8_FILE, ranges)
-        artifact_dir = Path(work) / "artifact"
-        derive_artifact(fp32, artifact_dir, version=version, graphs={ENCODER_INT8_FILE: int8})
-        metrics = evaluate_artifact(artifact_dir, data_dir)
-        margin = Settings.model_fields["int8_rescore_margin"].default
-        alone, rescored = int8_agreements(artifact_dir, data_dir, "dev", (0.0, margin))
-        metrics["int8_label_agreement_meld_dev"] = alone.share
-        metrics["int8_rescore_margin"] = margin
-        metrics["int8_rescored_label_agreement_meld_dev"] = rescored.share
-        weights = estimation_weights(artifact_dir, data_dir)
-        probe = probe_outputs(artifact_dir)
-    release = {
-        "version": version,
-        "recipe": recipe.to_dict(),
-        "seed": recipe.train.seed,
-        "delta_sha256": sha256_file(into / DELTA_FILE),
-        "int8_ranges_sha256": sha256_file(into / RANGES_FILE),
-        "calibration_temperature": final["temperature"],
-        "reference_distribution": final["reference_distribution"],
-        "estimation_weights": list(weights),
-        "training": {k: final[k] for k in ("best_epoch", "best_dev", "epochs_run", "train_seconds")},
+        uncalibrated = derive_artifact(fp32, Path(work) / "int8", version=version, graphs={ENCODER_INT8_FILE: int8})
+        release = {
+            "version": version,
+            "recipe": recipe.to_dict(),
+            "seed": recipe.train.seed,
+            "delta_sha256": sha256_file(into / DELTA_FILE),
+            "int8_ranges_sha256": sha256_file(into / RANGES_FILE),
+            "training": {k: final[k] for k in ("best_epoch", "best_dev", "epochs_run", "train_seconds")},
+        }
+        release |= calibrated(uncalibrated, Path(work) / "artifact", data_dir, version)
+    return write_release(into, recipe, release)
+
+
+def calibrated(artifact: ModelArtifact, out: Path, data_dir: Path, version: str) -> dict[str, Any]:
+    """The release fields measured on `artifact` calibrated afresh into `out` as `version`: the calibration record
+    fitted on MELD dev as text (training/evaluate.py meld_calibration), the reference class mix there, and, on the
+    calibrated artifact, the metrics, the int8 agreement and the probe outputs."""
+    from model.artifact import derive_artifact
+
+    fit = meld_calibration(artifact.path, data_dir)
+    derived = derive_artifact(
+        artifact, out, version=version, calibration=fit.calibration, reference_distribution=fit.reference_distribution
+    )
+    metrics = evaluate_artifact(derived.path, data_dir)
+    margin = Settings.model_fields["int8_rescore_margin"].default
+    alone, rescored = int8_agreements(derived.path, data_dir, "dev", (0.0, margin))
+    metrics["int8_label_agreement_meld_dev"] = alone.share
+    metrics["int8_rescore_margin"] = margin
+    metrics["int8_rescored_label_agreement_meld_dev"] = rescored.share
+    return {
+        "calibration": fit.calibration.to_dict(derived.emotions.names),
+        "reference_distribution": fit.reference_distribution,
         "metrics": metrics,
-        "probe": probe,
+        "probe": probe_outputs(derived),
     }
+
+
+def write_release(into: Path, recipe: Recipe, release: dict[str, Any]) -> dict[str, Any]:
     (into / RELEASE_FILE).write_text(json.dumps(release, indent=1), encoding="utf-8")
     (into / CARD_FILE).write_text(model_card(recipe, release), encoding="utf-8")
     return release
+
+
+def recalibrate_release(source: Path, into: Path, data_dir: Path, version: str) -> dict[str, Any]:
+    """A patch release of the release in `source` with the same delta and int8 ranges (copied when `into` is
+    another directory) and a calibration record fitted afresh (see `calibrated`): the shipped default assembled
+    and verified as released (model/default_model.py), recalibrated, measured, and written as `version`."""
+    from model.default_model import assemble
+
+    previous = read_release(source)
+    with tempfile.TemporaryDirectory(prefix="equipoise-recalibrate-") as work:
+        assembled = assemble(Path(work) / "assembled", source)
+        measured = calibrated(assembled, Path(work) / "artifact", data_dir, version)
+    into.mkdir(parents=True, exist_ok=True)
+    for name in (DELTA_FILE, "config.json", RANGES_FILE):
+        if (source / name).resolve() != (into / name).resolve():
+            shutil.copyfile(source / name, into / name)
+    kept = {key: value for key, value in previous.items() if key not in LEGACY_CALIBRATION_FIELDS}
+    release = kept | {"version": version, "recalibrated_from": previous["version"]} | measured
+    return write_release(into, Recipe.from_dict(previous["recipe"]), release)
 
 
 def _row(name: str, report: dict[str, Any]) -> str:
@@ -134,9 +173,8 @@ fixed probe set.
 Recipe `{recipe.name}` (training/recipes/default.toml), seed {release["seed"]}: {recipe.description}. Trained on
 one NVIDIA H100 with mixed precision in {release["training"]["train_seconds"]:.0f} s; best epoch
 {release["training"]["best_epoch"] + 1} of {release["training"]["epochs_run"]} by MELD dev macro F1
-({100 * release["training"]["best_dev"]["macro_f1"]:.2f}). Calibration temperature on MELD dev:
-{release["calibration_temperature"]:.3f}. Selection among the candidates and the benchmark of every
-imbalance method: docs/TRAINING_RESULTS.md.
+({100 * release["training"]["best_dev"]["macro_f1"]:.2f}). Selection among the candidates and the benchmark of
+every imbalance method: docs/TRAINING_RESULTS.md.
 
 Data and licences (read from the data directory, never shipped):
 - MELD (Friends TV-series dialogues; text; GPL-3.0), train split; dev for selection and calibration.
@@ -146,6 +184,9 @@ Data and licences (read from the data directory, never shipped):
 Label mapping of the speech corpora onto the MELD label set:
 {mapping}
 
+## Calibration
+
+{_calibration_text(release)}
 ## Results (measured through the serving runtime, ONNX fp32 on CPU)
 
 {chr(10).join(metrics_table(metrics))}
@@ -170,6 +211,19 @@ with human review of individual decisions. Not for decisions about individual pe
   docs/BENCHMARKS.md); the service serves fp32 unless `EQUIPOISE_PRECISION=int8`.
 - RAVDESS "calm" is mapped to neutral and EmoDB "boredom" to neutral, so those states are not distinguished.
 """
+
+
+def _calibration_text(release: dict[str, Any]) -> str:
+    emotions = release["recipe"]["model"]["emotions"]
+    calibration = Calibration.from_dict(release["calibration"], emotions)
+    origin = release.get("recalibrated_from")
+    again = f"The weights of {origin}, recalibrated.\n" if origin else ""
+    return f"""{again}Served probabilities are softmax(logits / {calibration.temperature:.3f}). Every calibration
+quantity was fitted on the clean dev set of the modality mix this model serves (MELD dev as text, whole dialogues
+with bidirectional context, no acted speech) through the serving runtime. The monitor's posteriors use
+bias-corrected temperature scaling expressed for the training prior; its reference class mix is the predicted
+mix on that dev set.
+{describe_calibration(calibration, emotions)}"""
 
 
 def _audio_blind_spots(metrics: dict[str, Any]) -> str:

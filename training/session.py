@@ -27,7 +27,7 @@ from training.datasets import (
 )
 from training.datasets import text_features as cached_text_features
 from training.losses import ImbalanceLoss
-from training.recipe import Recipe, make_loss, make_sampler
+from training.recipe import OptimConfig, Recipe, make_loss, make_sampler
 from training.run import RunDir, load_model_state, model_state
 from training.samplers import ClassShareSampler, DevF1Sampler
 
@@ -106,8 +106,7 @@ def build_session(
     counts = class_counts(tables["train"].emotions, len(recipe.model.emotions))
     optim = recipe.optim
     optimizer = build_optimizer(model, lr=optim.lr, text_lr=optim.text_lr, weight_decay=optim.weight_decay)
-    steps = optim.epochs * math.ceil(tables["train"].num_dialogues / optim.batch_dialogues)
-    warmup = optim.warmup_epochs * steps / optim.epochs
+    steps_per_epoch = math.ceil(tables["train"].num_dialogues / optim.batch_dialogues)
     session = Session(
         recipe=recipe,
         run=run,
@@ -119,7 +118,7 @@ def build_session(
         loss=make_loss(recipe.loss, counts).to(device_),
         sampler=make_sampler(recipe.sampler, optim.epochs),
         optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup, steps)),
+        scheduler=warmup_cosine(optimizer, optim, steps_per_epoch),
         scaler=torch.amp.GradScaler(device_.type, enabled=device_.type == "cuda" and recipe.train.amp),
         state=LoopState(labels=tables["train"].emotions.copy()),
         progress=progress,
@@ -156,6 +155,16 @@ def build_optimizer(model: EmotionModel, lr: float, text_lr: float, weight_decay
     if text:
         groups.append({"params": text, "lr": text_lr})
     return torch.optim.AdamW(groups, weight_decay=weight_decay)
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, optim: OptimConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The recipe's schedule: linear warm-up over `optim.warmup_epochs`, then cosine decay to 0 at the last step."""
+    steps = optim.epochs * steps_per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _warmup_cosine(optim.warmup_epochs * steps / optim.epochs, steps)
+    )
 
 
 def _warmup_cosine(warmup: float, total: int) -> Callable[[int], float]:

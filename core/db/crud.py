@@ -1,6 +1,6 @@
 """The typed queries of the product, one home for each: API keys, the prediction row and its idempotent insert,
-feedback, retraining jobs and the retention purge. The service, batch scoring, the CLI, the monitor and the
-worker all go through these."""
+feedback (and the newest label of each prediction, by kind), retraining jobs and the retention purge. The
+service, batch scoring, the CLI, the monitor and the worker all go through these."""
 
 from __future__ import annotations
 
@@ -13,11 +13,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, delete, select
+from sqlalchemy import ColumnElement, Connection, Subquery, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from core.db.models import ApiKey, ContextMode, Feedback, JobTrigger, Prediction, RequestKind, RetrainingJob, Role
+from core.db.models import (
+    ApiKey,
+    ContextMode,
+    Feedback,
+    FeedbackKind,
+    JobTrigger,
+    Prediction,
+    RequestKind,
+    RetrainingJob,
+    Role,
+)
 from core.redaction import redact, text_sha256
 from core.text import is_present
 
@@ -136,12 +146,58 @@ def get_prediction(session: Session, prediction_id: uuid.UUID) -> Prediction | N
 
 
 def add_feedback(
-    session: Session, prediction: Prediction, label: str, sentiment: str | None, source: str | None
+    session: Session,
+    prediction: Prediction,
+    label: str,
+    sentiment: str | None,
+    source: str | None,
+    kind: FeedbackKind = FeedbackKind.CORRECTION,
 ) -> Feedback:
-    feedback = Feedback(prediction=prediction, label=label, sentiment=sentiment, source=source)
+    feedback = Feedback(prediction=prediction, label=label, sentiment=sentiment, source=source, kind=kind)
     session.add(feedback)
     session.flush()
     return feedback
+
+
+def newest_feedback_ids(*where: ColumnElement[bool], kind: FeedbackKind | None = None) -> Subquery:
+    """(prediction_id, feedback_id): the newest feedback of each prediction matching `where` (a prediction's
+    label is the last one sent for it), counting only labels of `kind` when given: with AUDIT, the labels that
+    form a random sample of the traffic."""
+    if kind is not None:
+        where = (*where, Feedback.kind == kind)
+    return (
+        select(Feedback.prediction_id, func.max(Feedback.id).label("feedback_id"))
+        .join(Prediction, Prediction.id == Feedback.prediction_id)
+        .where(*where)
+        .group_by(Feedback.prediction_id)
+        .subquery()
+    )
+
+
+def newest_labels(
+    session: Session, prediction_ids: Sequence[uuid.UUID], kind: FeedbackKind | None = None
+) -> dict[uuid.UUID, str]:
+    """The newest label (of `kind` when given) of each of `prediction_ids` that has one."""
+    newest = newest_feedback_ids(Prediction.id.in_(prediction_ids), kind=kind)
+    rows = session.execute(
+        select(Feedback.prediction_id, Feedback.label).join(newest, Feedback.id == newest.c.feedback_id)
+    )
+    return {prediction_id: label for prediction_id, label in rows}
+
+
+def labelled_counts(session: Session, model_version: str, *, until: datetime | None = None) -> dict[FeedbackKind, int]:
+    """How many predictions of `model_version` (logged up to `until`, when given) carry at least one label of
+    each kind; a prediction labelled both ways counts under both."""
+    query = (
+        select(Feedback.kind, func.count(func.distinct(Feedback.prediction_id)))
+        .join(Prediction, Prediction.id == Feedback.prediction_id)
+        .where(Prediction.model_version == model_version)
+        .group_by(Feedback.kind)
+    )
+    if until is not None:
+        query = query.where(Prediction.created_at <= until)
+    found = {FeedbackKind(kind): int(count) for kind, count in session.execute(query)}
+    return {kind: found.get(kind, 0) for kind in FeedbackKind}
 
 
 def create_job(

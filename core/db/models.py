@@ -74,6 +74,14 @@ class RequestKind(enum.StrEnum):
     BATCH = "batch"
 
 
+class FeedbackKind(enum.StrEnum):
+    """Why a label was sent: for a prediction offered for random labelling (core/audit.py), or to correct a
+    mistake a user noticed. Only audit labels are a random sample of the traffic."""
+
+    AUDIT = "audit"
+    CORRECTION = "correction"
+
+
 class ContextMode(enum.StrEnum):
     CAUSAL = "causal"
     BIDIRECTIONAL = "bidirectional"
@@ -176,12 +184,16 @@ class Feedback(Base):
     label: Mapped[str] = mapped_column(String(32))
     sentiment: Mapped[str | None] = mapped_column(String(32))
     source: Mapped[str | None] = mapped_column(String(64))
+    kind: Mapped[FeedbackKind] = mapped_column(
+        _str_enum(FeedbackKind), default=FeedbackKind.CORRECTION, server_default=FeedbackKind.CORRECTION.value
+    )
 
     prediction: Mapped[Prediction] = relationship(back_populates="feedback")
 
     __table_args__ = (
         Index("ix_feedback_prediction_id", "prediction_id"),
         Index("ix_feedback_created_at", "created_at"),
+        Index("ix_feedback_kind_prediction_id", "kind", "prediction_id"),
     )
 
 
@@ -250,6 +262,27 @@ class MonitoringSnapshot(Base):
     minority_recall_labelled_estimated: Mapped[float | None] = mapped_column(Float)
     minority_recall_labelled_halfwidth: Mapped[float | None] = mapped_column(Float)
     report_path: Mapped[str | None] = mapped_column(String(1024))
+    # Label shift (monitoring/prior.py), NULL on snapshots taken before it was estimated: the class prior of the
+    # window estimated without labels with its 95% interval over the window's conversations, whether it moved
+    # significantly from the training prior, the served mix that prior explains and the test of the served mix
+    # against it, and the label-free recall on prior-corrected posteriors with its interval.
+    n_conversations: Mapped[int | None]
+    estimated_prior: Mapped[dict[str, Any] | None]
+    estimated_prior_lower: Mapped[dict[str, Any] | None]
+    estimated_prior_upper: Mapped[dict[str, Any] | None]
+    prior_shift_detected: Mapped[bool | None] = mapped_column(Boolean)
+    expected_shares: Mapped[dict[str, Any] | None]
+    mix_unexplained_share: Mapped[float | None] = mapped_column(Float)
+    mix_p_value: Mapped[float | None] = mapped_column(Float)
+    estimated_recall_lower: Mapped[dict[str, Any] | None]
+    estimated_recall_upper: Mapped[dict[str, Any] | None]
+    minority_recall_estimated_lower: Mapped[float | None] = mapped_column(Float)
+    minority_recall_estimated_upper: Mapped[float | None] = mapped_column(Float)
+    # Which feedback the measured recalls used: "audit" (a random sample) or "correction" (biased toward mistakes),
+    # and the upper end of the window's measured minority recall's 95% (Agresti-Coull) interval
+    measured_source: Mapped[str | None] = mapped_column(String(16))
+    minority_recall_measured_upper: Mapped[float | None] = mapped_column(Float)
+    labelled_source: Mapped[str | None] = mapped_column(String(16))
 
     __table_args__ = (Index("ix_monitoring_snapshots_model_version_created_at", "model_version", "created_at"),)
 

@@ -1,7 +1,7 @@
 """The demo's report: the three models scored on the same held-out feedback, what the service answered per phase,
 the monitoring windows, PNG plots, OUT/report.md and OUT/summary.json.
 
-Held-out feedback: the streamed turns whose text hash falls in the retraining gate's held-out split
+Held-out feedback: the streamed turns whose conversation falls in the retraining gate's held-out split
 (retraining/dataset.py `is_heldout`), so the retrained model never trained on them; each is scored offline by the
 serving runtime within its whole conversation, in the context mode the service used for it.
 """

@@ -21,7 +21,7 @@ from equipoise.demo.traffic import Stream
 STORY = """\
 The shift toward the majority class is caused on purpose, and the report says so: a faulty release of the default
 model is promoted, identical except for +BIAS added to its neutral logit inside the context graph (the emotion
-head's bias, as monitoring/simulation.py's `degrade` does to probabilities). It ships the default's model card and
+head's bias, as monitoring/simulation.py's `logit_bias` does to logits). It ships the default's model card and
 reference class mix, as a release whose packaging went wrong would. The traffic itself (MELD test conversations
 in a fixed random order, gold labels sent back as feedback) does not change: what shifts is what the service
 predicts. Everything else is the product at work: `equipoise monitor run` after every window of traffic, the

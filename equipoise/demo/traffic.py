@@ -14,7 +14,7 @@ from tqdm import tqdm
 from core.redaction import text_sha256
 from equipoise.demo.services import json_or_fail
 from model.data.meld import Dialogue, group_dialogues, read_utterances
-from retraining.dataset import is_heldout
+from retraining.dataset import conversation_key, is_heldout
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,8 @@ class Turn:
 
     @property
     def heldout(self) -> bool:
-        """In the retraining gate's held-out split (the same stable hash of the text): never trained on."""
-        return is_heldout(text_sha256(self.text))
+        """In the retraining gate's held-out split (the same stable hash of the conversation): never trained on."""
+        return is_heldout(conversation_key(self.conversation, text_sha256(self.text)))
 
 
 def meld_conversations(data_dir: Path, seed: int, limit: int | None = None) -> list[Dialogue]:

@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,9 @@ class FakeRuntime:
     poison: float = 1.0  # multiplies the probabilities: NaN or 2.0 make a model the probe must refuse
     calls: list[tuple[list[int], bool]] = field(default_factory=list)
 
-    def classify(self, dialogues: list[list[UtteranceInput]], causal: bool) -> list[list[TurnPrediction]]:
+    def classify(
+        self, dialogues: list[list[UtteranceInput]], causal: bool, history: Sequence[Any] | None = None
+    ) -> list[list[TurnPrediction]]:
         self.calls.append(([len(dialogue) for dialogue in dialogues], causal))
         if any(turn.text == "explode" for dialogue in dialogues for turn in dialogue):
             raise RuntimeError("the fake model cannot score 'explode'")

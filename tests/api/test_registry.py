@@ -87,3 +87,19 @@ def test_unknown_versions_and_rejecting_the_champion_are_errors(registry: ModelR
         registry.reject("m-1", "bad")
     registry.register(fake_artifact(tmp_path / "built", "m-2"))
     assert registry.reject("m-2", "failed the gate").rejection_reason == "failed the gate"
+
+
+def test_promote_if_vacant_crowns_only_while_there_is_no_champion(registry: ModelRegistry, tmp_path: Path) -> None:
+    for version in ("m-1", "m-2", "m-3"):
+        registry.register(fake_artifact(tmp_path / "built", version))
+    registry.reject("m-3", "failed the gate")
+    assert not registry.promote_if_vacant("m-3")  # a rejected version is never crowned, even on a vacant throne
+    assert registry.champion() is None
+    assert registry.promote_if_vacant("m-1")
+    assert registry.promote_if_vacant("m-1")  # already the champion
+    assert not registry.promote_if_vacant("m-2")  # never demotes the champion
+    assert statuses(registry) == {
+        "m-1": ModelStatus.CHAMPION,
+        "m-2": ModelStatus.CANDIDATE,
+        "m-3": ModelStatus.REJECTED,
+    }

@@ -37,6 +37,7 @@ ARTIFACT_FILES = [
     "reference_distribution.json",
     "metrics.json",
     "MODEL_CARD.md",
+    "weights.safetensors",
 ]
 
 
@@ -60,6 +61,7 @@ def rewrite(source: ModelArtifact, out_dir: Path, **changes: Any) -> ModelArtifa
         reference_distribution=source.reference_distribution,
         metrics=source.metrics,
         card_text=source.card_path.read_text(encoding="utf-8"),
+        weights=source.weights_path,
     )
     return write_artifact(out_dir, **{**arguments, **changes})
 
@@ -239,3 +241,66 @@ def test_a_required_file_must_be_listed(tiny_artifact: Path, tmp_path: Path) -> 
 def test_not_a_directory(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="not an artifact directory"):
         load_artifact(tmp_path / "nothing")
+
+
+def _record() -> Calibration:
+    from model.artifact import ClassPrior, DataSource, DevReference, PosteriorCalibration
+
+    dev = DataSource("MELD dev", "text", 1109, 114)
+    train = DataSource("MELD train", "text", 9989)
+    shares = (0.4, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05)
+    confusion = [[10 if i == j else 1 for j in range(7)] for i in range(7)]
+    return Calibration(
+        temperature=1.25,
+        temperature_source=dev,
+        training_prior=ClassPrior(shares, train),
+        dev_prior=ClassPrior(shares, dev),
+        posterior=PosteriorCalibration(1.4, (0.5, 0.1, 0.0, 0.0, -0.1, -0.2, -0.3), dev),
+        dev_reference=DevReference(confusion, [[0.001 * (i == j) for j in range(7)] for i in range(7)], dev),
+    )
+
+
+def test_the_calibration_record_round_trips_and_older_artifacts_still_load(tiny: ModelArtifact, tmp_path: Path) -> None:
+    recorded = rewrite(tiny, tmp_path / "recorded", version="recorded", calibration=_record(), card_text=None)
+    assert recorded.calibration == _record() and recorded.calibration.has_record
+    stored = json.loads((recorded.path / "calibration.json").read_text())
+    assert stored["training_prior"]["shares"]["neutral"] == 0.4 and stored["posterior"]["prior"] == "training_prior"
+    assert stored["dev_prior"]["source"] == {
+        "data": "MELD dev",
+        "modalities": "text",
+        "turns": 1109,
+        "conversations": 114,
+    }
+    assert "MELD train (text, 9,989 turns)" in recorded.card_path.read_text(encoding="utf-8")
+    assert not tiny.calibration.has_record  # an artifact written before the record: temperatures only
+    assert set(json.loads((tiny.path / "calibration.json").read_text())) == {
+        "temperature",
+        "sentiment_temperature",
+        "estimation_weights",
+    }
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c | {"newer_field": 1}, "unknown field 'newer_field'"),
+        (lambda c: c | {"training_prior": {**c["training_prior"], "shares": {"neutral": 1.0}}}, "malformed"),
+        (lambda c: {k: v for k, v in c.items() if k != "training_prior"}, "training prior, which is missing"),
+        (lambda c: c | {"dev_reference": {**c["dev_reference"], "confusion": [[1, 2], [3, 4]]}}, "malformed"),
+    ],
+)
+def test_a_malformed_calibration_record_is_refused_with_the_file_named(
+    tiny: ModelArtifact, tmp_path: Path, edit: Any, message: str
+) -> None:
+    recorded = rewrite(tiny, tmp_path / "recorded", version="recorded", calibration=_record(), card_text=None)
+    path = recorded.path / "calibration.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    manifest = json.loads((recorded.path / MANIFEST_FILE).read_text())
+    manifest["files"]["calibration.json"] = {
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "size": path.stat().st_size,
+    }
+    (recorded.path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=message) as raised:
+        load_artifact(recorded.path)
+    assert raised.value.file == "calibration.json"

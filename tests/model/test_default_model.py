@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from core.settings import Settings
+from model.artifact import load_artifact
 from model.default_model import (
     SHIPPED_DIR,
     DefaultModelError,
@@ -120,3 +121,23 @@ def test_a_new_database_gets_the_shipped_default_as_its_first_champion(default_s
     assert [m["version"] for m in champions] == [version] and models["serving"] == version
     assert reply.status_code == 200 and reply.json()["model_version"] == version
     assert reply.json()["emotion"] in read_release()["recipe"]["model"]["emotions"]
+
+
+def test_the_release_is_calibrated_on_clean_meld_dev_text_and_the_artifact_records_it(default_state: Path) -> None:
+    """The reference class mix and the temperatures come from MELD dev as text alone (the modality mix the model
+    serves, no acted speech), and the assembled artifact carries the whole record."""
+    release = read_release()
+    recorded = release["calibration"]
+    dev = {"data": "MELD dev", "modalities": "text", "turns": 1109, "conversations": 114}
+    assert recorded["temperature_source"] == dev and recorded["dev_prior"]["source"] == dev
+    assert recorded["posterior"]["source"]["data"] == "MELD dev"
+    assert recorded["training_prior"]["source"] == {
+        "data": "MELD train",
+        "modalities": "text",
+        "turns": 9989,
+        "conversations": None,
+    }
+    artifact = load_artifact(shipped_artifact(default_state))
+    assert artifact.calibration.has_record and artifact.calibration.temperature == recorded["temperature"]
+    assert dict(artifact.reference_distribution) == release["reference_distribution"]
+    assert "MELD dev (text, 1,109 turns in 114 conversations)" in (SHIPPED_DIR / "MODEL_CARD.md").read_text("utf-8")

@@ -1,4 +1,5 @@
-"""The collapse detector fires once per collapse, after consecutive evidence, and re-arms with hysteresis."""
+"""The collapse detector tells a collapse from a label shift, fires once per collapse after consecutive evidence,
+and re-arms with hysteresis."""
 
 from __future__ import annotations
 
@@ -16,8 +17,13 @@ HEALTHY = WindowSignals(
     minority_recall_measured=None,
     minority_recall_estimated=0.40,
     reference_minority_recall=0.42,
+    minority_recall_estimated_upper=0.50,
+    mix_p_value=0.5,
 )
-COLLAPSED = replace(HEALTHY, majority_share=0.75, drifted=True, minority_recall_estimated=0.12)
+# More majority-class traffic: the estimated prior moved, the served mix is what it explains, recall holds.
+LABEL_SHIFT = replace(HEALTHY, majority_share=0.75, drifted=True, prior_shifted=True, mix_p_value=0.2)
+# The model leans to the majority: more majority predictions than the estimated prior explains.
+COLLAPSED = replace(LABEL_SHIFT, mix_p_value=1e-5, minority_recall_estimated=0.30, minority_recall_estimated_upper=0.4)
 
 
 def _fired(stream: list[WindowSignals], detector: CollapseDetector | None = None) -> list[int]:
@@ -25,34 +31,44 @@ def _fired(stream: list[WindowSignals], detector: CollapseDetector | None = None
     return [i for i, signals in enumerate(stream) if detector.observe(signals).fired]
 
 
-def test_every_signal_is_needed() -> None:
-    assert assess(COLLAPSED, RULES)[0]
-    assert not assess(replace(COLLAPSED, drifted=False), RULES)[0]
-    assert not assess(replace(COLLAPSED, majority_share=0.5), RULES)[0]
-    assert not assess(replace(COLLAPSED, minority_recall_estimated=0.35), RULES)[0]
+def test_a_label_shift_is_not_a_collapse() -> None:
+    assert not assess(LABEL_SHIFT, RULES)[0]
+    assert _fired([LABEL_SHIFT] * 20) == []
 
 
-def test_measured_recall_overrides_the_estimate_when_the_labels_decide_it() -> None:
-    """Precise (half-width within the rules' precision) or wholly on one side of the floor: the measurement."""
-    precise = replace(COLLAPSED, n_labelled=5000, minority_recall_measured=0.40, minority_recall_halfwidth=0.03)
-    assert not assess(precise, RULES)[0]
-    assert precise.minority_recall(RULES) == (0.40, "measured")
-    assert assess(replace(precise, minority_recall_measured=None, minority_recall_halfwidth=None), RULES)[0]
-
-    floor = recall_floor(COLLAPSED, RULES)  # 0.252 here
-    clearly_above = replace(precise, minority_recall_measured=floor + 0.12, minority_recall_halfwidth=0.1)
-    assert clearly_above.minority_recall(RULES) == (floor + 0.12, "measured") and not assess(clearly_above, RULES)[0]
-    clearly_below = replace(COLLAPSED, minority_recall_estimated=0.9, minority_recall_measured=0.0)
-    clearly_below = replace(clearly_below, minority_recall_halfwidth=0.1)
-    assert clearly_below.minority_recall(RULES) == (0.0, "measured") and assess(clearly_below, RULES)[0]
+def test_majority_predictions_beyond_what_the_prior_explains_are_a_collapse() -> None:
+    suspicious, reasons = assess(COLLAPSED, RULES)
+    assert suspicious and "more than the estimated class mix explains" in reasons[0]
+    assert not assess(replace(COLLAPSED, majority_share=0.5), RULES)[0], "the majority share must have risen"
+    assert not assess(replace(COLLAPSED, mix_p_value=0.02), RULES)[0]
 
 
-def test_an_imprecise_measurement_straddling_the_floor_leaves_the_judgement_to_the_estimate() -> None:
-    floor = recall_floor(COLLAPSED, RULES)
-    straddling = replace(COLLAPSED, minority_recall_measured=floor + 0.05, minority_recall_halfwidth=0.1)
-    assert straddling.minority_recall(RULES) == (COLLAPSED.minority_recall_estimated, "estimated")
-    assert assess(straddling, RULES)[0]
-    assert not assess(replace(straddling, minority_recall_estimated=0.4), RULES)[0]
+def test_recall_decided_below_the_floor_is_a_collapse_whatever_the_mix() -> None:
+    floor = recall_floor(HEALTHY, RULES)  # 0.252 here
+    label_free = replace(HEALTHY, minority_recall_estimated=0.15, minority_recall_estimated_upper=floor - 0.01)
+    assert assess(label_free, RULES)[0]
+    assert not assess(replace(label_free, minority_recall_estimated_upper=floor + 0.01), RULES)[0]
+    audited = replace(
+        HEALTHY,
+        minority_recall_measured=0.1,
+        minority_recall_halfwidth=0.08,
+        minority_recall_measured_upper=0.2,
+        measured_source="audit",
+    )
+    assert assess(audited, RULES)[0]
+    assert not assess(replace(audited, minority_recall_measured_upper=0.3), RULES)[0], "the interval reaches the floor"
+    corrected = replace(audited, measured_source="correction")
+    assert not assess(corrected, RULES)[0], "corrections are a biased sample: they never fire the detector"
+
+
+def test_an_artifact_without_dev_confusion_falls_back_to_drift_and_recall() -> None:
+    older = replace(COLLAPSED, mix_p_value=None, minority_recall_estimated=0.12, minority_recall_estimated_upper=None)
+    assert assess(older, RULES)[0]
+    assert not assess(replace(older, drifted=False), RULES)[0]
+    assert not assess(replace(older, minority_recall_estimated=0.35), RULES)[0]
+    decided = replace(older, minority_recall_measured=0.40, minority_recall_halfwidth=0.03, measured_source="audit")
+    assert decided.minority_recall(RULES) == (0.40, "measured") and not assess(decided, RULES)[0]
+    assert replace(decided, measured_source="correction").minority_recall(RULES) == (0.12, "estimated")
 
 
 def test_small_windows_never_count() -> None:

@@ -74,8 +74,11 @@ def test_dashboard_covers_the_product_signals() -> None:
         "equipoise_monitor_class_share",
         "equipoise_monitor_drift_js_distance",
         "equipoise_monitor_minority_recall",
+        "equipoise_monitor_estimated_prior",
+        "equipoise_monitor_minority_recall_estimated_upper",
         "equipoise_collapse_events_total",
         "equipoise_retraining_jobs",
         "equipoise_model_versions",
+        "equipoise_labelled_predictions",
     ):
         assert signal in used

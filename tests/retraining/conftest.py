@@ -80,6 +80,7 @@ def champion_dir(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) ->
         model_config=tiny.config,
         preprocessing=tiny.preprocessing,
         calibration=tiny.calibration,
+        weights=tiny.weights_path,  # the PyTorch state of its graphs (the classifier is read from context.onnx)
     )
     return work / "tiny-1"
 
@@ -91,13 +92,16 @@ def registry(engine: Engine, champion_dir: Path, tmp_path: Path) -> ModelRegistr
     return registry
 
 
-def run_job(database: Engine, registry: ModelRegistry, tmp_path: Path, /, **job: Any) -> RetrainingJob:
-    """Queue a job and let a worker run the real pipeline on it (no base corpora); the job as it ended."""
+def run_job(
+    database: Engine, registry: ModelRegistry, tmp_path: Path, /, data_dir: Path | None = None, **job: Any
+) -> RetrainingJob:
+    """Queue a job and let a worker run the real pipeline on it (base corpora from `data_dir`, none by default);
+    the job as it ended."""
     from retraining.pipeline import Environment, retrain
     from retraining.queue import JobQueue
     from retraining.worker import Worker
 
-    environment = Environment(registry, tmp_path / "state", None, ("sadness", "disgust", "fear"), "cpu")
+    environment = Environment(registry, tmp_path / "state", data_dir, ("sadness", "disgust", "fear"), "cpu")
     job_id = add_job(database, **job)
     worker = Worker(JobQueue(database, "test-worker"), tmp_path / "jobs", lambda ctx: retrain(ctx, environment))
     assert worker.run(once=True) == 1

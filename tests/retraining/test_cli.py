@@ -34,7 +34,7 @@ def test_submit_list_work_and_show(tmp_path: Path) -> None:
             "--reason",
             "minority recall fell",
             "--params",
-            '{"gate": {"min_macro_f1_gain": 0.01}}',
+            '{"gate": {"macro_f1_tolerance": 0.02}}',
         ],
         tmp_path,
     )
@@ -50,5 +50,5 @@ def test_submit_list_work_and_show(tmp_path: Path) -> None:
     assert worked.returncode == 0, worked.stderr
     shown = _run(["jobs", "show", "1"], tmp_path)
     assert "status: failed" in shown.stdout and "no champion to retrain" in shown.stdout
-    assert '"min_macro_f1_gain": 0.01' in shown.stdout and "claimed: attempt 1/3" in shown.stdout
+    assert '"macro_f1_tolerance": 0.02' in shown.stdout and "claimed: attempt 1/3" in shown.stdout
     assert _run(["jobs", "show", "99"], tmp_path).returncode == 1

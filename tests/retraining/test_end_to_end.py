@@ -44,7 +44,7 @@ from model.artifact import derive_artifact, load_artifact
 from model.data.meld import Dialogue, group_dialogues, read_utterances
 from model.labels import EMOTIONS
 from monitoring.estimation import mean_recall, measure_recall
-from retraining.dataset import is_heldout
+from retraining.dataset import conversation_key, is_heldout
 from tests.api.conftest import Server, running_server, server_settings
 
 pytestmark = [pytest.mark.data, pytest.mark.slow]
@@ -53,7 +53,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 MINORITY = ("sadness", "disgust", "fear")  # the product's default minority_classes
 MONITOR_WINDOW = 300  # predictions per monitoring window (the detector needs two suspicious ones to fire)
 JOB_BUDGET_S = 180.0  # tier 2 on the CPU: "in under three minutes"
-IMPOSSIBLE_GATE = {"gate": {"min_macro_f1_gain": 1.0}}
+IMPOSSIBLE_GATE = {"gate": {"macro_f1_tolerance": -1.0}}  # a macro F1 gain above +1.0: impossible
 # Tier 3 on the tiny model with part of the base corpora: long enough to be killed mid-way, short enough for CI.
 FINE_TUNING = {"fine_tuning": {"epochs": 4}, "base_max_dialogues": 300}
 SHORT_LEASE_S = "3"  # the killed worker's lease: the successor takes over this long after the kill
@@ -142,6 +142,12 @@ def _finished(client: httpx.Client, job_id: int, worker: Process | None = None) 
     return check
 
 
+def _heldout(production: Production, turn: Sent) -> bool:
+    """In the gate's held-out split: the hash of the conversation the service logged it in."""
+    conversation = f"meld-test-{production.dialogues[turn.conversation].dialogue_id}"
+    return is_heldout(conversation_key(conversation, text_sha256(turn.text)))
+
+
 def _seconds(start: str, end: str) -> float:
     return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
 
@@ -188,7 +194,8 @@ def production(
         for dialogue in group_dialogues(read_utterances(data_dir, "test"))
         if any(utterance.emotion in MINORITY for utterance in dialogue.utterances)
     ]
-    settings = {"default_model_dir": str(collapsed_champion), "monitor_in_service": "false"}
+    # every prediction is offered for audit, and every gold label comes back as one: a random sample of the traffic
+    settings = {"default_model_dir": str(collapsed_champion), "monitor_in_service": "false", "audit_share": "1"}
     with running_server(state_dir, database_url, **settings) as server, server.client() as client:
         champion = _serving(client)
         assert champion == "tiny-collapsed-1"
@@ -212,6 +219,7 @@ def production(
                 "label": turn.label,
                 "sentiment": utterance.sentiment,
                 "source": "e2e",
+                "kind": "audit",
             }
             response = client.post("/v1/feedback", json=feedback)
             assert response.status_code == 201, response.text
@@ -265,6 +273,10 @@ def test_a_collapse_is_retrained_gated_promoted_and_served(production: Productio
         assert result["promoted"], result["reasons"]
         assert result["parity_max_abs_diff"] is not None and result["parity_max_abs_diff"] <= 1e-4
         assert result["heldout"]["feedback"] >= 100 and result["heldout"]["base"] == 0
+        assert result["heldout"]["set"] == "feedback" and result["heldout"]["conversations"] >= 20
+        gains = result["paired"]["gains"]  # the paired bootstrap over conversations cleared both bounds
+        assert gains["minority_recall"]["lower"] > 0 and gains["macro_f1"]["lower"] > -0.01
+        print(f"gate: {result['heldout']}, gains {gains}")
         champion, candidate = result["champion"], result["candidate"]
         assert candidate["minority_recall"] > champion["minority_recall"] + 0.02
         assert candidate["macro_f1"] > champion["macro_f1"]
@@ -283,17 +295,16 @@ def test_a_collapse_is_retrained_gated_promoted_and_served(production: Productio
         assert probe.status_code == 200 and probe.json()["model_version"] == new
 
         # Minority recall on the held-out feedback, from the service's own answers: old champion vs new.
-        heldout = {turn.conversation for turn in turns if is_heldout(text_sha256(turn.text))}
+        heldout = {turn.conversation for turn in turns if _heldout(production, turn)}
         old, fresh, labels = [], [], []
         for index in sorted(heldout):
             answer = _post_dialogue(client, production.dialogues[index], index, suffix="-again")
             assert answer["model_version"] == new
             sent = [turn for turn in turns if turn.conversation == index]
             for turn, again in zip(sent, answer["turns"], strict=True):
-                if is_heldout(text_sha256(turn.text)):
-                    old.append(turn.predicted)
-                    fresh.append(again["emotion"])
-                    labels.append(turn.label)
+                old.append(turn.predicted)
+                fresh.append(again["emotion"])
+                labels.append(turn.label)
     before, after = _minority_recall(labels, old), _minority_recall(labels, fresh)
     assert len(labels) >= 100 and after > before + 0.02, (before, after)
 

@@ -3,6 +3,8 @@ fine-tuning data-parallel on Ray Train (two CPU workers, gloo)."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,14 +15,22 @@ from sqlalchemy import Engine
 
 from core.db.models import JobStatus
 from model.labels import EMOTIONS
-from model.network import ModelConfig
-from model.preprocess import PreprocessingConfig
+from model.network import EmotionModel, ModelConfig
 from model.registry import ModelRegistry
+from model.text_encoder import pretrained_dir
 from retraining.ray_engine import fit_torch, run_task
 from retraining.tier2_head import HeadTraining, train_head
-from retraining.tier3_finetune import FineTuner, FineTuning, TextDialogues, build_model
+from retraining.tier3_finetune import (
+    SELECTION_FILE,
+    FineTuner,
+    FineTuning,
+    conversation_dialogues,
+    start_model,
+    tier3_recipe,
+)
 from tests.retraining.conftest import log_turns, run_job
 from tests.retraining.synthetic import labelled_turns, single_turns
+from training.recipe import load_recipe
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -56,14 +66,15 @@ def test_a_tier2_job_on_the_ray_engine_is_gated_and_promoted(
 
 
 def test_tier3_fine_tuning_runs_data_parallel_on_ray_train(ray_cluster: None, tmp_path: Path) -> None:
-    data = TextDialogues.training_split(single_turns(labelled_turns(64, 16, seed=4), heldout=False))
-    config = FineTuning(epochs=1, batch_dialogues=8, lr=1e-3)
-    model_config = ModelConfig.tiny().to_dict()
-    preprocessing = PreprocessingConfig(max_tokens=32, max_speakers=ModelConfig.tiny().max_speakers)
-    initial = build_model(model_config, seed=0).state_dict()
+    data = single_turns(labelled_turns(64, 16, seed=4), heldout=False)
+    train, dev = conversation_dialogues(data, meld=True, dev_fraction=0.25)
+    shipped = dataclasses.replace(load_recipe("default"), model=ModelConfig.tiny())
+    recipe = tier3_recipe(shipped, FineTuning(epochs=1, batch_dialogues=8, lr=1e-3))
+    torch.manual_seed(0)
+    initial = EmotionModel(ModelConfig.tiny()).state_dict()
     state = fit_torch(
-        lambda: build_model(model_config, seed=0),
-        FineTuner(data, config, preprocessing),
+        functools.partial(start_model, ModelConfig.tiny().to_dict(), initial, False),
+        FineTuner(train, dev, recipe, pretrained_dir() / "tokenizer.json", report_dir=tmp_path),
         num_workers=2,
         use_gpu=False,
         storage=tmp_path / "ray",
@@ -71,3 +82,5 @@ def test_tier3_fine_tuning_runs_data_parallel_on_ray_train(ray_cluster: None, tm
     )
     assert state.keys() == initial.keys()
     assert not torch.equal(state["head.emotion_head.weight"], initial["head.emotion_head.weight"])
+    assert torch.equal(state["encoder.audio_proj.weight"], initial["encoder.audio_proj.weight"])  # no audio: frozen
+    assert (tmp_path / SELECTION_FILE).is_file()  # rank 0's dev selection record

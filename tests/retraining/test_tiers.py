@@ -11,13 +11,24 @@ from sqlalchemy import Engine
 
 from core.db.models import JobStatus, ModelStatus
 from core.db.session import session_scope
-from model.artifact import ENCODER_FILE, load_artifact
+from model.artifact import (
+    ENCODER_FILE,
+    Calibration,
+    ClassPrior,
+    DataSource,
+    DevReference,
+    ModelArtifact,
+    PosteriorCalibration,
+    derive_artifact,
+    load_artifact,
+)
 from model.labels import EMOTIONS
 from model.registry import ModelRegistry
 from retraining.dataset import BASE, base_dialogues, feedback_dialogues, is_heldout
 from retraining.gate_config import GateConfig
 from retraining.graphs import EMOTION_OUTPUT, read_head, run_context, session
 from retraining.queue import PermanentError
+from retraining.tier1_priors import correction as tier1_correction
 from retraining.tier2_head import HeadTraining, denoised
 from retraining.tiers import Evidence, NotEnoughEvidence, TierInputs, TierRules, choose_tier
 from tests.retraining.conftest import Turn, log_turns, run_job
@@ -43,7 +54,7 @@ def test_tier_choice_follows_the_labels_available() -> None:
         choose_tier(4, _evidence(500, 30), RULES, MINORITY)
 
 
-def test_feedback_is_deduplicated_by_text_and_split_by_a_fixed_hash(sqlite_engine: Engine, champion_dir: Path) -> None:
+def test_feedback_is_deduplicated_by_text_and_split_by_conversation(sqlite_engine: Engine, champion_dir: Path) -> None:
     registry = ModelRegistry(sqlite_engine, champion_dir.parent / "registry-dedup")
     artifact = registry.verify(registry.register(champion_dir).version)
     rng = np.random.default_rng(0)
@@ -58,7 +69,8 @@ def test_feedback_is_deduplicated_by_text_and_split_by_a_fixed_hash(sqlite_engin
     assert sorted(labels.values()) == sorted([EMOTIONS.index("anger"), EMOTIONS.index("fear")])
     assert data.lengths.tolist().count(2) == 1  # the conversation, in turn order, with its unlabelled turn
     assert data.texts[data.keys.index(next(k for k in labels if labels[k] == EMOTIONS.index("fear")))] == "labelled"
-    assert data.heldout.tolist() == [is_heldout(key) for key in data.keys]  # a fixed function of the key
+    assert data.heldout.tolist() == [is_heldout(c) for c in data.conversations]  # a function of the conversation
+    assert data.conversations.count("conversation:c1") == 2  # its turns share it; a single turn is its own
 
 
 def test_tier2_retrains_the_head_and_the_gate_promotes_it(
@@ -83,44 +95,89 @@ def test_tier2_retrains_the_head_and_the_gate_promotes_it(
     assert served.metrics["heldout"]["minority_recall"] == pytest.approx(candidate["minority_recall"])
 
 
-def test_tier1_corrects_the_priors_from_unlabelled_predictions(
-    engine: Engine, registry: ModelRegistry, tmp_path: Path
-) -> None:
-    base = registry.verify("tiny-1")
-    weights = np.array([0.3, 1, 1, 1, 3, 3, 3])  # production: fewer neutral, many more minority turns
-    embeddings, labels, probabilities, train_prior = prior_shifted_stream(base, 1500, weights, seed=3)
-    new_prior = train_prior * weights / (train_prior * weights).sum()
+def _with_calibration_record(registry: ModelRegistry, base: ModelArtifact, seed: int, out: Path) -> ModelArtifact:
+    """`base` as a new champion whose artifact records its calibration: its served probabilities are its calibrated
+    posteriors (the synthetic labels are drawn from them), the training prior is their mean on unshifted traffic,
+    and the dev confusion is measured there."""
+    _, labels, posteriors, prior = prior_shifted_stream(base, 3000, np.ones(len(EMOTIONS)), seed=seed)
+    source = DataSource("synthetic unshifted traffic", "text", len(labels), None)
+    confusion = np.zeros((len(EMOTIONS), len(EMOTIONS)), dtype=int)
+    np.add.at(confusion, (labels, posteriors.argmax(axis=1)), 1)
+    calibration = Calibration(
+        temperature=base.calibration.temperature,
+        temperature_source=source,
+        training_prior=ClassPrior(tuple(prior), source),
+        dev_prior=ClassPrior(tuple(prior), source),
+        posterior=PosteriorCalibration(base.calibration.temperature, (0.0,) * len(EMOTIONS), source),
+        dev_reference=DevReference(confusion, np.zeros(confusion.shape), source),
+    )
+    derived = derive_artifact(base, out / "tiny-2", version="tiny-2", calibration=calibration)
+    registry.promote(registry.register(derived.path).version)
+    return registry.verify("tiny-2")
+
+
+def _log_stream(engine: Engine, base: ModelArtifact, weights: np.ndarray, seed: int) -> tuple[np.ndarray, ...]:
+    embeddings, labels, probabilities, train_prior = prior_shifted_stream(base, 1500, weights, seed=seed)
     turns = [
-        Turn(e.astype(np.float32), EMOTIONS[y] if i % 4 == 0 else None, f"turn {i}", probabilities=p)
+        Turn(
+            e.astype(np.float32), EMOTIONS[y] if i % 4 == 0 else None, f"turn {i}", f"c{i // 5}", i % 5, probabilities=p
+        )
         for i, (e, y, p) in enumerate(zip(embeddings, labels, probabilities, strict=True))
     ]
     log_turns(engine, base.version, turns, EMOTIONS)
-    params = {
-        "train_prior": dict(zip(EMOTIONS, train_prior.tolist(), strict=True)),
-        "tiers": {"min_labels": 1000},  # ~375 labels are "few" here: tier 1 is chosen
-        "gate": {
-            "min_macro_f1_gain": 0.0,
-            "min_minority_recall_gain": 0.0,
-            "max_weighted_f1_drop": 1.0,
-            "min_heldout": 30,
-        },
-    }
-    job = run_job(engine, registry, tmp_path, reason="prior shift", params=params)
+    return embeddings, train_prior
+
+
+TIER1_PARAMS = {
+    "tiers": {"min_labels": 1000},  # ~375 labels are "few" here: tier 1 is chosen
+    "gate": {"macro_f1_tolerance": 1.0, "max_weighted_f1_drop": 1.0, "min_heldout_turns": 30},
+}
+
+
+def test_tier1_corrects_the_priors_from_unlabelled_predictions(
+    engine: Engine, registry: ModelRegistry, tmp_path: Path
+) -> None:
+    base = _with_calibration_record(registry, registry.verify("tiny-1"), 2, tmp_path)
+    weights = np.array([0.3, 1, 1, 1, 3, 3, 3])  # production: fewer neutral, many more minority turns
+    embeddings, train_prior = _log_stream(engine, base, weights, seed=3)
+    new_prior = train_prior * weights / (train_prior * weights).sum()
+    job = run_job(engine, registry, tmp_path, reason="prior shift", params=TIER1_PARAMS)
 
     assert job.status == JobStatus.SUCCEEDED, job.error
     assert job.tier == 1 and "prior correction" in job.result["tier_reason"]
     recipe = registry.get(job.candidate_version).recipe
-    assert np.abs(np.array(recipe["new_prior"]) - new_prior).max() < 0.03  # EM found the shifted prior
-    # The correction is a bias change inside the served context graph: T * log(new / train), centred.
+    assert recipe["significant"] and np.abs(np.array(recipe["new_prior"]) - new_prior).max() < 0.03
+    assert all(lo <= p <= hi for lo, p, hi in zip(recipe["lower"], new_prior, recipe["upper"], strict=True))
+    # The correction is a bias change inside the served context graph: T_bcts * log(new / train), centred.
     candidate = load_artifact(registry.get(job.candidate_version).artifact_path)
     offset = read_head(candidate.context_path).bias - read_head(base.context_path).bias
-    expected = base.calibration.temperature * np.log(np.array(recipe["new_prior"]) / train_prior)
+    assert base.calibration.posterior is not None and base.calibration.training_prior is not None
+    recorded = np.array(base.calibration.training_prior.shares)
+    expected = base.calibration.posterior.temperature * np.log(np.array(recipe["new_prior"]) / recorded)
     assert offset == pytest.approx(expected - expected.mean(), abs=0.02)
     probe = [(embeddings[:5].astype(np.float32), np.zeros(5, np.int64), True)]
     after, before = (run_context(session(a.context_path), probe, [EMOTION_OUTPUT])[0] for a in (candidate, base))
     assert after - before == pytest.approx(np.broadcast_to(offset, after.shape), abs=1e-4)
+    # its posteriors now assume the estimated prior; its dev confusion is no longer the base's
+    assert candidate.calibration.training_prior is not None
+    assert candidate.calibration.training_prior.shares == pytest.approx(recipe["new_prior"])
+    assert candidate.calibration.dev_reference is None
     assert job.result["promoted"], job.result["reasons"]
-    assert job.result["candidate"]["minority_recall"] > job.result["champion"]["minority_recall"]
+
+
+def test_tier1_refuses_unshifted_traffic_and_an_artifact_without_a_record(
+    engine: Engine, registry: ModelRegistry, tmp_path: Path
+) -> None:
+    base = _with_calibration_record(registry, registry.verify("tiny-1"), 4, tmp_path)
+    _log_stream(engine, base, np.ones(len(EMOTIONS)), seed=5)
+    job = run_job(engine, registry, tmp_path / "unshifted", reason="no shift", params=TIER1_PARAMS)
+    assert job.status == JobStatus.FAILED and "no significant label shift" in (job.error or "")
+    assert job.candidate_version is None
+
+    older = registry.verify("tiny-1")
+    found = np.full((10, len(EMOTIONS)), 1 / len(EMOTIONS))
+    with pytest.raises(PermanentError, match="records no training prior"):
+        tier1_correction(found, np.arange(10), older.calibration, older.emotions.names)
 
 
 @pytest.mark.data

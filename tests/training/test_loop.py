@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import training.loop as loop
+from model.artifact import Calibration
 from model.export import example_encoder_inputs
 from model.network import EmotionModel, ModelConfig
 from model.text_encoder import load_tokenizer
@@ -68,6 +69,11 @@ def test_tiny_run_writes_a_complete_run_directory(data_dir: Path, tmp_path: Path
     assert set(test["meld"]["bidirectional"]) == {"emotion", "sentiment"}
     assert final["temperature"] > 0 and final["best_epoch"] in (0, 1, 2)
     assert sum(final["reference_distribution"].values()) == pytest.approx(1.0, abs=1e-4)
+    record = Calibration.from_dict(final["calibration"], tiny_recipe().model.emotions)
+    assert record.has_record and record.temperature == final["temperature"]
+    assert record.posterior is not None and record.posterior.source.data == "MELD dev"
+    assert record.posterior.source.modalities == "text" and record.posterior.source.conversations == 8
+    assert record.training_prior is not None and record.training_prior.source.data == "MELD train"
     assert final["test"]["meld"]["macro_f1"] == test["meld"]["bidirectional"]["emotion"]["macro_f1"]
     assert train_tiny(tiny_recipe(), tmp_path / "run", data_dir, cache) == final  # finished: nothing to redo
 

@@ -1,15 +1,12 @@
 import numpy as np
 import pytest
 import torch
-from scipy.special import softmax
 
 from tests.training.synthetic import bayes_log_posterior, blobs, class_means
 from training.metrics import macro_f1
 from training.posthoc import (
     apply_offset,
-    estimate_priors_em,
     logit_adjustment,
-    prior_shift,
     tune_class_biases,
     tune_logit_adjustment,
 )
@@ -44,29 +41,6 @@ def test_bias_tuning_raises_macro_f1(problem):
     assert search.offset[-1] > search.offset[0]  # the rare class is pushed up
     before = macro_f1(test_y, test_logits.argmax(1), C)
     assert macro_f1(test_y, apply_offset(test_logits, search.offset).argmax(1), C) > before + 0.05
-
-
-def test_em_recovers_a_shifted_prior(problem):
-    _, means = problem
-    new_prior = np.array([0.1, 0.15, 0.2, 0.25, 0.3])
-    x, _ = blobs((new_prior * 20_000).astype(int), means, seed=13)
-    probs = softmax(bayes_log_posterior(x, means, TRAIN_PRIOR), axis=1)
-    estimate = estimate_priors_em(probs, TRAIN_PRIOR)
-    assert estimate.converged
-    np.testing.assert_allclose(estimate.prior, new_prior, atol=0.03)
-    assert np.abs(probs.mean(0) - new_prior).max() > 0.05  # the naive average of posteriors is off
-    # the matching correction turns the posteriors into those under the new prior
-    corrected = apply_offset(np.log(probs), prior_shift(TRAIN_PRIOR, estimate.prior))
-    np.testing.assert_allclose(
-        softmax(corrected, axis=1), softmax(bayes_log_posterior(x, means, estimate.prior), axis=1), atol=1e-9
-    )
-
-
-def test_em_is_a_fixed_point_without_shift(problem):
-    ((dev_logits, _), _), means = problem
-    x, _ = blobs((TRAIN_PRIOR * 20_000).astype(int), means, seed=14)
-    estimate = estimate_priors_em(softmax(bayes_log_posterior(x, means, TRAIN_PRIOR), axis=1), TRAIN_PRIOR)
-    np.testing.assert_allclose(estimate.prior, TRAIN_PRIOR, atol=0.01)
 
 
 def test_apply_offset_keeps_the_array_type():
