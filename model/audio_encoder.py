@@ -28,10 +28,15 @@ def mel_filterbank(n_freqs: int, n_mels: int, sample_rate: int, f_min: float, f_
     """HTK-scale triangular filters, [n_freqs, n_mels] (as torchaudio.functional.melscale_fbanks, norm=None)."""
     freqs = np.linspace(0.0, sample_rate / 2, n_freqs)
     edges = mel_to_hz(np.linspace(hz_to_mel(np.array(f_min)), hz_to_mel(np.array(f_max)), n_mels + 2))
+    return torch.from_numpy(triangular_filters(freqs, edges)).float()
+
+
+def triangular_filters(freqs: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """[n_freqs, len(edges) - 2] triangles, filter i rising from edges[i] to 1 at edges[i + 1], 0 at edges[i + 2]."""
     lower, centre, upper = edges[:-2], edges[1:-1], edges[2:]
     rising = (freqs[:, None] - lower) / (centre - lower)
     falling = (upper - freqs[:, None]) / (upper - centre)
-    return torch.from_numpy(np.clip(np.minimum(rising, falling), 0.0, None)).float()
+    return np.clip(np.minimum(rising, falling), 0.0, None)
 
 
 def dft_basis(n_fft: int) -> torch.Tensor:
