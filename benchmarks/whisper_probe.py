@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import soxr
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 from sklearn.model_selection import GroupKFold
@@ -41,11 +40,11 @@ from model.audio import SAMPLE_RATE, decode_audio
 from model.data.speech import read_clips
 from model.labels import EMOTIONS
 from model.whisper_encoder import clip_frames, export_whisper_encoder, load_whisper_encoder, pad_to_window
+from training.channel import mulaw_line as phone_line
 
 MODES = ("sliced", "padded")
 CONDITIONS = ("clean", "phone")
 LAST_TRAIN_ACTOR = 18  # actors 1-18 train, 19-24 test
-PHONE_RATE = 8000
 # Pooled rows per clip: stem, layers 1-4 (before the final norm), final-norm output.
 POOLED = ("stem", "layer 1", "layer 2", "layer 3", "layer 4", "final norm")
 FEATURE_SETS: dict[str, tuple[int, ...]] = {
@@ -53,10 +52,6 @@ FEATURE_SETS: dict[str, tuple[int, ...]] = {
     "stem + layers 1-4 concatenated": (0, 1, 2, 3, 4),
 }
 C_GRID = (0.01, 0.1, 1.0)
-# G.711 mu-law: the 14-bit magnitude, biased by 33 so that every segment starts at a power of two and clipped to
-# the top of the last one, is kept as a 3-bit segment and the 4 bits after the leading one (bit-for-bit the codes
-# of CPython's audioop.lin2ulaw).
-MULAW_BIAS, MULAW_TOP = 33, 0x1FFF
 
 
 @dataclass(frozen=True)
@@ -88,29 +83,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=0, help="every n-th clip only, for a quick trial (0: all)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
-
-
-def mulaw_encode(audio: np.ndarray) -> np.ndarray:
-    """float32 in [-1, 1] -> G.711 mu-law bytes."""
-    pcm = np.clip(np.round(audio * 32768.0), -32768, 32767).astype(np.int32) >> 2  # 16 -> 14 bits, floored
-    magnitude = np.minimum(np.abs(pcm) + MULAW_BIAS, MULAW_TOP)
-    segment = np.frexp(magnitude)[1] - 6  # floor(log2) - 5: 0..7
-    mantissa = (magnitude >> (segment + 1)) & 0x0F
-    sign = np.where(pcm < 0, 0x80, 0)
-    return (~(sign | (segment << 4) | mantissa) & 0xFF).astype(np.uint8)
-
-
-def mulaw_decode(codes: np.ndarray) -> np.ndarray:
-    bits = ~codes.astype(np.int32) & 0xFF
-    magnitude = (((bits & 0x0F) << 1) + MULAW_BIAS) << ((bits >> 4) & 0x07)  # the middle of the step, 14 bits
-    pcm = 4 * np.where(bits & 0x80, MULAW_BIAS - magnitude, magnitude - MULAW_BIAS)
-    return (pcm / 32768.0).astype(np.float32)
-
-
-def phone_line(audio: np.ndarray) -> np.ndarray:
-    """16 kHz -> 8 kHz -> G.711 mu-law and back -> 16 kHz."""
-    narrow = soxr.resample(audio, SAMPLE_RATE, PHONE_RATE, quality="HQ")
-    return soxr.resample(mulaw_decode(mulaw_encode(narrow)), PHONE_RATE, SAMPLE_RATE, quality="HQ").astype(np.float32)
 
 
 def encode(session: ort.InferenceSession, clips: Sequence[np.ndarray], mode: str, what: str) -> Encoded:

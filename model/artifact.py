@@ -347,7 +347,9 @@ class ModelArtifact:
 
     @property
     def embed_dim(self) -> int:
-        return int(self.config["embed_dim"])
+        """Width of the encoder graph's utterance embedding (late fusion appends audio evidence and flags)."""
+        late = len(self.config["emotions"]) + 2 if self.config.get("fusion") == "late" else 0
+        return int(self.config["embed_dim"]) + late
 
     def encoder_file(self, precision: Precision) -> Path:
         if precision not in ("fp32", "int8"):
@@ -506,7 +508,11 @@ def export_artifact(
         graphs = export_model(model, Path(work), check=check)
         if int8:
             int8_path = Path(work) / ENCODER_INT8_FILE
-            graphs[ENCODER_INT8_FILE] = quantize_encoder_int8(graphs[ENCODER_FILE], int8_path, dict(int8_ranges or {}))
+            # The frozen Whisper branch stays fp32 until int8 is shown not to move its audio predictions.
+            keep = ("speech.",) if config.speech_encoder != "scratch" else ()
+            graphs[ENCODER_INT8_FILE] = quantize_encoder_int8(
+                graphs[ENCODER_FILE], int8_path, dict(int8_ranges or {}), keep_fp32=keep
+            )
         weights = save_weights(model, Path(work) / WEIGHTS_FILE, recipe)
         return write_artifact(
             out_dir,

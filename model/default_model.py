@@ -16,6 +16,7 @@ from; `release_model` rebuilds them for an artifact of the release assembled wit
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -136,6 +137,64 @@ def assemble(out_dir: Path, source: Path = SHIPPED_DIR) -> ModelArtifact:
     except DefaultModelError:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
+    return artifact
+
+
+SPEECH_HEAD_FILE, SPEECH_FILE = "audio_head.safetensors", "speech.json"  # what speech training writes
+SPEECH_FIELDS = ("speech_layers", "audio_temperature", "audio_prior", "fusion_weight")
+
+
+def speech_model(speech_dir: Path, source: Path = SHIPPED_DIR) -> tuple[EmotionModel, dict[str, Any]]:
+    """The released text model with the frozen Whisper branch and the audio head of `speech_dir` (its speech.json
+    and audio_head.safetensors), fused late; the text path's weights are the release's, untouched."""
+    from safetensors.torch import load_file
+
+    from model.network import EmotionModel
+
+    text_model, recipe = release_model(source)
+    record = json.loads((speech_dir / SPEECH_FILE).read_text(encoding="utf-8"))
+    if list(record.get("emotions", text_model.config.emotions)) != list(text_model.config.emotions):
+        raise DefaultModelError(f"{speech_dir}: the audio head's emotions are not the text model's")
+    numbers = {key: tuple(record[key]) if isinstance(record[key], list) else record[key] for key in SPEECH_FIELDS}
+    config = dataclasses.replace(text_model.config, speech_encoder="whisper-tiny.en", fusion="late", **numbers)
+    model = EmotionModel(config).eval()
+    loaded = model.load_state_dict(text_model.state_dict(), strict=False)
+    if loaded.unexpected_keys or any(
+        not k.startswith(("encoder.audio_head.", "encoder.speech.")) for k in loaded.missing_keys
+    ):
+        raise DefaultModelError(f"the text weights do not fit the speech model: {loaded}")
+    model.encoder.audio_head.load_state_dict(load_file(str(speech_dir / SPEECH_HEAD_FILE)), strict=True)
+    return model, recipe
+
+
+def assemble_speech(out_dir: Path, speech_dir: Path, version: str, source: Path = SHIPPED_DIR) -> ModelArtifact:
+    """A "text + speech" artifact into `out_dir`: the release's text path plus `speech_dir`'s audio head. The
+    probe's text-only dialogue must score as the release recorded it (the text path is unchanged)."""
+    from model.artifact import export_artifact
+    from model.quantize import RANGES_FILE, load_ranges
+
+    release = read_release(source)
+    model, recipe = speech_model(speech_dir, source)
+    ranges_sha256 = release.get("int8_ranges_sha256")
+    artifact = export_artifact(
+        model,
+        out_dir,
+        version=version,
+        calibration_temperature=release.get("calibration_temperature", 1.0),
+        reference_distribution=release["reference_distribution"],
+        estimation_weights=release.get("estimation_weights"),
+        calibration=release_calibration(release),
+        int8_ranges=load_ranges(verified(source / RANGES_FILE, ranges_sha256)) if ranges_sha256 else None,
+        metrics=release["metrics"],
+        card_text=(source / CARD_FILE).read_text(encoding="utf-8"),
+        recipe={**recipe, "model": model.config.to_dict(), "speech": str(speech_dir)},
+    )
+    text_rows = len(PROBE_TEXTS)
+    got = np.array(probe_outputs(artifact)[:text_rows])
+    worst = float(np.abs(got - np.array(release["probe"][:text_rows])).max())
+    if worst > PROBE_TOLERANCE:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise DefaultModelError(f"text-only probe outputs moved by {worst:.2e} from the release's")
     return artifact
 
 

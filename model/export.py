@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from model.network import ContextHead, EmotionModel, UtteranceEncoder
-
 if TYPE_CHECKING:
     import onnx_ir as ir  # the exporter's IR (a dependency of onnxscript)
+
+    from model.network import ContextHead, EmotionModel, UtteranceEncoder
 
 OPSET = 18
 PARITY_TOLERANCE = 1e-4
@@ -30,6 +30,8 @@ ENCODER_INPUTS = ("input_ids", "attention_mask", "audio", "audio_lengths", "has_
 ENCODER_OUTPUTS = ("embedding",)
 CONTEXT_INPUTS = ("embeddings", "speakers", "turn_mask", "causal")
 CONTEXT_OUTPUTS = ("emotion_logits", "sentiment_logits")
+TEXT_EMOTION_OUTPUT = "text_emotion_logits"  # late fusion's context graph: the text head's logits before fusion
+WHISPER_MAX_SAMPLES = 30 * 16000  # Whisper's positional table covers 30 s
 
 Feeds = dict[str, np.ndarray]
 DialogueFeeds = tuple[Feeds, np.ndarray]  # encoder feeds of the T turns of one dialogue, speakers [T]
@@ -44,10 +46,11 @@ def _dims() -> dict[str, Dim]:
     return {name: Dim(name, min=1) for name in names}
 
 
-def encoder_dynamic_shapes() -> dict[str, dict[int, Dim]]:
+def encoder_dynamic_shapes(max_samples: int | None = None) -> dict[str, dict[int, Dim]]:
     d = _dims()
     batch, tokens = {0: d["batch"]}, {0: d["batch"], 1: d["tokens"]}
-    audio = {0: d["batch"], 1: d["samples"]}
+    samples = d["samples"] if max_samples is None else Dim("samples", min=1, max=max_samples)
+    audio = {0: d["batch"], 1: samples}
     return dict(
         input_ids=tokens, attention_mask=tokens, audio=audio, audio_lengths=batch, has_text=batch, has_audio=batch
     )
@@ -170,18 +173,24 @@ def _export(
 
 def export_encoder(encoder: UtteranceEncoder, path: Path, opset: int = OPSET, check: bool = True) -> Path:
     """encoder.onnx; with check, ONNX Runtime must match PyTorch at a shape other than the traced one."""
-    _export(encoder, example_encoder_inputs(), ENCODER_OUTPUTS, encoder_dynamic_shapes(), path, opset)
+    whisper = encoder.speech_encoder == "whisper-tiny.en"
+    shapes = encoder_dynamic_shapes(WHISPER_MAX_SAMPLES if whisper else None)
+    _export(encoder, example_encoder_inputs(), ENCODER_OUTPUTS, shapes, path, opset)
     if check:
         check_parity(encoder, path, example_encoder_inputs(batch=3, tokens=5, samples=2321, seed=1))
     return path
 
 
 def export_context_head(head: ContextHead, path: Path, opset: int = OPSET, check: bool = True) -> Path:
-    dim = head.emotion_head.in_features
-    _export(head, example_context_inputs(dim), CONTEXT_OUTPUTS, context_dynamic_shapes(), path, opset)
+    dim, outputs = head.input_size, head_outputs(head)
+    _export(head, example_context_inputs(dim), outputs, context_dynamic_shapes(), path, opset)
     if check:
         check_parity(head, path, example_context_inputs(dim, batch=3, turns=5, causal=False))
     return path
+
+
+def head_outputs(head: ContextHead) -> tuple[str, ...]:
+    return CONTEXT_OUTPUTS + ((TEXT_EMOTION_OUTPUT,) if head.late else ())
 
 
 def export_model(model: EmotionModel, out_dir: Path, check: bool = True) -> dict[str, Path]:

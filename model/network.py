@@ -11,14 +11,19 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertModel
 
 from model.audio_encoder import AudioEncoder, TransformerBlock, key_mask
 from model.labels import EMOTIONS, SENTIMENTS, LabelSet
 from model.text_encoder import TextEncoder, pretrained_dir, tiny_bert_config
+from model.whisper_encoder import MIN_SAMPLES, WHISPER_DIM, WhisperEncoder, load_whisper_encoder, masked_mean
 
 TEXT_ENCODERS = ("minilm", "tiny")
+SPEECH_ENCODERS = ("scratch", "whisper-tiny.en")  # "scratch": the small AudioEncoder of the first releases
+FUSIONS = ("gate", "late")  # "gate": the learned gate of the first releases; "late": docs/SPEECH.md's rule
+LATE_FLAGS = 2  # has_text, has_audio at the end of a late-fusion utterance embedding
 
 
 @dataclass(frozen=True)
@@ -46,10 +51,27 @@ class ModelConfig:
     max_speakers: int = 8
     ff_mult: int = 2
     dropout: float = 0.1
+    # Speech branch and fusion. The defaults are the first releases' (configs without these keys load as before).
+    speech_encoder: str = "scratch"
+    speech_layers: tuple[int, ...] = (2, 3)  # Whisper hidden states pooled (0: conv stem, k: layer k)
+    fusion: str = "gate"
+    audio_temperature: float = 1.0  # T_a of the audio head, fitted on dev speakers
+    fusion_weight: float = 0.0  # w of late fusion, fitted on dev under a text floor
+    audio_prior: tuple[float, ...] = ()  # the audio head's training class prior; () = uniform (class-balanced)
 
     def __post_init__(self) -> None:
         if self.text_encoder not in TEXT_ENCODERS:
             raise ValueError(f"text_encoder must be one of {TEXT_ENCODERS}, not {self.text_encoder!r}")
+        if self.speech_encoder not in SPEECH_ENCODERS:
+            raise ValueError(f"speech_encoder must be one of {SPEECH_ENCODERS}, not {self.speech_encoder!r}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, not {self.fusion!r}")
+        if self.fusion == "gate" and self.speech_encoder != "scratch":
+            raise ValueError("gate fusion reads the scratch audio encoder; Whisper features need fusion 'late'")
+        if not (0.0 <= self.fusion_weight <= 1.0) or not self.audio_temperature > 0:
+            raise ValueError(f"need 0 <= fusion_weight <= 1 and audio_temperature > 0: {self}")
+        if self.audio_prior and len(self.audio_prior) != len(self.emotions):
+            raise ValueError(f"audio_prior has {len(self.audio_prior)} values for {len(self.emotions)} emotions")
         LabelSet(self.emotions)  # raises on duplicate or empty names
         LabelSet(self.sentiments)
 
@@ -69,6 +91,11 @@ class ModelConfig:
             dropout=0.0,
         )
         return cls(**{**small, **overrides})
+
+    @property
+    def utterance_dim(self) -> int:
+        """Width of the encoder graph's embedding: late fusion appends the audio evidence and the two flags."""
+        return self.embed_dim + (len(self.emotions) + LATE_FLAGS if self.fusion == "late" else 0)
 
     @property
     def emotion_labels(self) -> LabelSet:
@@ -111,18 +138,9 @@ class UtteranceEncoder(nn.Module):
     def __init__(self, config: ModelConfig, text: TextEncoder) -> None:
         super().__init__()
         dim = config.embed_dim
+        self.speech_encoder = config.speech_encoder
         self.text = text
-        self.audio = AudioEncoder(
-            sample_rate=config.sample_rate,
-            n_fft=config.n_fft,
-            hop_length=config.hop_length,
-            n_mels=config.n_mels,
-            dim=config.audio_dim,
-            layers=config.audio_layers,
-            heads=config.audio_heads,
-            ff_mult=config.ff_mult,
-            dropout=config.dropout,
-        )
+        self.audio = _scratch_audio_encoder(config)
         self.text_proj = nn.Linear(text.hidden_size, dim)
         self.audio_proj = nn.Linear(config.audio_dim, dim)
         self.missing_text = nn.Parameter(torch.randn(dim) * 0.02)
@@ -147,8 +165,11 @@ class UtteranceEncoder(nn.Module):
     ) -> torch.Tensor:
         """[B, D] fused embedding from the two encoders' outputs ([B, hidden] pooled text, [B, audio_dim]); the
         training loop calls it directly with cached text features."""
-        text = torch.where(has_text[:, None], self.text_proj(text), self.missing_text)
         speech = torch.where(has_audio[:, None], self.audio_proj(audio), self.missing_audio)
+        return self.mix(text, speech, has_text)
+
+    def mix(self, text: torch.Tensor, speech: torch.Tensor, has_text: torch.Tensor) -> torch.Tensor:
+        text = torch.where(has_text[:, None], self.text_proj(text), self.missing_text)
         gate = torch.sigmoid(self.gate(torch.cat([text, speech], dim=-1)))
         return self.norm(self.drop(gate * text + (1 - gate) * speech))
 
@@ -171,9 +192,12 @@ def turn_permissions(turn_mask: torch.Tensor, causal: torch.Tensor) -> torch.Ten
 class ContextHead(nn.Module):
     """Context graph: utterance embeddings [B, T, D] + speakers -> emotion and sentiment logits per turn."""
 
+    late = False  # LateFusionHead: a third output, the text head's logits
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         dim = config.embed_dim
+        self.input_size = config.utterance_dim
         self.max_speakers = config.max_speakers
         self.speaker = nn.Embedding(config.max_speakers, dim)
         self.blocks = nn.ModuleList(
@@ -209,6 +233,150 @@ class ContextHead(nn.Module):
         return self.classify(self.contextualise(embeddings, speakers, turn_mask, causal))
 
 
+# How an emotion's probability counts towards sentiment when only audio is heard (MELD's label sets); surprise is
+# either, split evenly. An emotion not listed spreads evenly over the sentiments.
+EMOTION_SENTIMENT: dict[str, dict[str, float]] = {
+    "neutral": {"neutral": 1.0},
+    "joy": {"positive": 1.0},
+    "surprise": {"positive": 0.5, "negative": 0.5},
+    **{name: {"negative": 1.0} for name in ("anger", "sadness", "disgust", "fear")},
+}
+
+
+def emotion_to_sentiment(emotions: tuple[str, ...], sentiments: tuple[str, ...]) -> torch.Tensor:
+    """[C_emotion, C_sentiment] row-stochastic map from emotion to sentiment probabilities."""
+    rows = []
+    for emotion in emotions:
+        shares = EMOTION_SENTIMENT.get(emotion, {})
+        if not set(shares) <= set(sentiments) or not shares:
+            shares = {name: 1.0 / len(sentiments) for name in sentiments}
+        rows.append([shares.get(name, 0.0) for name in sentiments])
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+class AudioEmotionHead(nn.Module):
+    """Pooled speech features [B, F] -> emotion logits [B, C] (trained by training/, read here)."""
+
+    def __init__(self, features: int, classes: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(features)
+        self.linear = nn.Linear(features, classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(features))
+
+
+class SpeechFeatures(nn.Module):
+    """Waveform [B, N] + lengths [B] -> pooled speech features [B, F]: the frozen Whisper encoder's masked means
+    of `layers`, concatenated, or the scratch AudioEncoder's pooled output."""
+
+    def __init__(self, config: ModelConfig, pretrained: bool = True) -> None:
+        super().__init__()
+        self.layers = config.speech_layers
+        if config.speech_encoder == "whisper-tiny.en":
+            self.encoder: nn.Module = load_whisper_encoder() if pretrained else _whisper_architecture()
+            self.encoder.requires_grad_(False)
+            self.size = WHISPER_DIM * len(self.layers)
+        else:
+            self.encoder = _scratch_audio_encoder(config)
+            self.size = config.audio_dim
+
+    def forward(self, audio: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if not isinstance(self.encoder, WhisperEncoder):
+            return self.encoder(audio, lengths)
+        # A batch without audio carries one placeholder sample per row; the front end needs MIN_SAMPLES.
+        audio = F.pad(audio, (0, torch.sym_max(0, MIN_SAMPLES - audio.shape[1])))
+        out = self.encoder(audio, lengths)
+        pooled = masked_mean(out.hidden_states[:, list(self.layers)], out.frame_mask)
+        return pooled.flatten(1)
+
+
+def _whisper_architecture() -> WhisperEncoder:
+    return WhisperEncoder(n_mels=80, dim=WHISPER_DIM, heads=6, layers=4, ff_mult=4, positions=1500)
+
+
+def _scratch_audio_encoder(config: ModelConfig) -> AudioEncoder:
+    return AudioEncoder(
+        sample_rate=config.sample_rate,
+        n_fft=config.n_fft,
+        hop_length=config.hop_length,
+        n_mels=config.n_mels,
+        dim=config.audio_dim,
+        layers=config.audio_layers,
+        heads=config.audio_heads,
+        ff_mult=config.ff_mult,
+        dropout=config.dropout,
+    )
+
+
+class LateFusionEncoder(UtteranceEncoder):
+    """Encoder graph of late fusion: [B, D + C + 2] = the text model's embedding (its audio always missing),
+    the calibrated audio evidence audio_logits / T_a - log prior_a (0 without audio), has_text, has_audio.
+
+    The text path is the gate encoder's with audio absent, so the text model's weights load unchanged (its
+    scratch audio encoder and projection stay in the state but are not in the graph)."""
+
+    def __init__(self, config: ModelConfig, text: TextEncoder, pretrained: bool = True) -> None:
+        super().__init__(config, text)
+        self.speech = SpeechFeatures(config, pretrained)
+        self.audio_head = AudioEmotionHead(self.speech.size, len(config.emotions))
+        self.audio_temperature = config.audio_temperature
+        prior = torch.tensor(config.audio_prior or [1.0 / len(config.emotions)] * len(config.emotions))
+        self.register_buffer("audio_log_prior", prior.log(), persistent=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        audio: torch.Tensor,
+        audio_lengths: torch.Tensor,
+        has_text: torch.Tensor,
+        has_audio: torch.Tensor,
+    ) -> torch.Tensor:
+        text = self.mix(
+            self.text(input_ids, attention_mask), self.missing_audio.expand(has_text.shape[0], -1), has_text
+        )
+        return torch.cat([text, self.audio_evidence(audio, audio_lengths, has_audio), _flags(has_text, has_audio)], -1)
+
+    def audio_evidence(self, audio: torch.Tensor, lengths: torch.Tensor, has_audio: torch.Tensor) -> torch.Tensor:
+        logits = self.audio_head(self.speech(audio, lengths)) / self.audio_temperature - self.audio_log_prior
+        return torch.where(has_audio[:, None], logits, 0.0)
+
+
+def _flags(has_text: torch.Tensor, has_audio: torch.Tensor) -> torch.Tensor:
+    return torch.stack([has_text, has_audio], dim=-1).to(torch.float32)
+
+
+class LateFusionHead(ContextHead):
+    """Context graph of late fusion: the text model's context head on the text part of each embedding, then
+    per turn: text and audio: text_logits + w * evidence; audio only: the evidence (the calibrated audio logits),
+    text only or neither: text_logits unchanged. Sentiment stays the text head's where text is present; audio only
+    maps the audio emotion probabilities to sentiment (EMOTION_SENTIMENT). The third output is the text head's
+    logits, where the retraining tiers find the classifier they replace."""
+
+    late = True
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.split = (config.embed_dim, len(config.emotions), LATE_FLAGS)
+        self.fusion_weight = config.fusion_weight
+        self.register_buffer(
+            "sentiment_map", emotion_to_sentiment(config.emotions, config.sentiments), persistent=False
+        )
+
+    def forward(  # type: ignore[override]
+        self, embeddings: torch.Tensor, speakers: torch.Tensor, turn_mask: torch.Tensor, causal: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        text, evidence, flags = embeddings.split(self.split, dim=-1)
+        has_text, has_audio = (flags > 0.5).unbind(-1)
+        text_logits, text_sentiment = super().forward(text, speakers, turn_mask, causal)
+        fused = torch.where(has_audio[..., None], text_logits + self.fusion_weight * evidence, text_logits)
+        audio_only = (has_audio & ~has_text)[..., None]
+        emotion = torch.where(audio_only, evidence, fused)
+        audio_sentiment = torch.log(torch.softmax(evidence, dim=-1) @ self.sentiment_map + 1e-6)
+        return emotion, torch.where(audio_only, audio_sentiment, text_sentiment), text_logits
+
+
 class ModelOutput(NamedTuple):
     emotion_logits: torch.Tensor  # [B, T, C_emotion]
     sentiment_logits: torch.Tensor  # [B, T, C_sentiment]
@@ -221,8 +389,12 @@ class EmotionModel(nn.Module):
     def __init__(self, config: ModelConfig, pretrained_text: bool = True) -> None:
         super().__init__()
         self.config = config
-        self.encoder = UtteranceEncoder(config, build_text_encoder(config, pretrained_text))
-        self.head = ContextHead(config)
+        text = build_text_encoder(config, pretrained_text)
+        if config.fusion == "late":
+            self.encoder: UtteranceEncoder = LateFusionEncoder(config, text, pretrained_text)
+            self.head: ContextHead = LateFusionHead(config)
+        else:
+            self.encoder, self.head = UtteranceEncoder(config, text), ContextHead(config)
         self.encoder.text.set_trainable_layers(config.text_trainable_layers)
 
     def forward(
@@ -241,5 +413,5 @@ class EmotionModel(nn.Module):
         """Utterance tensors hold N utterances; turn_index [B, T] picks each turn's row (ignored when padding)."""
         utterances = self.encoder(input_ids, attention_mask, audio, audio_lengths, has_text, has_audio)
         embeddings = utterances[turn_index.clamp(0, utterances.shape[0] - 1)]
-        emotion, sentiment = self.head(embeddings, speakers, turn_mask, torch.as_tensor(causal))
+        emotion, sentiment = self.head(embeddings, speakers, turn_mask, torch.as_tensor(causal))[:2]
         return ModelOutput(emotion, sentiment, embeddings)

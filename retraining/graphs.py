@@ -20,6 +20,7 @@ from onnx import numpy_helper
 
 from model.artifact import ModelArtifact
 from model.audio import decode_audio
+from model.export import TEXT_EMOTION_OUTPUT
 from model.preprocess import Preprocessor, collate, context_batch, in_original_order, length_buckets
 
 EMOTION_OUTPUT = "emotion_logits"
@@ -59,8 +60,11 @@ def _producer(model: onnx.ModelProto, value: str) -> onnx.NodeProto:
 
 
 def _locate_head(model: onnx.ModelProto) -> _HeadNodes:
+    """The emotion classifier: what produces emotion_logits, or in a late-fusion graph the text head's logits
+    (the fusion after it stays as it is)."""
     initializers = _initializers(model)
-    add = _producer(model, EMOTION_OUTPUT)
+    outputs = {value.name for value in model.graph.output}
+    add = _producer(model, TEXT_EMOTION_OUTPUT if TEXT_EMOTION_OUTPUT in outputs else EMOTION_OUTPUT)
     if add.op_type != "Add" or len(add.input) != 2:
         raise GraphError(f"{EMOTION_OUTPUT} is produced by {add.op_type}, not Add(MatMul(features, W), bias)")
     bias = next((name for name in add.input if name in initializers and len(initializers[name].dims) == 1), None)
