@@ -11,12 +11,13 @@ class DomainError(Exception):
 
 
 class InvalidInput(DomainError):
-    """`field` of the request holds a value the model cannot use."""
+    """`field` of the request holds a value the model cannot use; `limit`, when given, is what it allows."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, limit: float | int | str | None = None) -> None:
         super().__init__(message)
         self.field = field
         self.message = message
+        self.limit = limit
 
 
 class InputTooLarge(DomainError):

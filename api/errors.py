@@ -153,7 +153,7 @@ def domain_problem(error: DomainError) -> Problem:
         case InputTooLarge():
             return too_large(error.field, error.message, error.limit)
         case InvalidInput():
-            return invalid(error.field, error.message)
+            return invalid(error.field, error.message, error.limit)
         case Overloaded():
             return unavailable(f"The service is overloaded ({error}); retry shortly.", kind="overloaded")
         case ModelUnavailable():

@@ -1,8 +1,8 @@
 """Reading prediction requests, as JSON (audio in base64) or as multipart uploads, into checked turns.
 
-Multipart: an utterance is the fields `text`, `speaker` and the file `audio`; a dialogue is the field `turns`
-(the JSON array of turns, without audio), `context`, `conversation_id` and the files `audio_<i>` holding the
-audio of turn i (0-based). Both forms go through the same pydantic models and the same limit checks, which
+Multipart: an utterance is the fields `text`, `speaker`, `channels` and the file `audio`; a dialogue is the field
+`turns` (the JSON array of turns, without audio), `context`, `conversation_id`, `channels` and the files `audio_<i>`
+holding the audio of turn i (0-based). Both forms go through the same pydantic models and the same limit checks, which
 read the limits from the live settings and answer 413 naming the limit.
 """
 
@@ -31,11 +31,14 @@ Model = TypeVar("Model", bound=BaseModel)
 
 @dataclass(frozen=True)
 class RawTurn:
-    """One utterance as received: text (None when absent or empty) and the encoded audio file's bytes."""
+    """One utterance as received: text (None when absent or empty) and the encoded audio file's bytes; the names
+    of its audio's channels (model.channels) and the request field that gave them, when some were given."""
 
     text: str | None
     audio: bytes | None
     speaker: str | None
+    channels: tuple[str, ...] | None = None
+    channels_field: str = "channels"
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ def parse_json(body: bytes) -> Any:
 
 def _dialogue(parsed: DialogueRequest, uploads: list[bytes | None], settings: Settings) -> RawDialogue:
     turns = [
-        _turn(turn, upload, f"turns.{index}.", settings)
+        _turn(turn, upload, f"turns.{index}.", settings, parsed.channels)
         for index, (turn, upload) in enumerate(zip(parsed.turns, uploads, strict=True))
     ]
     return RawDialogue(turns, parsed.context, parsed.conversation_id)
@@ -183,7 +186,13 @@ def checked_utterance(parsed: UtteranceRequest, settings: Settings) -> RawTurn:
     return _turn(parsed, None, "", settings)
 
 
-def _turn(parsed: UtteranceRequest, upload: bytes | None, prefix: str, settings: Settings) -> RawTurn:
+def _turn(
+    parsed: UtteranceRequest,
+    upload: bytes | None,
+    prefix: str,
+    settings: Settings,
+    default_channels: tuple[str, ...] | None = None,
+) -> RawTurn:
     text = parsed.text or None
     if text is not None and len(text) > settings.max_text_chars:
         raise too_large(
@@ -196,7 +205,9 @@ def _turn(parsed: UtteranceRequest, upload: bytes | None, prefix: str, settings:
     audio = upload if upload is not None else _base64_audio(parsed.audio, prefix, settings)
     if text is None and audio is None:
         raise invalid(f"{prefix}text", "an utterance needs text, audio or both; both are missing or empty")
-    return RawTurn(text=text, audio=audio, speaker=parsed.speaker)
+    if parsed.channels is not None:
+        return RawTurn(text, audio, parsed.speaker, parsed.channels, f"{prefix}channels")
+    return RawTurn(text, audio, parsed.speaker, default_channels)
 
 
 def _base64_audio(encoded: str | None, prefix: str, settings: Settings) -> bytes | None:

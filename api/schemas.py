@@ -13,9 +13,19 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    WithJsonSchema,
+    field_validator,
+)
 
 from core.db.models import ContextMode, FeedbackKind, JobStatus, JobTrigger, ModelStatus
+from model.channels import parse_channel_names
 
 
 def storable_text(value: str) -> str:
@@ -56,6 +66,23 @@ Text = Annotated[str, AfterValidator(storable_text)]
 Name = Annotated[str, StringConstraints(max_length=256), AfterValidator(storable_text)]
 
 
+def _channel_names(value: Any) -> Any:
+    return parse_channel_names(value) if isinstance(value, str | list) else value
+
+
+CHANNELS_DESCRIPTION = (
+    "Speaker names of the channels of multi-channel audio, in channel order: `agent,customer` or a list; "
+    "default channel-0, channel-1, ... Their number must be the audio's channel count; unused for one-channel audio."
+)
+ChannelNames = Annotated[
+    tuple[Name, ...],
+    BeforeValidator(_channel_names),
+    WithJsonSchema(
+        {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}], "examples": ["agent,customer"]}
+    ),
+]
+
+
 class ProblemFieldError(BaseModel):
     field: str
     message: str
@@ -77,11 +104,15 @@ class _Strict(BaseModel):
 
 
 class UtteranceRequest(_Strict):
-    """One utterance: text, audio (base64 of a WAV, FLAC or OGG file), or both."""
+    """One utterance: text, audio (base64 of a WAV, FLAC or OGG file), or both. Audio of k > 1 channels is k
+    speakers, one per channel, each answered on its own (README "Multi-channel audio")."""
 
     text: Text | None = Field(default=None, description="The words spoken; empty counts as absent.")
     audio: str | None = Field(default=None, description="Base64 of a WAV, FLAC or OGG file.")
-    speaker: Name | None = None
+    speaker: Name | None = Field(
+        default=None, description="Who spoke; with multi-channel audio, the channel whose words `text` is."
+    )
+    channels: ChannelNames | None = Field(default=None, description=CHANNELS_DESCRIPTION)
 
 
 class DialogueRequest(_Strict):
@@ -90,12 +121,16 @@ class DialogueRequest(_Strict):
     turns: list[UtteranceRequest] = Field(min_length=1)
     context: ContextMode = ContextMode.BIDIRECTIONAL
     conversation_id: Name | None = None
+    channels: ChannelNames | None = Field(
+        default=None, description=CHANNELS_DESCRIPTION + " For every turn that does not name its own."
+    )
 
 
 class UtterancePrediction(BaseModel):
     prediction_id: uuid.UUID
     turn_index: int | None = None
     speaker: str | None = None
+    channel: int | None = Field(default=None, description="The audio channel (0-based) it came from, if more than one.")
     emotion: str
     confidence: float
     probabilities: dict[str, float] = Field(description="Emotion probabilities by label name.")
@@ -109,12 +144,34 @@ class UtterancePrediction(BaseModel):
     )
 
 
+class SilentChannel(BaseModel):
+    """A channel of multi-channel audio without a voice: reported, not scored."""
+
+    turn_index: int | None = None
+    channel: int
+    speaker: str
+    level_dbfs: float | None = Field(description="Level of its loudest 20 ms (dB full scale); null: digital silence.")
+
+
+class ChannelsPrediction(BaseModel):
+    """An utterance whose audio has several channels: one prediction per channel with a voice, each scored alone."""
+
+    model_version: str
+    latency_ms: float
+    channels: list[UtterancePrediction]
+    silent_channels: list[SilentChannel] = []
+
+
 class DialoguePrediction(BaseModel):
     conversation_id: str | None
     context: ContextMode
     model_version: str
     latency_ms: float
-    turns: list[UtterancePrediction]
+    turns: list[UtterancePrediction] = Field(
+        description="In turn order; a turn with multi-channel audio gives one per channel with a voice, in channel "
+        "order, sharing its `turn_index`."
+    )
+    silent_channels: list[SilentChannel] = []
 
 
 class FeedbackRequest(_Strict):

@@ -164,7 +164,10 @@ class LiveConversation:
     async def add(self, turn: RawTurn, started: float) -> Reply:
         """The new turn's prediction, with the turns kept so far as its causal context; the turn is kept only once
         it is answered (a refused turn raises the Predictor's domain error and leaves the context as it was)."""
-        info = RequestInfo(RequestKind.DIALOGUE, ContextMode.CAUSAL, self.conversation_id, started, streamed=True)
+        # A stream's turn is one voice: audio of several channels is refused (api/voices.py).
+        info = RequestInfo(
+            RequestKind.DIALOGUE, ContextMode.CAUSAL, self.conversation_id, started, streamed=True, multichannel=False
+        )
         answer = await self._predictor.predict([turn], info, self._history)
         self._history = _kept(self._history, answer, turn.speaker)
         (prediction,) = answer.turns

@@ -282,12 +282,28 @@ def _positive(value: str) -> int:
     return number
 
 
+def _channel_names(value: str) -> tuple[str, ...]:
+    from model.channels import parse_channel_names
+
+    try:
+        return parse_channel_names(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _score_arguments(score: argparse.ArgumentParser) -> None:
     score.add_argument("input", type=Path, help="turns: .jsonl/.ndjson, .csv or .parquet")
     score.add_argument("--out", type=Path, required=True, help="per-utterance predictions (format by suffix)")
     score.add_argument("--summary", type=Path, help="per-conversation summary (format by suffix)")
     score.add_argument("--audio-root", type=Path, help="directory audio paths are relative to (default: the input's)")
     score.add_argument("--context", choices=["bidirectional", "causal"], default="bidirectional")
+    score.add_argument(
+        "--channels",
+        type=_channel_names,
+        metavar="NAMES",
+        help="speakers of the channels of multi-channel audio, in channel order, e.g. agent,customer; each channel "
+        "is a turn of its own (default: channel-0, channel-1, ...)",
+    )
     score.add_argument("--engine", choices=["local", "ray"], default="local")
     score.add_argument("--model", type=Path, help="artifact directory (default: the registry's champion)")
     score.add_argument("--log-to-db", action="store_true", help="also write the predictions to the database")

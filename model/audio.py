@@ -1,7 +1,11 @@
-"""Decode WAV, FLAC and OGG (from a path or bytes) to a float32 mono waveform at 16 kHz, within explicit limits.
+"""Decode WAV, FLAC and OGG (from a path or bytes) to float32 waveforms at 16 kHz, within explicit limits.
 
-Limits are checked as early as possible: the byte size before anything is read, the duration from the
-header before decoding, and the decoded length again while decoding (a header may lie).
+`decode_channels` keeps a recording's channels apart (one waveform each): in a call recording they are different
+speakers, so the service and batch scoring use it. `decode_audio` gives one waveform, averaging the channels; it is
+for corpora whose files hold a single voice (training, evaluation), never for call recordings.
+
+Limits are checked as early as possible: the byte size before anything is read, the duration and the channel
+count from the header before decoding, and the decoded length again while decoding (a header may lie).
 """
 
 from __future__ import annotations
@@ -16,13 +20,16 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from core.settings import MAX_AUDIO_CHANNELS
+
 SAMPLE_RATE = 16000
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024  # 50 MiB
 DEFAULT_MAX_SECONDS = 60.0
 ACCEPTED_FORMATS = frozenset({"WAV", "WAVEX", "FLAC", "OGG"})  # libsndfile container names
-# Sanity bounds on header fields, so that a crafted header cannot make decoding allocate without bound.
+# A sanity bound on the header's rate; with the duration and channel limits, a crafted header cannot make decoding
+# allocate without bound.
 MAX_SOURCE_RATE = 384_000
-MAX_CHANNELS = 8
+SILENCE_FRAME_SECONDS = 0.02  # a channel's level is that of its loudest 20 ms frame
 
 AudioSource = str | os.PathLike[str] | bytes | bytearray
 
@@ -58,6 +65,36 @@ class AudioUndecodable(AudioError):
     code = "audio_undecodable"
 
 
+class AudioTooManyChannels(AudioError):
+    code = "audio_too_many_channels"
+
+
+def decode_channels(
+    source: AudioSource,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_seconds: float = DEFAULT_MAX_SECONDS,
+    max_channels: int = MAX_AUDIO_CHANNELS,
+    sample_rate: int = SAMPLE_RATE,
+) -> np.ndarray:
+    """Decode `source` (a path or the bytes of a file) to float32 waveforms [channels, samples] at `sample_rate`,
+    each channel resampled on its own (a mono file gives one row).
+
+    Raises AudioTooLarge (more than `max_bytes`), AudioTooLong (more than `max_seconds`), AudioTooManyChannels
+    (more than `max_channels`), AudioEmpty (no samples) or AudioUndecodable (not a WAV/FLAC/OGG file, corrupt, or
+    implausible header). A missing or unreadable path raises the usual OSError.
+    """
+    if isinstance(source, bytes | bytearray):
+        _check_size(len(source), max_bytes)
+        return _decode(io.BytesIO(source), max_seconds, max_channels, sample_rate)
+    path = Path(source)
+    info = path.stat()  # the size is checked before the file is opened
+    if not stat.S_ISREG(info.st_mode):
+        raise AudioUndecodable(f"{path.name} is not a regular file")
+    _check_size(info.st_size, max_bytes)
+    return _decode(path, max_seconds, max_channels, sample_rate)
+
+
 def decode_audio(
     source: AudioSource,
     *,
@@ -65,30 +102,40 @@ def decode_audio(
     max_seconds: float = DEFAULT_MAX_SECONDS,
     sample_rate: int = SAMPLE_RATE,
 ) -> np.ndarray:
-    """Decode `source` (a path or the bytes of a file) to a 1-D float32 mono waveform at `sample_rate`.
-
-    Raises AudioTooLarge (more than `max_bytes`), AudioTooLong (more than `max_seconds`), AudioEmpty (no
-    samples) or AudioUndecodable (not a WAV/FLAC/OGG file, corrupt, or implausible header). A missing or
-    unreadable path raises the usual OSError.
-    """
-    if isinstance(source, bytes | bytearray):
-        _check_size(len(source), max_bytes)
-        return _decode(io.BytesIO(source), max_seconds, sample_rate)
-    path = Path(source)
-    info = path.stat()  # the size is checked before the file is opened
-    if not stat.S_ISREG(info.st_mode):
-        raise AudioUndecodable(f"{path.name} is not a regular file")
-    _check_size(info.st_size, max_bytes)
-    return _decode(path, max_seconds, sample_rate)
+    """One 1-D float32 waveform at `sample_rate`: the mean of the channels of `source`. For single-voice corpora
+    only (a call recording's channels are different speakers: `decode_channels`). Raises as `decode_channels`."""
+    channels = decode_channels(source, max_bytes=max_bytes, max_seconds=max_seconds, sample_rate=sample_rate)
+    return channels[0] if len(channels) == 1 else channels.mean(axis=0, dtype=np.float32)
 
 
-def downmix_and_resample(samples: np.ndarray, source_rate: int, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Average the channels of `samples` ([frames] or [frames, channels]) and resample to `sample_rate`."""
-    mono = samples.mean(axis=1) if samples.ndim == 2 else samples
-    mono = np.ascontiguousarray(mono, dtype=np.float32)
+def resample_channels(samples: np.ndarray, source_rate: int, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """`samples` ([frames] or [frames, channels]) as float32 [channels, samples] at `sample_rate`; each channel is
+    resampled on its own, so a channel comes out as it would alone in a mono file."""
+    frames = samples[:, None] if samples.ndim == 1 else samples
+    channels = np.ascontiguousarray(frames.T, dtype=np.float32)
     if source_rate == sample_rate:
-        return mono
-    return soxr.resample(mono, source_rate, sample_rate, quality="HQ").astype(np.float32, copy=False)
+        return channels
+    return np.stack([soxr.resample(row, source_rate, sample_rate, quality="HQ") for row in channels]).astype(
+        np.float32, copy=False
+    )
+
+
+def encode_flac(wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
+    """A 1-D waveform as the bytes of a 24-bit FLAC file (how one channel of a recording is kept on its own)."""
+    buffer = io.BytesIO()
+    sf.write(buffer, np.clip(wave, -1.0, 1.0), sample_rate, format="FLAC", subtype="PCM_24")
+    return buffer.getvalue()
+
+
+def level_dbfs(wave: np.ndarray, frame_seconds: float = SILENCE_FRAME_SECONDS, sample_rate: int = SAMPLE_RATE) -> float:
+    """The RMS level of the loudest `frame_seconds` frame of `wave`, in dB relative to full scale (a sine at full
+    scale is -3 dBFS); -inf for digital silence. A short click counts, a long quiet hiss does not."""
+    if len(wave) == 0:
+        return -math.inf
+    frame = min(len(wave), max(1, round(frame_seconds * sample_rate)))
+    frames = np.asarray(wave[: len(wave) // frame * frame], dtype=np.float64).reshape(-1, frame)
+    loudest = float(np.sqrt(np.mean(frames**2, axis=1)).max())
+    return 20 * math.log10(loudest) if loudest > 0 else -math.inf
 
 
 def _check_size(size: int, max_bytes: int) -> None:
@@ -100,10 +147,10 @@ def _check_size(size: int, max_bytes: int) -> None:
         )
 
 
-def _decode(file: Path | io.BytesIO, max_seconds: float, sample_rate: int) -> np.ndarray:
+def _decode(file: Path | io.BytesIO, max_seconds: float, max_channels: int, sample_rate: int) -> np.ndarray:
     try:
         with sf.SoundFile(file) as sound:
-            _check_header(sound, max_seconds)
+            _check_header(sound, max_seconds, max_channels)
             # Read at most one frame past the limit: a header that understates the length is caught here.
             max_frames = math.floor(max_seconds * sound.samplerate)
             samples = sound.read(frames=max_frames + 1, dtype="float32", always_2d=True)
@@ -116,10 +163,10 @@ def _decode(file: Path | io.BytesIO, max_seconds: float, sample_rate: int) -> np
         raise _too_long(len(samples) / rate, max_seconds, at_least=True)
     if not np.isfinite(samples).all():
         raise AudioUndecodable("the audio contains non-finite samples (NaN or infinity)")
-    return downmix_and_resample(samples, rate, sample_rate)
+    return resample_channels(samples, rate, sample_rate)
 
 
-def _check_header(sound: sf.SoundFile, max_seconds: float) -> None:
+def _check_header(sound: sf.SoundFile, max_seconds: float, max_channels: int) -> None:
     if sound.format not in ACCEPTED_FORMATS:
         raise AudioUndecodable(f"unsupported audio format {sound.format}; accepted: WAV, FLAC, OGG")
     if not 0 < sound.samplerate <= MAX_SOURCE_RATE:
@@ -129,10 +176,12 @@ def _check_header(sound: sf.SoundFile, max_seconds: float) -> None:
             actual=sound.samplerate,
             unit="hertz",
         )
-    if not 0 < sound.channels <= MAX_CHANNELS:
-        raise AudioUndecodable(
-            f"unsupported channel count {sound.channels} (at most {MAX_CHANNELS})",
-            limit=MAX_CHANNELS,
+    if sound.channels <= 0:
+        raise AudioUndecodable(f"implausible channel count {sound.channels}")
+    if sound.channels > max_channels:
+        raise AudioTooManyChannels(
+            f"the audio has {sound.channels} channels; the limit is {max_channels}",
+            limit=max_channels,
             actual=sound.channels,
             unit="channels",
         )

@@ -48,6 +48,9 @@ def _config(args: argparse.Namespace, settings: Settings) -> ScoreConfig:
         max_text_chars=settings.max_text_chars,
         max_audio_bytes=settings.max_audio_bytes,
         max_audio_seconds=settings.max_audio_seconds,
+        max_audio_channels=settings.max_audio_channels,
+        channel_silence_dbfs=settings.channel_silence_dbfs,
+        channel_names=args.channels,
         summary_options=SummaryOptions(customer=args.customer_speaker, escalation_threshold=args.escalation_threshold),
         restart=args.restart,
     )

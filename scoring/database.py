@@ -1,7 +1,8 @@
 """`--log-to-db`: scored turns as Prediction rows (request_kind batch, with embeddings), written in batches.
 
-Prediction ids are derived from the run (input, model, context) and the turn, so a resumed run that scores a
-conversation again never logs it twice. Rows are built and inserted by `core.db.crud`, as the service does it.
+Prediction ids are derived from the run (input, model, context), the turn and its audio channel, so a resumed run
+that scores a conversation again never logs it twice. Rows are built and inserted by `core.db.crud`, as the service
+does it.
 
 The monitor watches the champion's predictions only (its collapse events queue retraining of the served model), so
 the scoring model is registered the way `serve` registers its default: on a database without a champion it becomes
@@ -66,7 +67,8 @@ class PredictionLog:
         self._engine.dispose()
 
     def prediction_id(self, turn: LoggedTurn) -> uuid.UUID:
-        return uuid.uuid5(_NAMESPACE, f"{self._run_key}\x1f{turn.conversation_id}\x1f{turn.turn}")
+        channel = f"\x1f{turn.channel}" if turn.channel is not None else ""
+        return uuid.uuid5(_NAMESPACE, f"{self._run_key}\x1f{turn.conversation_id}\x1f{turn.turn}{channel}")
 
     def _row(self, turn: LoggedTurn) -> crud.Row:
         record = crud.PredictionRecord(
@@ -89,5 +91,6 @@ class PredictionLog:
             latency_ms=turn.latency_ms,
             embedding=turn.embedding,
         )
-        audio_path = turn.audio_path if self._settings.store_audio else None
+        # A channel's audio is not a file of its own: the whole recording would be read back as one voice.
+        audio_path = turn.audio_path if self._settings.store_audio and turn.channel is None else None
         return crud.prediction_row(record, redact_text=self._settings.redact_text, audio_path=audio_path)

@@ -113,6 +113,7 @@ class LoggedTurn:
     sentiment: str
     embedding: bytes  # float32 little-endian
     latency_ms: float  # the chunk's classify time per turn
+    channel: int | None = None  # the audio channel of a multi-channel row (audio_path is then the whole recording)
 
 
 @dataclass(frozen=True)
@@ -156,12 +157,15 @@ def output_row(
     speaker: str | None,
     prediction: TurnPrediction | None,
     error: TurnError | None = None,
+    *,
+    channel: int | None = None,
 ) -> Row:
     probabilities = prediction.emotion_probs if prediction is not None else [None] * len(model.emotions)
     return {
         "conversation_id": conversation_id,
         "turn": turn,
         "speaker": speaker,
+        "channel": channel,
         "label": prediction.emotion if prediction is not None else None,
         **{f"p_{name}": _float(p) for name, p in zip(model.emotions, probabilities, strict=True)},
         "sentiment": prediction.sentiment if prediction is not None else None,
@@ -192,7 +196,11 @@ def _scored(
     for turn in turns:
         source = turn.source.turn
         prediction = None if turn.error is not None else next(remaining)
-        rows.append(output_row(model, source.conversation_id, source.turn, source.speaker, prediction, turn.error))
+        rows.append(
+            output_row(
+                model, source.conversation_id, source.turn, turn.speaker, prediction, turn.error, channel=turn.channel
+            )
+        )
         if turn.error is not None:
             kinds.append(turn.error.kind)
         elif latency_ms is not None:
@@ -206,8 +214,8 @@ def _logged(turn: PreparedTurn, prediction: TurnPrediction, model: ModelInfo, la
     return LoggedTurn(
         conversation_id=source.conversation_id,
         turn=source.turn,
-        speaker=source.speaker,
-        text=source.text,
+        speaker=turn.speaker,
+        text=turn.utterance.text if turn.utterance is not None else None,
         audio_path=source.audio_path if audio is not None else None,
         audio_seconds=len(audio) / SAMPLE_RATE if audio is not None else None,
         label=prediction.emotion,
@@ -217,4 +225,5 @@ def _logged(turn: PreparedTurn, prediction: TurnPrediction, model: ModelInfo, la
         sentiment=prediction.sentiment,
         embedding=np.asarray(prediction.embedding, dtype="<f4").tobytes(),
         latency_ms=latency_ms,
+        channel=turn.channel,
     )

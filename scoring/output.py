@@ -54,6 +54,7 @@ def prediction_schema(emotions: Sequence[str]) -> pa.Schema:
             ("conversation_id", pa.string()),
             ("turn", pa.int64()),
             ("speaker", pa.string()),
+            ("channel", pa.int64()),  # the audio channel of a multi-channel row; null otherwise
             ("label", pa.string()),
             *[(f"p_{name}", pa.float64()) for name in emotions],
             ("sentiment", pa.string()),

@@ -43,6 +43,9 @@ class ScoreConfig:
     max_text_chars: int = Settings.model_fields["max_text_chars"].default
     max_audio_bytes: int = Settings.model_fields["max_audio_bytes"].default
     max_audio_seconds: float = Settings.model_fields["max_audio_seconds"].default
+    max_audio_channels: int = Settings.model_fields["max_audio_channels"].default
+    channel_silence_dbfs: float = Settings.model_fields["channel_silence_dbfs"].default
+    channel_names: tuple[str, ...] | None = None  # speakers of the channels of multi-channel audio (--channels)
     summary_options: SummaryOptions = field(default_factory=SummaryOptions)
     restart: bool = False
     progress: bool | None = None  # None: shown when stderr is a terminal
@@ -141,6 +144,9 @@ def run_header(config: ScoreConfig, model: ModelInfo) -> dict[str, Any]:
         "max_text_chars": config.max_text_chars,
         "max_audio_bytes": config.max_audio_bytes,
         "max_audio_seconds": config.max_audio_seconds,
+        "max_audio_channels": config.max_audio_channels,
+        "channel_silence_dbfs": config.channel_silence_dbfs,
+        "channel_names": list(config.channel_names) if config.channel_names is not None else None,
         "output": str(config.output.resolve()),
         "summary": str(config.summary.resolve()) if config.summary else None,
         "summary_options": asdict(config.summary_options),
@@ -224,7 +230,14 @@ def _plan(config: ScoreConfig, scan: InputScan, progress: Progress) -> SourcePla
 
 def _options(config: ScoreConfig, log: PredictionLog | None) -> ScoringOptions:
     inputs = InputOptions(
-        config.audio_dir, config.max_text_chars, config.max_audio_bytes, config.max_audio_seconds, config.max_turns
+        config.audio_dir,
+        config.max_text_chars,
+        config.max_audio_bytes,
+        config.max_audio_seconds,
+        config.max_turns,
+        config.max_audio_channels,
+        config.channel_silence_dbfs,
+        config.channel_names,
     )
     return ScoringOptions(causal=config.causal, inputs=inputs, keep_logged=log is not None)
 

@@ -278,11 +278,14 @@ async def _predict(
     predictor: Predictor, dialogue: RawDialogue, as_dialogue: bool, started: float, wave: int
 ) -> list[UtterancePrediction]:
     """One dialogue with its context mode; or, without `context`, each row an utterance of its own, sent to the
-    micro-batcher `wave` rows at a time (one batch), so that a request never takes more of its queue than that."""
+    micro-batcher `wave` rows at a time (one batch), so that a request never takes more of its queue than that.
+    A row is one voice (the outputs have one row per input row): audio of several channels is refused."""
     if as_dialogue:
-        info = RequestInfo(RequestKind.DIALOGUE, dialogue.context, dialogue.conversation_id, started)
+        info = RequestInfo(
+            RequestKind.DIALOGUE, dialogue.context, dialogue.conversation_id, started, multichannel=False
+        )
         return (await predictor.predict(dialogue.turns, info)).turns
-    info = RequestInfo(RequestKind.UTTERANCE, None, None, started)
+    info = RequestInfo(RequestKind.UTTERANCE, None, None, started, multichannel=False)
     answers: list[UtterancePrediction] = []
     for start in range(0, len(dialogue.turns), wave):
         rows = dialogue.turns[start : start + wave]

@@ -35,7 +35,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 def _csv_value(key: str, value: str) -> Any:
     if value == "":
         return None
-    if key in {"turn", "turns", "errors"}:
+    if key in {"turn", "turns", "errors", "channel"}:
         return int(value)
     if key.startswith("p_") or key in {"confidence", "negative_share"}:
         return float(value)

@@ -20,6 +20,7 @@ def _rows(conversation: str, n: int) -> list[dict[str, object]]:
             "conversation_id": conversation,
             "turn": t,
             "speaker": "customer",
+            "channel": None,
             "label": "anger",
             "p_neutral": 0.25,
             "p_anger": 0.75,
