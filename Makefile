@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= cpu,dev,distributed
 STAMP := $(VENV)/.installed
 
-.PHONY: install tools serve test lint clean
+.PHONY: install tools serve test lint clean peers
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The serving peers of benchmarks/peers.py (Ray Serve, PyTriton; docs/BENCHMARKS.md "Serving peers"). PyTriton is
+# installed without its declared dependencies (numpy<2 against the project's NumPy 2); Triton's Python backend
+# stub, built for NumPy 1, runs on a small environment of its own beside the virtualenv.
+TRITON_STUB := $(VENV)/triton-stub
+peers: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS),peers]"
+	$(PY) -m pip install --quiet --no-deps nvidia-pytriton==0.7.0
+	$(PY) -m venv $(TRITON_STUB)
+	$(TRITON_STUB)/bin/python -m pip install --quiet numpy==1.26.4 pyzmq==27.3.0
 
 # promtool validates the Prometheus rules in the tests; Debian's `prometheus` package carries it.
 tools:

@@ -2,8 +2,9 @@
 
 Requests wait in a bounded asyncio queue; a full queue refuses at once (`Overloaded`), so waiting is never
 unbounded. One task forms batches: it takes the first waiting request, then keeps adding requests until the
-batch holds `max_size` utterances or `max_wait_s` has passed since the first, and scores the batch on a single
-worker thread so the event loop never blocks on ONNX Runtime. A request that would overflow the batch opens
+batch holds `max_size` utterances or `max_wait_s` has passed since the first, and scores the batch on one of
+`workers` model threads so the event loop never blocks on ONNX Runtime. The next batch is formed only once a model
+thread is free, so requests keep gathering while every thread is busy. A request that would overflow the batch opens
 the next one. Dialogues of the two context modes are scored in separate calls (`causal` is a graph input).
 If a batch call fails, its requests are retried one by one so one bad input cannot fail its neighbours.
 A live stream's turn comes with the `History` of its conversation (the turns encoded before); it is scored only by
@@ -65,14 +66,23 @@ Outcome = list[TurnPrediction] | Exception
 
 class MicroBatcher:
     def __init__(
-        self, holder: ModelHolder, metrics: Metrics, *, max_size: int, max_wait_s: float, queue_limit: int
+        self,
+        holder: ModelHolder,
+        metrics: Metrics,
+        *,
+        max_size: int,
+        max_wait_s: float,
+        queue_limit: int,
+        workers: int = 1,
     ) -> None:
         self._holder = holder
         self._metrics = metrics
         self._max_size = max_size
         self._max_wait_s = max_wait_s
         self._queue: asyncio.Queue[_Request] = asyncio.Queue(maxsize=queue_limit)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="equipoise-model")
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="equipoise-model")
+        self._free = asyncio.Semaphore(workers)  # model threads without a batch
+        self._scoring: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -83,15 +93,17 @@ class MicroBatcher:
             max_size=settings.batch_max_size,
             max_wait_s=settings.batch_max_wait_ms / 1000,
             queue_limit=settings.batch_queue_limit,
+            workers=settings.batch_workers,
         )
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="equipoise-batcher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, *self._scoring):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in (self._task, *self._scoring) if t is not None), return_exceptions=True)
         while not self._queue.empty():
             _fail(self._queue.get_nowait(), ModelUnavailable("the service is stopping"))
         self._executor.shutdown(wait=True)
@@ -112,16 +124,24 @@ class MicroBatcher:
     async def _run(self) -> None:
         carry: _Request | None = None
         while True:
+            await self._free.acquire()
             batch, carry = await self._collect(carry)
             self._metrics.queue_depth.set(self._queue.qsize())
             live = [request for request in batch if not request.future.done()]  # skip callers that left
+            task = asyncio.create_task(self._score_then_free(live))
+            self._scoring.add(task)
+            task.add_done_callback(self._scoring.discard)
+
+    async def _score_then_free(self, live: list[_Request]) -> None:
+        try:
             if live:
-                try:
-                    await self._dispatch(live)
-                except Exception as error:  # never let one batch kill the loop
-                    log.exception("batch failed")
-                    for request in live:
-                        _fail(request, error)
+                await self._dispatch(live)
+        except Exception as error:  # never let one batch kill the loop
+            log.exception("batch failed")
+            for request in live:
+                _fail(request, error)
+        finally:
+            self._free.release()
 
     async def _collect(self, carry: _Request | None) -> tuple[list[_Request], _Request | None]:
         first = carry or await self._queue.get()

@@ -166,7 +166,15 @@ def percentile_ms(seconds: Sequence[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(seconds) * 1000, q)) if len(seconds) else None
 
 
-async def _send(client: httpx.AsyncClient, job: Job) -> Outcome:
+def prediction_ids(body: dict[str, Any]) -> tuple[str, ...]:
+    """The prediction ids of a /v1 answer: one per turn of a dialogue, or the utterance's."""
+    return tuple(t["prediction_id"] for t in body["turns"]) if "turns" in body else (body["prediction_id"],)
+
+
+AnswerIds = Callable[[dict[str, Any]], tuple[str, ...]]  # a 200 answer's body -> one id per utterance answered
+
+
+async def _send(client: httpx.AsyncClient, job: Job, read_ids: AnswerIds = prediction_ids) -> Outcome:
     started = time.perf_counter()
     try:
         response = await client.post(job.path, json=job.body)
@@ -176,8 +184,7 @@ async def _send(client: httpx.AsyncClient, job: Job) -> Outcome:
     ids: tuple[str, ...] = ()
     problem = None
     if response.status_code == 200:
-        body = response.json()
-        ids = tuple(t["prediction_id"] for t in body["turns"]) if "turns" in body else (body["prediction_id"],)
+        ids = read_ids(response.json())
     else:
         with contextlib.suppress(ValueError, AttributeError):
             problem = str(response.json().get("type", "")).rsplit("/", 1)[-1] or None
@@ -185,12 +192,12 @@ async def _send(client: httpx.AsyncClient, job: Job) -> Outcome:
     return Outcome(response.status_code, seconds, job.utterances, ids, problem, retry_after, started)
 
 
-async def _probe_health(url: str, phase: Phase, stop: asyncio.Event) -> None:
+async def _probe_health(url: str, phase: Phase, stop: asyncio.Event, path: str = "/healthz") -> None:
     async with httpx.AsyncClient(base_url=url, timeout=10) as client:
         while not stop.is_set():
             started = time.perf_counter()
             try:
-                ok = (await client.get("/healthz")).status_code == 200
+                ok = (await client.get(path)).status_code == 200
             except httpx.HTTPError:
                 ok = False
             if ok:
@@ -211,9 +218,12 @@ async def drive(
     max_seconds: float,
     timeout_s: float = 30.0,
     progress: bool = True,
+    read_ids: AnswerIds = prediction_ids,
+    health_path: str = "/healthz",
 ) -> Phase:
     """`clients` closed-loop clients sending jobs back to back until `max_requests` are sent or `max_seconds`
-    have passed (requests in flight then finish, within `timeout_s`)."""
+    have passed (requests in flight then finish, within `timeout_s`). Other servers than equipoise: `read_ids`
+    reads their answers, `health_path` is their health check (probed beside the load, as for equipoise)."""
     phase = Phase(name, clients, 0.0, [])
     async with contextlib.AsyncExitStack() as stack:
         # A client per simulated caller, one keep-alive connection each, created and connected before the clock
@@ -227,7 +237,7 @@ async def drive(
             )
             for _ in range(clients)
         ]
-        await asyncio.gather(*(client.get("/healthz") for client in connections))
+        await asyncio.gather(*(client.get(health_path) for client in connections))
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + max_seconds
@@ -238,11 +248,11 @@ async def drive(
             nonlocal sent
             while sent < max_requests and loop.time() < deadline:
                 sent += 1
-                phase.outcomes.append(await _send(client, next(jobs)))
+                phase.outcomes.append(await _send(client, next(jobs), read_ids))
                 bar.update()
 
         with tqdm(total=max_requests, desc=f"{name:>9}", unit="req", disable=not progress, file=sys.stderr) as bar:
-            probe = asyncio.create_task(_probe_health(url, phase, stop))
+            probe = asyncio.create_task(_probe_health(url, phase, stop, health_path))
             try:
                 await asyncio.gather(*(client_loop(client) for client in connections))
             finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -154,3 +155,34 @@ def test_the_event_loop_keeps_running_while_the_model_works() -> None:
         return worst
 
     assert run(responsiveness, _holder(runtime)) < 0.2  # a blocked loop would stall for the whole 0.3 s
+
+
+class OverlapRecorder(FakeRuntime):
+    """Counts how many model calls run at the same moment."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__(delay_s=delay_s)
+        self._lock = threading.Lock()
+        self.active = self.peak = 0
+
+    def classify(self, dialogues, causal, history=None):  # type: ignore[no-untyped-def]
+        with self._lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        try:
+            return super().classify(dialogues, causal, history)
+        finally:
+            with self._lock:
+                self.active -= 1
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_each_model_thread_scores_a_batch_while_the_next_one_gathers(workers: int) -> None:
+    runtime = OverlapRecorder(delay_s=0.2)  # long enough for the waiting batches to reach a free thread
+
+    async def three_at_once(batcher: MicroBatcher) -> None:
+        await asyncio.gather(*(batcher.score([turn(f"utterance {i}")], causal=False) for i in range(3)))
+
+    run(three_at_once, _holder(runtime), max_size=1, max_wait_s=0.0, workers=workers)
+    assert len(runtime.calls) == 3
+    assert runtime.peak == workers  # never more calls at once than model threads, and every thread used
