@@ -1,8 +1,9 @@
 """The FastAPI application factory and its lifespan.
 
 `create_app()` builds every long-lived part (engine, registry, model holder and reloader, batcher, prediction
-logger, authenticator) and wires the routes; the lifespan starts them in order and, on shutdown, stops taking
-model work and flushes the prediction log (to the database, or to the spool when it is down).
+logger, version pool, shadow scorer, authenticator) and wires the routes; the lifespan starts them in order and,
+on shutdown, stops taking model work and flushes the prediction log (to the database, or to the spool when it is
+down).
 Run it with `equipoise serve`, or `uvicorn api.app:create_app --factory`.
 """
 
@@ -30,6 +31,7 @@ from api.predictor import Predictor
 from api.reload import ModelHolder, ModelLoader, ModelReloader, runtime_loader
 from api.routes import api_router
 from api.schemas import DialogueRequest, UtteranceRequest
+from api.shadow import ShadowScorer
 from api.stream import OpenStreams
 from api.v2_schemas import InferenceRequest
 from api.versions import VersionPool
@@ -63,6 +65,8 @@ def build_state(settings: Settings, loader: ModelLoader | None = None) -> Servic
         flush_rows=settings.log_flush_rows,
         flush_interval_s=settings.log_flush_interval_s,
     )
+    versions = VersionPool(registry, loader, logger, metrics, settings)
+    shadow = ShadowScorer(versions, registry, logger, metrics, settings)
     return ServiceState(
         settings=settings,
         engine=engine,
@@ -73,8 +77,9 @@ def build_state(settings: Settings, loader: ModelLoader | None = None) -> Servic
         reloader=reloader,
         batcher=batcher,
         logger=logger,
-        predictor=Predictor(batcher, logger, metrics, settings),
-        versions=VersionPool(registry, loader, logger, metrics, settings),
+        predictor=Predictor(batcher, logger, metrics, settings, shadow=shadow.offer),
+        versions=versions,
+        shadow=shadow,
         auth=Authenticator(engine, required=settings.auth_required, cache_s=settings.api_key_cache_s),
     )
 
@@ -88,6 +93,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.logger.start()
     await state.reloader.start()
     state.batcher.start()
+    state.shadow.start()
     schedule = MonitorSchedule(state.engine, state.settings) if state.settings.monitor_in_service else None
     if schedule:
         schedule.start()
@@ -98,6 +104,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await run_in_threadpool(schedule.stop)
         await state.reloader.stop()
         await state.batcher.stop()
+        await state.shadow.stop()
         await state.versions.close()
         await run_in_threadpool(state.logger.close)
         state.engine.dispose()

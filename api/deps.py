@@ -17,6 +17,7 @@ from api.metrics import Metrics
 from api.prediction_log import PredictionLogger
 from api.predictor import Predictor
 from api.reload import ModelHolder, ModelReloader
+from api.shadow import ShadowScorer
 from api.versions import VersionPool
 from core.db.models import Role
 from core.settings import Settings
@@ -36,6 +37,7 @@ class ServiceState:
     logger: PredictionLogger
     predictor: Predictor
     versions: VersionPool  # other registered versions, served by name under /v2
+    shadow: ShadowScorer  # a share of the champion's requests scored again by a challenger, in the background
     auth: Authenticator
 
 

@@ -64,6 +64,19 @@ class Metrics:
         self.escalations = Counter(
             "equipoise_stream_escalations_total", "Escalation events pushed to live streams.", registry=r
         )
+        self.shadow = Counter(
+            "equipoise_shadow_predictions_total",
+            "Live turns selected for shadow scoring, by outcome: scored by the challenger, dropped (queue full or "
+            "stopping), failed (the challenger could not load or score), skipped (no challenger to compare).",
+            ["outcome"],
+            registry=r,
+        )
+        self.shadow_agreement = Gauge(
+            "equipoise_shadow_agreement_ratio",
+            "Share of the challenger's recent shadow-scored turns whose emotion is the champion's live answer.",
+            ["challenger"],
+            registry=r,
+        )
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

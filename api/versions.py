@@ -3,8 +3,9 @@
 (hashes, probe), and kept loaded, at most `MAX_LOADED_VERSIONS` of them, the least recently used making room.
 
 Each loaded version has its own micro-batcher (and model thread) and its own `Predictor`, so its requests are
-limited, logged (under their own model version) and refused exactly as the champion's are. A version pushed out
-while requests are using it is stopped when the last of them finishes.
+limited, logged (under their own model version) and refused exactly as the champion's are; shadow scoring
+(api/shadow.py) uses a version's batcher alone. A version pushed out while requests are using it is stopped
+when the last of them finishes.
 """
 
 from __future__ import annotations
@@ -69,10 +70,22 @@ class VersionPool:
     async def predictor(self, version: str) -> AsyncIterator[tuple[LoadedModel, Predictor]]:
         """The version's model and predictor, loaded first if need be; model.registry.UnknownVersion when it is not
         registered, VersionUnavailable when it cannot be loaded."""
+        async with self._using(version) as entry:
+            yield entry.model, entry.predictor
+
+    @contextlib.asynccontextmanager
+    async def batcher(self, version: str) -> AsyncIterator[MicroBatcher]:
+        """The version's micro-batcher alone, for scoring that is neither answered nor logged as a prediction
+        (api/shadow.py); loaded and refused as `predictor`."""
+        async with self._using(version) as entry:
+            yield entry.batcher
+
+    @contextlib.asynccontextmanager
+    async def _using(self, version: str) -> AsyncIterator[_Loaded]:
         entry = await self._get(version)
         entry.users += 1
         try:
-            yield entry.model, entry.predictor
+            yield entry
         finally:
             entry.users -= 1
             if entry.evicted and entry.users == 0:

@@ -29,6 +29,8 @@ GATE_MACRO_F1_TOLERANCE = 0.01
 # Written only here: the escalation rule's defaults for batch summaries (scoring.summary) and live streams.
 CUSTOMER_SPEAKER = "customer"  # the speaker whose escalations count (compared case-insensitively)
 ESCALATION_THRESHOLD = 0.2  # rise of the anger probability over the customer's previous turn
+# Written only here: also the default channel limit of model.audio.decode_channels.
+MAX_AUDIO_CHANNELS = 8
 
 
 class SettingsError(ValueError):
@@ -44,6 +46,13 @@ def default_intra_op_threads(cores: int) -> int:
     """One thread per model call on small hosts: ONNX Runtime's own choice (every core) spins threads that the
     event loop, the prediction log and other processes need, and its throughput collapses under contention."""
     return 1 if cores <= FEW_CORES else 0
+
+
+def default_batch_workers(cores: int) -> int:
+    """Two model threads on small hosts, each with its one intra-op thread: one batch is scored while the next one
+    is padded and tokenised, and both cores do model work (measured on 2 cores, docs/BENCHMARKS.md "Serving
+    peers"). Larger hosts keep one call at a time over ONNX Runtime's own pool."""
+    return min(cores, 2) if cores <= FEW_CORES else 1
 
 
 def _default_data_dir() -> Path | None:
@@ -123,6 +132,19 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(default=2_000, ge=1, le=100_000)
     max_audio_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     max_audio_seconds: float = Field(default=30.0, gt=0, le=600)
+    max_audio_channels: int = Field(
+        default=MAX_AUDIO_CHANNELS,
+        ge=1,
+        le=64,
+        description="Channels of one audio file; each channel is a speaker of its own (README 'Multi-channel audio').",
+    )
+    channel_silence_dbfs: float = Field(
+        default=-60.0,
+        ge=-200,
+        le=0,
+        description="A channel of a multi-channel recording whose loudest 20 ms is quieter than this (dB full scale) "
+        "is reported silent, not scored; the quietest speech clip of the corpora peaks at -51.5 dBFS.",
+    )
     max_dialogue_turns: int = Field(default=200, ge=1, le=5_000)
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
 
@@ -150,7 +172,24 @@ class Settings(BaseSettings):
 
     # Micro-batching
     batch_max_size: int = Field(default=32, ge=1, le=1024)
-    batch_max_wait_ms: float = Field(default=3.0, ge=0, le=1_000)
+    # Bucket, wait and workers measured on 2 cores against the former 32 / 3 ms / 1 (docs/BENCHMARKS.md "Serving
+    # peers"): a micro-batch of mixed lengths padded as one cost 1.8x the model CPU per utterance of length-sorted
+    # buckets of 8, and the wait added its whole length to a lone request while batches form behind a busy model.
+    batch_bucket_size: int = Field(
+        default=8,
+        ge=1,
+        le=1024,
+        description="Utterances per ONNX Runtime call: a micro-batch is sorted by length and scored in buckets of "
+        "this many, so that short utterances are not padded to the longest.",
+    )
+    batch_max_wait_ms: float = Field(default=0.0, ge=0, le=1_000)
+    batch_workers: int = Field(
+        default_factory=lambda: default_batch_workers(available_cores()),
+        ge=1,
+        le=64,
+        description="Model threads scoring micro-batches at once. Default: 2 on hosts of at most "
+        f"{FEW_CORES} cores with more than one, else 1.",
+    )
     # Measured throughput x acceptable wait: 5 micro-batches, about 2 s of work at the 84 utterances/s a 2-core
     # host served with half its CPU taken by other jobs, 1 s when it has it alone (docs/BENCHMARKS.md).
     batch_queue_limit: int = Field(default=160, ge=1, description="Requests waiting for the model before 503.")
@@ -195,6 +234,21 @@ class Settings(BaseSettings):
         ge=0,
         le=1,
         description="Share of predictions offered for random labelling (answered with `audit: true`; core/audit.py).",
+    )
+
+    # Shadow scoring (api/shadow.py; README "Shadow scoring")
+    shadow_share: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Share of live requests also scored by the challenger in the background, logged and never "
+        "answered (0: off; needs log_predictions).",
+    )
+    shadow_challenger: str | None = Field(
+        default=None, description="The registered version that scores in shadow; default: the newest candidate."
+    )
+    shadow_queue_limit: int = Field(
+        default=64, ge=1, le=100_000, description="Shadow requests waiting for the challenger; more are dropped."
     )
 
     @field_validator("minority_classes", mode="before")

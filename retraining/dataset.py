@@ -28,7 +28,7 @@ import json
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,13 @@ class DialogueSet:
     audio_paths: list[str | None]  # [N] stored raw audio (only when audio storage was on)
     label_kinds: list[str | None]  # [N] a feedback label's kind ("audit" or "correction"); None otherwise
     sources: list[str]  # [N] FEEDBACK or BASE
+    # [N] the logged prediction a feedback turn is (the gate pairs it with shadow predictions); None otherwise.
+    # Empty when built without them (sets saved before they were kept, synthetic sets): None for every turn.
+    prediction_ids: list[str | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.prediction_ids:
+            self.prediction_ids = [None] * len(self.labels)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -145,7 +152,7 @@ class DialogueSet:
 
 _TURN_ARRAYS = ("embeddings", "speakers", "labels", "sentiments", "heldout", "has_text", "has_audio")
 _DIALOGUE_ARRAYS = ("lengths", "causal")
-_TURN_LISTS = ("keys", "conversations", "texts", "audio_paths", "label_kinds", "sources")
+_TURN_LISTS = ("keys", "conversations", "texts", "audio_paths", "label_kinds", "sources", "prediction_ids")
 
 
 @dataclass(frozen=True)
@@ -161,6 +168,7 @@ class _Turn:
     has_audio: bool = False
     audio_path: str | None = None
     label_kind: str | None = None
+    prediction_id: str | None = None
 
 
 def _build(
@@ -189,6 +197,7 @@ def _build(
         audio_paths=[t.audio_path for t in turns],
         label_kinds=[t.label_kind for t in turns],
         sources=[source] * len(turns),
+        prediction_ids=[t.prediction_id for t in turns],
     )
 
 
@@ -315,6 +324,7 @@ def _logged_turn(row: Prediction, label: _Label | None) -> _Turn:
         bool(row.has_audio),
         row.audio_path,
         label.kind,
+        str(row.id),
     )
 
 
@@ -346,11 +356,16 @@ def recent_probabilities(session: Session, version: str, emotions: LabelSet, lim
         .order_by(Prediction.created_at.desc())
         .limit(limit)
     )
-    rows = [
-        [float(p[name]) for name in emotions.names] if isinstance(p, dict) else [float(x) for x in p]
-        for p in session.scalars(query)
-    ]
+    rows = [served_probabilities(p, emotions) for p in session.scalars(query)]
     return np.array(rows, dtype=np.float64).reshape(-1, len(emotions))
+
+
+def served_probabilities(logged: Any, emotions: LabelSet) -> list[float]:
+    """A logged probability column (a list in the version's label order, or a name -> probability mapping) in
+    the order of `emotions`."""
+    if isinstance(logged, dict):
+        return [float(logged[name]) for name in emotions.names]
+    return [float(p) for p in logged]
 
 
 # ---------------------------------------------------------------------------------------------- base corpora

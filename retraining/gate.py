@@ -6,6 +6,9 @@
    `PARITY_TOLERANCE` on probe inputs. A candidate whose graphs fail to load or run fails here.
 3. Metrics: champion (the job's base version) and candidate are scored on the same labelled held-out turns
    (retraining/heldout.py: the held-out conversations of the feedback, every modality they were served with).
+   When the candidate scored live traffic in shadow and enough of those turns were served by both
+   (retraining/shadow.py), the predictions they served are compared instead, nothing scored again; the decision's
+   `paired.predictions` says which ("shadow" or "rescored") and `heldout.shadow_pairs` how many turns had both.
    A paired bootstrap over conversations (retraining/paired.py) gives each gain, candidate - champion, a 95%
    interval; the candidate must show a minority-recall gain whose lower bound is above 0, a macro F1 gain whose
    lower bound is above -`macro_f1_tolerance`, and no weighted F1 drop beyond `max_weighted_f1_drop`.
@@ -27,12 +30,16 @@ import numpy as np
 from core.db.models import ModelStatus
 from model.artifact import ModelArtifact
 from model.registry import ModelRegistry, RegistryError
-from retraining.dataset import DialogueSet
+from retraining.dataset import FEEDBACK, DialogueSet
 from retraining.gate_config import GateConfig
-from retraining.heldout import heldout_logits, needs_reencoding, report, select_heldout
+from retraining.heldout import heldout_logits, needs_reencoding, report, select_heldout, select_shadowed
 from retraining.paired import MACRO_F1, MINORITY_RECALL, PairedComparison, paired_bootstrap
 from retraining.parity import ParityReference, parity
+from retraining.shadow import ServedPairs, served_pairs
 from training.metrics import MetricsReport
+
+SHADOW, RESCORED = "shadow", "rescored"  # which predictions the paired comparison used
+_FLOOR = 1e-12  # served probabilities are compared as logarithms: a zero stays finite
 
 
 def compare(
@@ -134,15 +141,38 @@ def run_gate(
             f"> {config.parity_tolerance:g} (or a graph could not run)"
         )
     else:
-        _judge_metrics(decision, base, candidate, data, minority, config)
+        _judge_metrics(decision, registry, base, candidate, data, minority, config)
     _check_champion(decision, registry, base.version)
     _apply(decision, registry)
     log(f"gate {row.version}: {'promoted' if decision.promoted else 'rejected: ' + '; '.join(decision.reasons)}")
     return decision
 
 
+@dataclass(frozen=True)
+class _Scores:
+    """Both models' emotion logits on the judged turns, which predictions they are, and the temperature that
+    calibrates them (None: each artifact's own; 1 for served probabilities, given as their logarithms)."""
+
+    champion: np.ndarray
+    candidate: np.ndarray
+    source: str
+    temperature: float | None = None
+
+    @classmethod
+    def served(cls, pairs: ServedPairs, rows: np.ndarray) -> _Scores:
+        return cls(np.log(pairs.champion[rows] + _FLOOR), np.log(pairs.candidate[rows] + _FLOOR), SHADOW, 1.0)
+
+    @classmethod
+    def rescored(
+        cls, base: ModelArtifact, candidate: ModelArtifact, data: DialogueSet, rows: np.ndarray, reencode: bool
+    ) -> _Scores:
+        before, after = (heldout_logits(model, data, rows, reencode) for model in (base, candidate))
+        return cls(before, after, RESCORED)
+
+
 def _judge_metrics(
     decision: GateDecision,
+    registry: ModelRegistry,
     base: ModelArtifact,
     candidate: ModelArtifact,
     data: DialogueSet,
@@ -150,25 +180,33 @@ def _judge_metrics(
     config: GateConfig,
 ) -> None:
     reencode = needs_reencoding(candidate, base)
-    selection = select_heldout(data, config, reencode)
-    decision.heldout = selection.describe(data, reencode)
+    pairs = served_pairs(registry.engine, data, base, candidate)
+    shadowed = select_shadowed(data, pairs.rows, config) if config.shadow_pairs else None
+    selection = shadowed if shadowed is not None else select_heldout(data, config, reencode)
+    decision.heldout = selection.describe(data, reencode and shadowed is None)
+    decision.heldout["shadow_pairs"] = int((pairs.rows & data.labelled(heldout=True, source=FEEDBACK)).sum())
     rows = selection.rows
     if not rows.any():
         decision.reasons.append(f"the gate does not decide: {selection.note}")
         return
+    if shadowed is not None:
+        scores = _Scores.served(pairs, rows)
+    else:
+        scores = _Scores.rescored(base, candidate, data, rows, reencode)
     labels = data.labels[rows]
-    before, after = (heldout_logits(model, data, rows, reencode) for model in (base, candidate))
-    champion, challenger = report(base, before, labels, minority), report(candidate, after, labels, minority)
+    champion = report(base, scores.champion, labels, minority, scores.temperature)
+    challenger = report(candidate, scores.candidate, labels, minority, scores.temperature)
     decision.champion, decision.candidate = champion.to_dict(), challenger.to_dict()
     conversations = [data.conversations[i] for i in np.flatnonzero(rows)]
-    names = base.emotions.names
-    paired = paired_comparison(
-        labels, before.argmax(axis=1), after.argmax(axis=1), conversations, names, minority, config
-    )
-    decision.paired = paired.to_dict() | {"required_lower_bounds": required_lower_bounds(config)}
+    predicted = scores.champion.argmax(axis=1), scores.candidate.argmax(axis=1)
+    paired = paired_comparison(labels, *predicted, conversations, base.emotions.names, minority, config)
+    decision.paired = paired.to_dict() | {
+        "required_lower_bounds": required_lower_bounds(config),
+        "predictions": scores.source,
+    }
     modalities = np.array(data.modalities())[rows]
     decision.by_modality = {
-        served: _modality_scores(base, candidate, before, after, labels, modalities == served, minority)
+        served: _modality_scores(base, candidate, scores, labels, modalities == served, minority)
         for served in sorted(set(modalities.tolist()))
     }
     decision.reasons += compare(champion, challenger, paired, config)
@@ -177,18 +215,17 @@ def _judge_metrics(
 def _modality_scores(
     base: ModelArtifact,
     candidate: ModelArtifact,
-    before: np.ndarray,
-    after: np.ndarray,
+    scores: _Scores,
     labels: np.ndarray,
     rows: np.ndarray,
     minority: Sequence[str],
 ) -> dict[str, Any]:
     """Turns of one served modality, and both models' macro F1 and minority recall on them (point estimates)."""
-    scores = {"turns": int(rows.sum())}
-    for role, model, logits in (("champion", base, before), ("candidate", candidate, after)):
-        scored = report(model, logits[rows], labels[rows], minority)
-        scores[role] = {"macro_f1": scored.macro_f1, "minority_recall": scored.minority_recall}
-    return scores
+    result = {"turns": int(rows.sum())}
+    for role, model, logits in (("champion", base, scores.champion), ("candidate", candidate, scores.candidate)):
+        scored = report(model, logits[rows], labels[rows], minority, scores.temperature)
+        result[role] = {"macro_f1": scored.macro_f1, "minority_recall": scored.minority_recall}
+    return result
 
 
 def _check_champion(decision: GateDecision, registry: ModelRegistry, base_version: str) -> None:

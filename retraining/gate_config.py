@@ -29,6 +29,9 @@ class GateConfig:
     # Too little held-out feedback: judge on the base corpora's held-out split (MELD dev, the shipped model's
     # selection set) instead of refusing to decide; the decision says so.
     base_fallback: bool = False
+    # Compare the predictions both models served (the candidate in shadow, api/shadow.py) when enough held-out
+    # feedback turns have them, instead of scoring both again; the decision says which were compared.
+    shadow_pairs: bool = True
     parity_tolerance: float = PARITY_TOLERANCE
 
     def __post_init__(self) -> None:

@@ -9,11 +9,14 @@ selection set), and then the decision says so. Every modality the feedback was s
 is scored: from the logged embeddings (which the base encoder computed from whatever the turn carried), or, for
 a candidate with a new encoder, by encoding each turn's stored text and stored audio again; a held-out turn
 whose inputs were not stored (raw audio is kept only with EQUIPOISE_STORE_AUDIO) cannot be judged, and then the
-gate does not decide.
+gate does not decide. When the candidate scored live traffic in shadow (retraining/shadow.py), the held-out
+feedback turns both models served are chosen by the same rules (`select_shadowed`) and need no re-scoring; the
+shadow selection is a keyed hash independent of the audit one, so shadowed audit labels are a random sample too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -95,6 +98,15 @@ def select_heldout(data: DialogueSet, config: GateConfig, reencode: bool = False
     if missing.any():
         return _unscorable(data, missing)
     return _feedback_set(data, feedback, config) or _fallback(data, feedback, scorable, config)
+
+
+def select_shadowed(data: DialogueSet, paired: np.ndarray, config: GateConfig) -> HeldoutSelection | None:
+    """The held-out feedback turns among `paired` [N] (both models' predictions as served), chosen as
+    `select_heldout` chooses feedback; None when they are too few to decide on."""
+    found = _feedback_set(data, data.labelled(heldout=True, source=FEEDBACK) & paired, config)
+    if found is None:
+        return None
+    return dataclasses.replace(found, note=f"served by both models (the candidate in shadow): {found.note}")
 
 
 def _unscorable(data: DialogueSet, missing: np.ndarray) -> HeldoutSelection:

@@ -1,6 +1,7 @@
-"""The typed queries of the product, one home for each: API keys, the prediction row and its idempotent insert,
-feedback (and the newest label of each prediction, by kind), retraining jobs and the retention purge. The
-service, batch scoring, the CLI, the monitor and the worker all go through these."""
+"""The typed queries of the product, one home for each: API keys, the prediction row and its idempotent insert
+(with the shadow prediction row of api/shadow.py), feedback (and the newest label of each prediction, by kind),
+retraining jobs and the retention purge. The service, batch scoring, the CLI, the monitor and the worker all go
+through these."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import hmac
 import secrets
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +28,7 @@ from core.db.models import (
     RequestKind,
     RetrainingJob,
     Role,
+    ShadowPrediction,
 )
 from core.redaction import redact, text_sha256
 from core.text import is_present
@@ -136,9 +138,51 @@ def insert_predictions_if_absent(connection: Connection, rows: Sequence[Row]) ->
     many were new."""
     if not rows:
         return 0
-    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-    statement = dialect.insert(Prediction).on_conflict_do_nothing(index_elements=[Prediction.id])
+    statement = _dialect(connection).insert(Prediction).on_conflict_do_nothing(index_elements=[Prediction.id])
     return len(connection.execute(statement.returning(Prediction.id), list(rows)).all())
+
+
+@dataclass(frozen=True)
+class ShadowRecord:
+    """A live turn as a challenger scored it in shadow (api/shadow.py), linked to the live prediction."""
+
+    id: uuid.UUID
+    created_at: datetime
+    live_prediction_id: uuid.UUID
+    model_version: str
+    label: str
+    label_index: int
+    confidence: float
+    probabilities: list[float]
+    sentiment: str | None
+    latency_ms: float
+
+
+LogRecord = PredictionRecord | ShadowRecord  # what the service's prediction log writes
+
+
+def shadow_row(record: ShadowRecord) -> Row:
+    return asdict(record)
+
+
+def is_shadow_row(row: Row) -> bool:
+    return "live_prediction_id" in row
+
+
+def insert_logged_rows(connection: Connection, rows: Sequence[Row]) -> None:
+    """The prediction log's rows, insert-if-absent: predictions first, then the shadow predictions that point at
+    them (their live rows come earlier in the log, possibly in this same batch). A second shadow row for the same
+    live prediction and challenger is not stored either."""
+    live = [row for row in rows if not is_shadow_row(row)]
+    shadow = [row for row in rows if is_shadow_row(row)]
+    if live:
+        insert_predictions_if_absent(connection, live)
+    if shadow:
+        connection.execute(_dialect(connection).insert(ShadowPrediction).on_conflict_do_nothing(), shadow)
+
+
+def _dialect(connection: Connection) -> Any:
+    return postgresql if connection.dialect.name == "postgresql" else sqlite
 
 
 def get_prediction(session: Session, prediction_id: uuid.UUID) -> Prediction | None:
@@ -214,8 +258,9 @@ def get_job(session: Session, job_id: int) -> RetrainingJob | None:
 
 
 def purge_predictions_before(session: Session, cutoff: datetime, limit: int) -> tuple[int, list[str]]:
-    """Delete up to `limit` predictions created before `cutoff` and their feedback; returns the number of
-    predictions deleted and the audio files they referenced (to be removed once the transaction commits)."""
+    """Delete up to `limit` predictions created before `cutoff`, their feedback and their shadow predictions;
+    returns the number of predictions deleted and the audio files they referenced (to be removed once the
+    transaction commits)."""
     chosen = session.execute(
         select(Prediction.id, Prediction.audio_path).where(Prediction.created_at < cutoff).limit(limit)
     ).all()
@@ -223,5 +268,6 @@ def purge_predictions_before(session: Session, cutoff: datetime, limit: int) -> 
         return 0, []
     ids = [row.id for row in chosen]
     session.execute(delete(Feedback).where(Feedback.prediction_id.in_(ids)))
+    session.execute(delete(ShadowPrediction).where(ShadowPrediction.live_prediction_id.in_(ids)))
     session.execute(delete(Prediction).where(Prediction.id.in_(ids)))
     return len(ids), [row.audio_path for row in chosen if row.audio_path]

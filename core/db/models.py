@@ -197,6 +197,32 @@ class Feedback(Base):
     )
 
 
+class ShadowPrediction(Base):
+    """A live turn scored again, in the background, by a challenger version (api/shadow.py). Never answered: not
+    served traffic for the monitor, not offered for audit or feedback; the gate pairs it with its live prediction
+    (retraining/shadow.py). At most one per live prediction and challenger."""
+
+    __tablename__ = "shadow_predictions"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    live_prediction_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("predictions.id", ondelete="CASCADE"))
+    model_version: Mapped[str] = mapped_column(ForeignKey("model_versions.version"))
+    label: Mapped[str] = mapped_column(String(32))
+    label_index: Mapped[int] = mapped_column(Integer)
+    confidence: Mapped[float] = mapped_column(Float)
+    probabilities: Mapped[list[Any]] = mapped_column(doc="Emotion probabilities in the order of the version's labels.")
+    sentiment: Mapped[str | None] = mapped_column(String(32))
+    latency_ms: Mapped[float] = mapped_column(Float, doc="The challenger's time on the request, queue excluded.")
+
+    __table_args__ = (
+        Index(
+            "uq_shadow_predictions_live_prediction_id_model_version", "live_prediction_id", "model_version", unique=True
+        ),
+        Index("ix_shadow_predictions_model_version_created_at", "model_version", "created_at"),
+    )
+
+
 class RetrainingJob(Base):
     """A queued unit of retraining work, claimed by a worker under a lease renewed by heartbeats."""
 

@@ -17,8 +17,8 @@ from sqlalchemy.exc import OperationalError
 from api.metrics import Metrics
 from api.prediction_log import PredictionLogger, RowPreparer, Spool
 from core.db import crud, migrate
-from core.db.crud import PredictionRecord
-from core.db.models import Prediction, RequestKind
+from core.db.crud import PredictionRecord, ShadowRecord
+from core.db.models import Prediction, RequestKind, ShadowPrediction
 from core.db.session import make_engine, session_scope
 from tests.api.conftest import FAKE_VERSION, add_version, count_rows, wait_for
 
@@ -213,3 +213,26 @@ def test_close_writes_what_is_still_in_memory_to_the_spool_when_the_database_is_
     restarted.start()
     wait_for(lambda: count_rows(engine) == 7)
     restarted.close()
+
+
+def test_shadow_rows_follow_their_live_rows_through_an_outage(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outage = Outage(monkeypatch)
+    logger, _ = make_logger(engine, tmp_path)
+    logger.start()
+    outage.down = True
+    live = [record(f"live {i}") for i in range(3)]
+    logger.submit(live)
+    shadows = [
+        ShadowRecord(uuid.uuid4(), datetime.now(UTC), r.id, FAKE_VERSION, "joy", 1, 0.5, r.probabilities, None, 2.0)
+        for r in live
+    ]
+    logger.submit(shadows)
+    assert logger.flush(5) and logger.spooled_rows == 6
+    outage.down = False
+    wait_for(lambda: count_rows(engine, "shadow_predictions") == 3)
+    logger.close()
+    with session_scope(engine) as session:
+        stored = {row.id: row.live_prediction_id for row in session.scalars(select(ShadowPrediction))}
+    assert stored == {shadow.id: shadow.live_prediction_id for shadow in shadows} and count_rows(engine) == 3

@@ -16,6 +16,14 @@ TEXTS = ["I can't believe you did that!", "Okay, fine.", "That is wonderful news
 # Exported only once a retraining job's gate has reached the paired test; no job runs here, and
 # tests/retraining/test_gate.py::test_the_newest_decision_is_exported_with_its_bounds scrapes them after a real gate.
 AFTER_A_GATE_DECISION = {"equipoise_gate_gain", "equipoise_gate_required_lower_bound"}
+# Counted once a stream closes (tests/api/test_stream.py scrapes it) or escalates, and once a challenger is shadowed
+# (tests/api/test_shadow.py scrapes them); this service opens no stream and has no challenger.
+AFTER_STREAMS_AND_SHADOWING = {
+    "equipoise_stream_closes_total",
+    "equipoise_stream_escalations_total",
+    "equipoise_shadow_predictions_total",
+    "equipoise_shadow_agreement_ratio",
+}
 
 
 def _sample_names(client: httpx.Client) -> set[str]:
@@ -43,7 +51,9 @@ def test_service_schedules_monitoring_and_exports_every_series_used(tmp_path: Pa
                 assert client.post("/v1/feedback", json=body).status_code == 201
         deadline = time.monotonic() + 60
         while (
-            missing := sorted(metrics_used() - AFTER_A_GATE_DECISION - _sample_names(client))
+            missing := sorted(
+                metrics_used() - AFTER_A_GATE_DECISION - AFTER_STREAMS_AND_SHADOWING - _sample_names(client)
+            )
         ) and time.monotonic() < deadline:
             time.sleep(0.5)
     assert missing == [], f"used by the dashboard or the rules but not exported: {missing}"
