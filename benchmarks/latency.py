@@ -49,7 +49,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from benchmarks.load import Job, Phase, drive, percentile_ms
+from benchmarks.load import Job, Phase, PooledPhases, drive
 from core.processes import Process, Service, answers, free_port, running_service, wait_for
 from core.settings import Settings, data_dir_or_exit
 
@@ -90,7 +90,7 @@ class Server:
 
 
 @dataclass
-class Level:
+class Level(PooledPhases):
     """One server, one workload, one concurrency: the pooled phases of every round."""
 
     server: Server
@@ -101,25 +101,6 @@ class Level:
     client_cpu_s: float = 0.0  # the load generator's (this process's) CPU seconds
     others_cpu_s: float = 0.0  # CPU seconds of other processes on the machine during the phases
     load: list[float] = field(default_factory=list)  # 1-minute load average at the end of each phase
-
-    @property
-    def requests(self) -> int:
-        return sum(len(p.outcomes) for p in self.phases)
-
-    @property
-    def errors(self) -> int:
-        return sum(len(p.outcomes) - len(p.accepted) for p in self.phases)
-
-    @property
-    def seconds(self) -> float:
-        return sum(p.seconds for p in self.phases)
-
-    @property
-    def throughput(self) -> float:
-        return sum(p.accepted_utterances for p in self.phases) / self.seconds if self.seconds else 0.0
-
-    def latency_ms(self, q: float) -> float | None:
-        return percentile_ms([o.seconds for p in self.phases for o in p.accepted], q)
 
     @property
     def others_share(self) -> float:

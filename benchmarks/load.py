@@ -162,6 +162,31 @@ class Phase:
         )
 
 
+class PooledPhases:
+    """Figures pooled over the phases of one load (one phase per round), for a dataclass with a `phases` field."""
+
+    phases: list[Phase]
+
+    @property
+    def seconds(self) -> float:
+        return sum(p.seconds for p in self.phases)
+
+    @property
+    def requests(self) -> int:
+        return sum(len(p.outcomes) for p in self.phases)
+
+    @property
+    def errors(self) -> int:
+        return sum(len(p.outcomes) - len(p.accepted) for p in self.phases)
+
+    @property
+    def throughput(self) -> float:
+        return sum(p.accepted_utterances for p in self.phases) / self.seconds if self.seconds else 0.0
+
+    def latency_ms(self, q: float) -> float | None:
+        return percentile_ms([o.seconds for p in self.phases for o in p.accepted], q)
+
+
 def percentile_ms(seconds: Sequence[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(seconds) * 1000, q)) if len(seconds) else None
 

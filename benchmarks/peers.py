@@ -56,7 +56,7 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmarks.latency import machine, machine_busy_seconds, start_baseline
-from benchmarks.load import Job, Phase, drive, percentile_ms, prediction_ids
+from benchmarks.load import Job, Phase, PooledPhases, drive, prediction_ids
 from benchmarks.peer_servers import (
     RAY_HEALTH_PATH,
     RAY_PATH,
@@ -140,7 +140,7 @@ PROTOCOLS = {
 
 
 @dataclass
-class Level:
+class Level(PooledPhases):
     """One setting at one concurrency: its phases (one per round) and the CPU spent meanwhile."""
 
     setting: Setting
@@ -149,25 +149,6 @@ class Level:
     server_cpu_s: float = 0.0  # the server's whole process tree
     client_cpu_s: float = 0.0  # this process: the load generator
     others_cpu_s: float = 0.0  # every other process on the machine
-
-    @property
-    def seconds(self) -> float:
-        return sum(p.seconds for p in self.phases)
-
-    @property
-    def requests(self) -> int:
-        return sum(len(p.outcomes) for p in self.phases)
-
-    @property
-    def errors(self) -> int:
-        return sum(len(p.outcomes) - len(p.accepted) for p in self.phases)
-
-    @property
-    def throughput(self) -> float:
-        return sum(p.accepted_utterances for p in self.phases) / self.seconds if self.seconds else 0.0
-
-    def latency_ms(self, q: float) -> float | None:
-        return percentile_ms([o.seconds for p in self.phases for o in p.accepted], q)
 
     @property
     def others_share(self) -> float:
