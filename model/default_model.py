@@ -167,6 +167,13 @@ def speech_model(speech_dir: Path, source: Path = SHIPPED_DIR) -> tuple[EmotionM
     return model, recipe
 
 
+def speech_metrics(release_metrics: dict[str, Any], speech_dir: Path) -> dict[str, Any]:
+    """The release's text figures (its text path is unchanged) with the speech head's own figures in place of the
+    old audio branch's audio-only ones."""
+    record = json.loads((speech_dir / SPEECH_FILE).read_text(encoding="utf-8"))
+    return {**{k: v for k, v in release_metrics.items() if k != "audio_only"}, "speech": record["figures"]}
+
+
 def assemble_speech(out_dir: Path, speech_dir: Path, version: str, source: Path = SHIPPED_DIR) -> ModelArtifact:
     """A "text + speech" artifact into `out_dir`: the release's text path plus `speech_dir`'s audio head. The
     probe's text-only dialogue must score as the release recorded it (the text path is unchanged)."""
@@ -185,7 +192,7 @@ def assemble_speech(out_dir: Path, speech_dir: Path, version: str, source: Path 
         estimation_weights=release.get("estimation_weights"),
         calibration=release_calibration(release),
         int8_ranges=load_ranges(verified(source / RANGES_FILE, ranges_sha256)) if ranges_sha256 else None,
-        metrics=release["metrics"],
+        metrics=speech_metrics(release["metrics"], speech_dir),
         card_text=(source / CARD_FILE).read_text(encoding="utf-8"),
         recipe={**recipe, "model": model.config.to_dict(), "speech": str(speech_dir)},
     )

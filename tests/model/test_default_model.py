@@ -3,6 +3,7 @@ scores the data sets as its model card says, refuses a tampered delta or probe, 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from model.default_model import (
     check_probe,
     read_release,
     shipped_artifact,
+    speech_metrics,
 )
 from model.delta import DELTA_FILE
 from tests.api.conftest import running_server
@@ -141,3 +143,12 @@ def test_the_release_is_calibrated_on_clean_meld_dev_text_and_the_artifact_recor
     assert artifact.calibration.has_record and artifact.calibration.temperature == recorded["temperature"]
     assert dict(artifact.reference_distribution) == release["reference_distribution"]
     assert "MELD dev (text, 1,109 turns in 114 conversations)" in (SHIPPED_DIR / "MODEL_CARD.md").read_text("utf-8")
+
+
+def test_a_speech_artifact_reports_its_speech_head_figures_not_the_old_audio_branch() -> None:
+    speech_dir = SHIPPED_DIR / "speech"
+    release = read_release(SHIPPED_DIR)
+    metrics = speech_metrics(release["metrics"], speech_dir)
+    assert "audio_only" in release["metrics"] and "audio_only" not in metrics
+    assert metrics["meld_test"] == release["metrics"]["meld_test"]  # the text path is the release's
+    assert metrics["speech"] == json.loads((speech_dir / "speech.json").read_text(encoding="utf-8"))["figures"]
