@@ -191,7 +191,7 @@ class Settings(BaseSettings):
         f"{FEW_CORES} cores with more than one, else 1.",
     )
     # Measured throughput x acceptable wait: 5 micro-batches, about 2 s of work at the 84 utterances/s a 2-core
-    # host served with half its CPU taken by other jobs, 1 s when it has it alone (docs/BENCHMARKS.md).
+    # host served with half its CPU taken by other jobs, under 1 s when it has it alone (docs/BENCHMARKS.md).
     batch_queue_limit: int = Field(default=160, ge=1, description="Requests waiting for the model before 503.")
 
     # Prediction logging
