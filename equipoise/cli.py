@@ -200,13 +200,16 @@ def _default(args: argparse.Namespace) -> int:
     if settings.data_dir is None:
         print("equipoise default: no data directory; set EQUIPOISE_DATA_DIR", file=sys.stderr)
         return 2
-    from training.release import rebuild, recalibrate_release, release_from_run
+    from training.release import rebuild, recalibrate_release, release_from_run, speech_release
 
     if args.default_command == "build":
         release_from_run(args.run_dir, args.into or SHIPPED_DIR, settings.data_dir, args.version)
         return 0
     if args.default_command == "recalibrate":
         recalibrate_release(SHIPPED_DIR, args.into or SHIPPED_DIR, settings.data_dir, args.version)
+        return 0
+    if args.default_command == "speech":
+        speech_release(args.speech_dir, args.into or SHIPPED_DIR, settings.data_dir, args.version)
         return 0
     out = args.out or settings.state_dir / "default-rebuilt"
     print(rebuild(settings.state_dir / "runs", settings.data_dir, settings.state_dir / "cache", out))
@@ -455,6 +458,12 @@ def _training_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     )
     recalibrate.add_argument("--into", type=Path, help="directory to write (default: model/default/)")
     recalibrate.add_argument("--version", required=True, help="release version, e.g. equipoise-default-1.0.2")
+    speech = default_commands.add_parser(
+        "speech", help="the release's text model with a speech head (python -m training.speech) as a new release"
+    )
+    speech.add_argument("speech_dir", type=Path, help="folder with speech.json and audio_head.safetensors")
+    speech.add_argument("--into", type=Path, help="directory to write (default: model/default/)")
+    speech.add_argument("--version", required=True, help="release version, e.g. equipoise-default-1.1.0")
     rebuild = default_commands.add_parser(
         "rebuild", help="train the default recipe from the data directory and compare with the committed card"
     )

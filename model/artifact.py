@@ -41,7 +41,7 @@ import numpy as np
 
 from core.files import sha256_file
 from model.labels import LabelSet
-from model.preprocess import DEFAULT_MAX_AUDIO_SECONDS, PreprocessingConfig
+from model.preprocess import DEFAULT_MAX_AUDIO_SECONDS, LATE_FLAGS, PreprocessingConfig
 
 if TYPE_CHECKING:
     from model.network import EmotionModel, ModelConfig
@@ -346,9 +346,13 @@ class ModelArtifact:
         return self.path / CARD_FILE
 
     @property
+    def late_fusion(self) -> bool:
+        return self.config.get("fusion") == "late"
+
+    @property
     def embed_dim(self) -> int:
         """Width of the encoder graph's utterance embedding (late fusion appends audio evidence and flags)."""
-        late = len(self.config["emotions"]) + 2 if self.config.get("fusion") == "late" else 0
+        late = len(self.config["emotions"]) + LATE_FLAGS if self.late_fusion else 0
         return int(self.config["embed_dim"]) + late
 
     def encoder_file(self, precision: Precision) -> Path:

@@ -6,6 +6,10 @@
                                                    reference class mix, the card's metrics, and a probe set with
                                                    its expected outputs
     model/default/MODEL_CARD.md                    the model card
+    model/default/speech/                          the speech head (training/speech.py): speech.json (its fusion
+                                                   numbers, recipe and figures) and audio_head.safetensors, both
+                                                   sha256-checked from release.json "speech"; the frozen Whisper
+                                                   encoder comes from its pinned package (model/whisper_encoder.py)
 
 Assembly loads the pinned pretrained text encoder (hash-checked), applies the delta (sha256-checked), exports
 and parity-checks the ONNX graphs, then scores the probe set through the serving runtime and refuses the result
@@ -95,13 +99,20 @@ def check_probe(artifact: Path | ModelArtifact, expected: list[list[float]]) -> 
 
 
 def release_model(source: Path = SHIPPED_DIR) -> tuple[EmotionModel, dict[str, Any]]:
-    """The released network (its delta sha256-checked and applied to the pinned text encoder) and the training
-    recipe it was trained with."""
+    """The released network (its delta sha256-checked and applied to the pinned text encoder; with the release's
+    speech head, also sha256-checked, when it has one) and the training recipe it was trained with."""
     from model.delta import DELTA_FILE, load_delta
 
     release = read_release(source)
     verified(source / DELTA_FILE, release["delta_sha256"])
-    return load_delta(source), release["recipe"]
+    model, recipe = load_delta(source), release["recipe"]
+    speech = release.get("speech")
+    if speech is None:
+        return model, recipe
+    speech_dir = source / speech["dir"]
+    verified(speech_dir / SPEECH_HEAD_FILE, speech["head_sha256"])
+    verified(speech_dir / SPEECH_FILE, speech["record_sha256"])
+    return speech_recipe(with_speech(model, speech_dir), recipe)
 
 
 def release_calibration(release: dict[str, Any]) -> Calibration | None:
@@ -112,26 +123,9 @@ def release_calibration(release: dict[str, Any]) -> Calibration | None:
 
 def assemble(out_dir: Path, source: Path = SHIPPED_DIR) -> ModelArtifact:
     """Build the artifact of the shipped default into `out_dir` (which must not exist) and verify it."""
-    from model.artifact import export_artifact
-    from model.quantize import RANGES_FILE, load_ranges
-
     release = read_release(source)
     model, recipe = release_model(source)
-    ranges_sha256 = release.get("int8_ranges_sha256")
-    int8_ranges = load_ranges(verified(source / RANGES_FILE, ranges_sha256)) if ranges_sha256 else None
-    artifact = export_artifact(
-        model,
-        out_dir,
-        version=release["version"],
-        calibration_temperature=release.get("calibration_temperature", 1.0),  # releases without a record
-        reference_distribution=release["reference_distribution"],
-        estimation_weights=release.get("estimation_weights"),
-        calibration=release_calibration(release),
-        int8_ranges=int8_ranges,
-        metrics=release["metrics"],
-        card_text=(source / CARD_FILE).read_text(encoding="utf-8"),
-        recipe=recipe,
-    )
+    artifact = _export(model, recipe, out_dir, release["version"], release["metrics"], source)
     try:
         check_probe(artifact, release["probe"])
     except DefaultModelError:
@@ -140,31 +134,60 @@ def assemble(out_dir: Path, source: Path = SHIPPED_DIR) -> ModelArtifact:
     return artifact
 
 
+def _export(
+    model: EmotionModel, recipe: dict[str, Any], out_dir: Path, version: str, metrics: dict[str, Any], source: Path
+) -> ModelArtifact:
+    """`model` exported with the calibration, reference mix, int8 ranges and card of the release in `source`."""
+    from model.artifact import export_artifact
+    from model.quantize import RANGES_FILE, load_ranges
+
+    release = read_release(source)
+    ranges_sha256 = release.get("int8_ranges_sha256")
+    return export_artifact(
+        model,
+        out_dir,
+        version=version,
+        calibration_temperature=release.get("calibration_temperature", 1.0),  # releases without a record
+        reference_distribution=release["reference_distribution"],
+        estimation_weights=release.get("estimation_weights"),
+        calibration=release_calibration(release),
+        int8_ranges=load_ranges(verified(source / RANGES_FILE, ranges_sha256)) if ranges_sha256 else None,
+        metrics=metrics,
+        card_text=(source / CARD_FILE).read_text(encoding="utf-8"),
+        recipe=recipe,
+    )
+
+
 SPEECH_HEAD_FILE, SPEECH_FILE = "audio_head.safetensors", "speech.json"  # what speech training writes
 SPEECH_FIELDS = ("speech_layers", "audio_temperature", "audio_prior", "fusion_weight")
+SPEECH_PREFIXES = ("encoder.audio_head.", "encoder.speech.")  # the speech branch's parameters in the state
 
 
-def speech_model(speech_dir: Path, source: Path = SHIPPED_DIR) -> tuple[EmotionModel, dict[str, Any]]:
-    """The released text model with the frozen Whisper branch and the audio head of `speech_dir` (its speech.json
-    and audio_head.safetensors), fused late; the text path's weights are the release's, untouched."""
+def with_speech(text_model: EmotionModel, speech_dir: Path) -> EmotionModel:
+    """`text_model`'s text path, untouched, with the frozen Whisper branch and the audio head of `speech_dir` (its
+    speech.json and audio_head.safetensors), fused late."""
     from safetensors.torch import load_file
 
     from model.network import EmotionModel
 
-    text_model, recipe = release_model(source)
     record = json.loads((speech_dir / SPEECH_FILE).read_text(encoding="utf-8"))
     if list(record.get("emotions", text_model.config.emotions)) != list(text_model.config.emotions):
         raise DefaultModelError(f"{speech_dir}: the audio head's emotions are not the text model's")
     numbers = {key: tuple(record[key]) if isinstance(record[key], list) else record[key] for key in SPEECH_FIELDS}
     config = dataclasses.replace(text_model.config, speech_encoder="whisper-tiny.en", fusion="late", **numbers)
     model = EmotionModel(config).eval()
-    loaded = model.load_state_dict(text_model.state_dict(), strict=False)
-    if loaded.unexpected_keys or any(
-        not k.startswith(("encoder.audio_head.", "encoder.speech.")) for k in loaded.missing_keys
-    ):
+    text_state = {k: v for k, v in text_model.state_dict().items() if not k.startswith(SPEECH_PREFIXES)}
+    loaded = model.load_state_dict(text_state, strict=False)
+    if loaded.unexpected_keys or any(not k.startswith(SPEECH_PREFIXES) for k in loaded.missing_keys):
         raise DefaultModelError(f"the text weights do not fit the speech model: {loaded}")
     model.encoder.audio_head.load_state_dict(load_file(str(speech_dir / SPEECH_HEAD_FILE)), strict=True)
-    return model, recipe
+    return model
+
+
+def speech_recipe(model: EmotionModel, recipe: dict[str, Any]) -> tuple[EmotionModel, dict]:
+    """`model` with the text recipe it was trained by and its own network config (the speech head's recipe is in
+    its speech.json, and in the artifact's metrics)."""
+    return model, {**recipe, "model": model.config.to_dict()}
 
 
 def speech_metrics(release_metrics: dict[str, Any], speech_dir: Path) -> dict[str, Any]:
@@ -175,27 +198,12 @@ def speech_metrics(release_metrics: dict[str, Any], speech_dir: Path) -> dict[st
 
 
 def assemble_speech(out_dir: Path, speech_dir: Path, version: str, source: Path = SHIPPED_DIR) -> ModelArtifact:
-    """A "text + speech" artifact into `out_dir`: the release's text path plus `speech_dir`'s audio head. The
+    """A "text + speech" candidate into `out_dir`: the release's text path plus `speech_dir`'s audio head. The
     probe's text-only dialogue must score as the release recorded it (the text path is unchanged)."""
-    from model.artifact import export_artifact
-    from model.quantize import RANGES_FILE, load_ranges
-
     release = read_release(source)
-    model, recipe = speech_model(speech_dir, source)
-    ranges_sha256 = release.get("int8_ranges_sha256")
-    artifact = export_artifact(
-        model,
-        out_dir,
-        version=version,
-        calibration_temperature=release.get("calibration_temperature", 1.0),
-        reference_distribution=release["reference_distribution"],
-        estimation_weights=release.get("estimation_weights"),
-        calibration=release_calibration(release),
-        int8_ranges=load_ranges(verified(source / RANGES_FILE, ranges_sha256)) if ranges_sha256 else None,
-        metrics=speech_metrics(release["metrics"], speech_dir),
-        card_text=(source / CARD_FILE).read_text(encoding="utf-8"),
-        recipe={**recipe, "model": model.config.to_dict(), "speech": str(speech_dir)},
-    )
+    text_model, recipe = release_model(source)
+    model, recipe = speech_recipe(with_speech(text_model, speech_dir), recipe)
+    artifact = _export(model, recipe, out_dir, version, speech_metrics(release["metrics"], speech_dir), source)
     text_rows = len(PROBE_TEXTS)
     got = np.array(probe_outputs(artifact)[:text_rows])
     worst = float(np.abs(got - np.array(release["probe"][:text_rows])).max())

@@ -17,13 +17,13 @@ from transformers import BertConfig, BertModel
 
 from model.audio_encoder import AudioEncoder, TransformerBlock, key_mask
 from model.labels import EMOTIONS, SENTIMENTS, LabelSet
+from model.preprocess import LATE_FLAGS
 from model.text_encoder import TextEncoder, pretrained_dir, tiny_bert_config
 from model.whisper_encoder import MIN_SAMPLES, WHISPER_DIM, WhisperEncoder, load_whisper_encoder, masked_mean
 
 TEXT_ENCODERS = ("minilm", "tiny")
 SPEECH_ENCODERS = ("scratch", "whisper-tiny.en")  # "scratch": the small AudioEncoder of the first releases
 FUSIONS = ("gate", "late")  # "gate": the learned gate of the first releases; "late": docs/SPEECH.md's rule
-LATE_FLAGS = 2  # has_text, has_audio at the end of a late-fusion utterance embedding
 
 
 @dataclass(frozen=True)
@@ -368,13 +368,23 @@ class LateFusionHead(ContextHead):
         self, embeddings: torch.Tensor, speakers: torch.Tensor, turn_mask: torch.Tensor, causal: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         text, evidence, flags = embeddings.split(self.split, dim=-1)
-        has_text, has_audio = (flags > 0.5).unbind(-1)
         text_logits, text_sentiment = super().forward(text, speakers, turn_mask, causal)
-        fused = torch.where(has_audio[..., None], text_logits + self.fusion_weight * evidence, text_logits)
-        audio_only = (has_audio & ~has_text)[..., None]
-        emotion = torch.where(audio_only, evidence, fused)
+        emotion = fuse_late(text_logits, evidence, flags, self.fusion_weight)
         audio_sentiment = torch.log(torch.softmax(evidence, dim=-1) @ self.sentiment_map + 1e-6)
-        return emotion, torch.where(audio_only, audio_sentiment, text_sentiment), text_logits
+        return emotion, torch.where(_audio_only(flags), audio_sentiment, text_sentiment), text_logits
+
+
+def fuse_late(text_logits: torch.Tensor, evidence: torch.Tensor, flags: torch.Tensor, weight: float) -> torch.Tensor:
+    """Late fusion's emotion logits per turn: text and audio: text_logits + weight * evidence; audio only: the
+    evidence; text only or neither: text_logits. `flags` are the embedding's (has_text, has_audio)."""
+    has_audio = (flags[..., 1] > 0.5)[..., None]
+    fused = torch.where(has_audio, text_logits + weight * evidence, text_logits)
+    return torch.where(_audio_only(flags), evidence, fused)
+
+
+def _audio_only(flags: torch.Tensor) -> torch.Tensor:
+    has_text, has_audio = (flags > 0.5).unbind(-1)
+    return (has_audio & ~has_text)[..., None]
 
 
 class ModelOutput(NamedTuple):
@@ -396,6 +406,14 @@ class EmotionModel(nn.Module):
         else:
             self.encoder, self.head = UtteranceEncoder(config, text), ContextHead(config)
         self.encoder.text.set_trainable_layers(config.text_trainable_layers)
+
+    def audio_modules(self) -> tuple[nn.Module, ...]:
+        """What turns audio into the served outputs, encoder first: the scratch encoder and its projection (gate
+        fusion), or the Whisper features and the audio head (late fusion)."""
+        encoder = self.encoder
+        if isinstance(encoder, LateFusionEncoder):
+            return encoder.speech, encoder.audio_head
+        return encoder.audio, encoder.audio_proj
 
     def forward(
         self,

@@ -22,6 +22,7 @@ from core.text import is_present
 
 PAD_ID = 0
 DEFAULT_MAX_AUDIO_SECONDS = 30.0
+LATE_FLAGS = 2  # has_text, has_audio at the end of a late-fusion utterance embedding
 _EMPTY_AUDIO = np.zeros(1, dtype=np.float32)
 T = TypeVar("T")
 

@@ -28,6 +28,7 @@ import onnxruntime as ort
 from model.artifact import ModelArtifact, Precision, load_artifact
 from model.labels import LabelSet
 from model.preprocess import (
+    LATE_FLAGS,
     EncoderBatch,
     PreparedUtterance,
     PreprocessError,
@@ -108,8 +109,9 @@ def open_session(path: Path, device: Device, options: ort.SessionOptions) -> ort
     return session
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """softmax(logits / temperature) over the last axis, computed in float64, returned as float32."""
+def softmax(logits: np.ndarray, temperature: float | np.ndarray = 1.0) -> np.ndarray:
+    """softmax(logits / temperature) over the last axis (a temperature array broadcasts against the logits),
+    computed in float64, returned as float32."""
     scaled = np.asarray(logits, dtype=np.float64) / temperature
     scaled -= scaled.max(axis=-1, keepdims=True)
     weights = np.exp(scaled)
@@ -322,12 +324,23 @@ class InferenceRuntime:
         emotion_logits, sentiment_logits = self._context.run(
             ["emotion_logits", "sentiment_logits"], context_batch(dialogues, causal).feeds()
         )
-        emotion = softmax(emotion_logits, self.artifact.calibration.temperature)
-        sentiment = softmax(sentiment_logits, self.artifact.calibration.sentiment_temperature)
+        calibration, tempered = self.artifact.calibration, self._tempered_turns(dialogues, emotion_logits.shape[1])
+        emotion = softmax(emotion_logits, np.where(tempered, calibration.temperature, 1.0))
+        sentiment = softmax(sentiment_logits, np.where(tempered, calibration.sentiment_temperature, 1.0))
         return [
             [self._prediction(emotion[row, t], sentiment[row, t], vectors[t]) for t in range(len(vectors))]
             for row, (vectors, _) in enumerate(dialogues)
         ]
+
+    def _tempered_turns(self, dialogues: list[tuple[np.ndarray, np.ndarray]], width: int) -> np.ndarray:
+        """[B, T, 1]: the turns the serving temperatures apply to. They were fitted on text; late fusion serves an
+        audio-only turn as its audio evidence, already calibrated in the graph (T_a), so it is not tempered again."""
+        tempered = np.ones((len(dialogues), width, 1), dtype=bool)
+        if self.artifact.late_fusion:
+            for row, (vectors, _) in enumerate(dialogues):
+                has_text, has_audio = (vectors[:, -LATE_FLAGS:] > 0.5).T
+                tempered[row, : len(vectors), 0] = has_text | ~has_audio
+        return tempered
 
     def _prediction(self, emotion: np.ndarray, sentiment: np.ndarray, embedding: np.ndarray) -> TurnPrediction:
         # Copies: views would keep the whole batch's arrays alive as long as any one prediction is.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -12,6 +11,8 @@ import torch
 
 from model.artifact import ENCODER_FILE, ModelArtifact
 from model.export import CONTEXT_OUTPUTS, eval_mode, example_context_inputs, example_encoder_inputs, to_feeds
+from model.network import fuse_late
+from model.preprocess import LATE_FLAGS
 from retraining.graphs import FEATURES_OUTPUT, EmotionHead, session, with_features_output
 
 Inputs = Mapping[str, torch.Tensor]
@@ -31,16 +32,24 @@ class ParityReference(Protocol):
 
 class HeadReference:
     """A new emotion classifier on the base context graph's frozen features (tiers 1 and 2): the features come
-    from the base graph, the classifier is applied in PyTorch."""
+    from the base graph, the classifier is applied in PyTorch, and in a late-fusion graph the fusion after it
+    (model/network.py fuse_late) with the base's fusion weight."""
 
-    def __init__(self, base_context: Path, head: EmotionHead) -> None:
-        self.graph = session(with_features_output(base_context))
+    def __init__(self, base: ModelArtifact, head: EmotionHead) -> None:
+        self.graph = session(with_features_output(base.context_path))
         self.head = head
+        self.late = base.late_fusion
+        self.split = (int(base.config["embed_dim"]), len(base.config["emotions"]), LATE_FLAGS)
+        self.fusion_weight = float(base.config.get("fusion_weight", 0.0))
 
     def context(self, inputs: Inputs) -> Sequence[np.ndarray]:
         features, sentiment = self.graph.run([FEATURES_OUTPUT, CONTEXT_OUTPUTS[1]], to_feeds(inputs))
         weight, bias = torch.tensor(self.head.weight), torch.tensor(self.head.bias)
-        return torch.nn.functional.linear(torch.from_numpy(features), weight, bias).numpy(), sentiment
+        logits = torch.nn.functional.linear(torch.from_numpy(features), weight, bias)
+        if self.late:
+            _, evidence, flags = inputs["embeddings"].split(self.split, dim=-1)
+            logits = fuse_late(logits, evidence, flags, self.fusion_weight)
+        return logits.numpy(), sentiment
 
     def encoder(self, inputs: Inputs) -> np.ndarray | None:
         return None
@@ -54,7 +63,7 @@ class TorchReference:
 
     def context(self, inputs: Inputs) -> Sequence[np.ndarray]:
         with eval_mode(self.model), torch.no_grad():
-            return [t.numpy() for t in self.model.head(**inputs)]
+            return [t.numpy() for t in self.model.head(**inputs)[: len(CONTEXT_OUTPUTS)]]  # late: + text logits
 
     def encoder(self, inputs: Inputs) -> np.ndarray | None:
         with eval_mode(self.model), torch.no_grad():

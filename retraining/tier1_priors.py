@@ -193,7 +193,7 @@ def build(ctx: JobContext, inputs: TierInputs) -> Draft:
     head = corrected_head(inputs.base.context_path, found.offset)
     return Draft(
         graphs=head_graphs(inputs.base, directory / "context.onnx"),
-        reference=HeadReference(inputs.base.context_path, head),
+        reference=HeadReference(inputs.base, head),
         recipe={"tier": 1, "method": "MLLS prior correction on BCTS posteriors (Saerens 2002; Alexandari 2020)"}
         | asdict(found),
         class_prior=dict(zip(names, found.new_prior, strict=True)),

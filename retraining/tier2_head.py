@@ -112,7 +112,7 @@ def build(ctx: JobContext, inputs: TierInputs) -> Draft:
     ctx.log(f"tier 2: classifier retrained on labelled turns {counts}")
     return Draft(
         graphs=head_graphs(inputs.base, head_dir / "context.onnx"),
-        reference=HeadReference(inputs.base.context_path, head),
+        reference=HeadReference(inputs.base, head),
         recipe={
             "tier": 2,
             "method": "cRT: class-balanced sampling on frozen context features",

@@ -166,6 +166,17 @@ class Dialogues:
         present = [name for k, name in enumerate(("text", "audio")) if any(turn[k] is not None for turn in turns)]
         return DataSource(data, "+".join(present) or "text", len(turns), len(chosen))
 
+    def text_only(self) -> Dialogues:
+        """The same dialogues without their audio: a turn that had audio alone keeps its place as context, unlabelled
+        (a late-fusion model's speech head is fitted apart from its text path, training/speech.py)."""
+        side = Dialogues()
+        for i in range(len(self)):
+            has_text = np.array([t is not None for t in self.texts[i]])
+            side.add(self.texts[i], [None] * len(self.texts[i]), self.speakers[i],
+                     np.where(has_text, self.emotions[i], -1), np.where(has_text, self.sentiments[i], -1),
+                     self.groups[i])  # fmt: skip
+        return side
+
     def audio_turns(self) -> int:
         """Labelled turns with an audio file."""
         return sum(int(((e >= 0) & np.array([a is not None for a in audio])).sum())
@@ -222,7 +233,7 @@ def start_model(config: Mapping[str, Any], state: Mapping[str, torch.Tensor], tr
     """The champion's network (its whole state, `state`); its audio branch frozen unless `train_audio`."""
     model = EmotionModel(ModelConfig.from_dict(dict(config)), pretrained_text=False)
     model.load_state_dict(state)
-    for part in (model.encoder.audio, model.encoder.audio_proj):
+    for part in model.audio_modules():
         part.requires_grad_(train_audio)
     return model
 
@@ -451,7 +462,11 @@ def _finetune(out: Path, ctx: JobContext, inputs: TierInputs, config: FineTuning
     ctx.log(f"tier 3: starts from {start.weights_source} (parity {start.parity:.2g}), recipe {start.recipe_source}")
     train, dev = conversation_dialogues(inputs.data, recipe.data.meld, config.dev_fraction)
     missing: list[str] = []
-    if inputs.params.get("use_base_data", True):
+    late = start.model.config.fusion == "late"
+    if late:  # its text path is fine-tuned; the speech branch and the fusion weight stay the champion's
+        train, dev = train.text_only(), dev.text_only()
+        ctx.log("tier 3: a late-fusion champion: text turns only, its speech head kept")
+    if inputs.params.get("use_base_data", True) and not late:
         limit = inputs.params.get("base_max_dialogues")
         clips = speech_dialogues(inputs.corpora, recipe.data, inputs.base.emotions, int(limit) if limit else None)
         train, dev, missing = train.extend(clips[0]), dev.extend(clips[1]), clips[2]
@@ -466,7 +481,7 @@ def _finetune(out: Path, ctx: JobContext, inputs: TierInputs, config: FineTuning
     model = _train(out, ctx, inputs, config, tuner, start, bool(audio["fine_tuned"]))
     finished = {
         "recipe": recipe.to_dict(),
-        "start": {**start.describe(), "audio_encoder_sha256": module_sha256(start.model.encoder.audio)},
+        "start": {**start.describe(), "audio_encoder_sha256": module_sha256(start.model.audio_modules()[0])},
         "audio": audio,
         "selection": json.loads((out / SELECTION_FILE).read_text(encoding="utf-8")),
         **_post_hoc(model, tuner, torch.device(inputs.device), inputs.base.calibration.sentiment_temperature),

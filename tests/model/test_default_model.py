@@ -8,22 +8,27 @@ import shutil
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
+from core.files import sha256_file
 from core.settings import Settings
 from model.artifact import load_artifact
 from model.default_model import (
+    PROBE_TEXTS,
     SHIPPED_DIR,
     DefaultModelError,
     assemble,
     check_probe,
+    probe_audio,
     read_release,
+    release_model,
     shipped_artifact,
     speech_metrics,
 )
 from model.delta import DELTA_FILE
 from tests.api.conftest import running_server
-from training.evaluate import int8_agreements, score_meld, score_speech
+from training.evaluate import audio_only_key, int8_agreements, score_meld, score_speech
 
 BUDGET_BYTES = 40 * 2**20
 POINTS = 0.005  # the card's metrics must hold within half a point
@@ -62,14 +67,14 @@ def test_meld_test_scores_as_the_card_states(default_runtime, data_dir: Path) ->
     _assert_close(measured, card, "MELD test")
 
 
-@pytest.mark.parametrize("corpus", ["ravdess", "tess"])
+@pytest.mark.parametrize(("corpus", "line"), [("ravdess", "clean"), ("ravdess", "mulaw"), ("emodb", "clean")])
 def test_audio_only_on_held_out_speakers_scores_as_the_card_states(
-    default_runtime, data_dir: Path, corpus: str
+    default_runtime, data_dir: Path, corpus: str, line: str
 ) -> None:  # noqa: ANN001, E501
-    card = read_release()["metrics"]["audio_only"][corpus]
-    measured = score_speech(default_runtime, data_dir, corpus).report(default_runtime.emotions.names)
+    card = read_release()["metrics"][audio_only_key(line)][corpus]
+    measured = score_speech(default_runtime, data_dir, corpus, line=line).report(default_runtime.emotions.names)
     assert measured.macro_f1 == pytest.approx(card["macro_f1"], abs=POINTS)
-    _assert_close(measured, card, f"{corpus} audio only")
+    _assert_close(measured, card, f"{corpus} audio only ({line})")
 
 
 def test_int8_mode_agrees_with_fp32_on_meld_dev(default_state: Path, data_dir: Path) -> None:
@@ -147,8 +152,39 @@ def test_the_release_is_calibrated_on_clean_meld_dev_text_and_the_artifact_recor
 
 def test_a_speech_artifact_reports_its_speech_head_figures_not_the_old_audio_branch() -> None:
     speech_dir = SHIPPED_DIR / "speech"
-    release = read_release(SHIPPED_DIR)
-    metrics = speech_metrics(release["metrics"], speech_dir)
-    assert "audio_only" in release["metrics"] and "audio_only" not in metrics
-    assert metrics["meld_test"] == release["metrics"]["meld_test"]  # the text path is the release's
+    released = read_release(SHIPPED_DIR)["metrics"]
+    metrics = speech_metrics({**released, "audio_only": {"ravdess": {}}}, speech_dir)
+    assert "audio_only" not in metrics
+    assert metrics["meld_test"] == released["meld_test"]  # the text path is the release's
     assert metrics["speech"] == json.loads((speech_dir / "speech.json").read_text(encoding="utf-8"))["figures"]
+
+
+def test_the_release_serves_its_speech_head_and_refuses_a_tampered_one(tmp_path: Path) -> None:
+    release = read_release()
+    speech = release["speech"]
+    assert sha256_file(SHIPPED_DIR / speech["dir"] / "audio_head.safetensors") == speech["head_sha256"]
+    model, recipe = release_model()
+    assert model.config.fusion == "late" and recipe["model"]["fusion"] == "late"
+    source = tmp_path / "default"
+    shutil.copytree(SHIPPED_DIR, source)
+    head = source / speech["dir"] / "audio_head.safetensors"
+    head.write_bytes(head.read_bytes()[:-1] + bytes([head.read_bytes()[-1] ^ 1]))
+    with pytest.raises(DefaultModelError, match="sha256"):
+        assemble(tmp_path / "artifact", source)
+
+
+def test_audio_only_turns_are_calibrated_once(default_runtime) -> None:  # noqa: ANN001
+    """A late-fusion graph serves an audio-only turn as its audio evidence, already divided by T_a: the serving
+    temperature (fitted on text) must not divide it again, while text turns keep it."""
+    from model.runtime import UtteranceInput
+
+    audio = probe_audio()
+    (alone,), (both,) = default_runtime.classify(
+        [[UtteranceInput(None, audio)], [UtteranceInput(PROBE_TEXTS[0], audio)]], causal=False
+    )
+    width, classes = default_runtime.artifact.config["embed_dim"], len(default_runtime.emotions.names)
+    evidence = alone.embedding[width : width + classes].astype(np.float64)
+    expected = np.exp(evidence - evidence.max()) / np.exp(evidence - evidence.max()).sum()
+    assert np.abs(alone.emotion_probs - expected).max() < 1e-6
+    assert default_runtime.artifact.calibration.temperature != 1.0
+    assert not np.allclose(both.emotion_probs, alone.emotion_probs, atol=1e-3)

@@ -13,6 +13,7 @@ import onnx
 import pytest
 import torch
 
+from model.artifact import derive_artifact, export_artifact
 from model.audio import decode_audio
 from model.data.speech import read_clips
 from model.default_model import SHIPPED_DIR
@@ -35,6 +36,7 @@ from model.network import (
     emotion_to_sentiment,
 )
 from retraining.graphs import EmotionHead, read_head, write_head
+from retraining.parity import HeadReference, parity
 from tests.conftest import one_torch_thread
 from tests.model.test_network import encoder_batch
 
@@ -187,3 +189,21 @@ def test_whisper_late_encoder_onnx_matches_pytorch_on_real_speech(speech: list[n
             session.run(None, to_feeds(silent))[0], model.encoder(**silent).numpy(), atol=PARITY_TOLERANCE, rtol=0
         )
     assert isinstance(model.encoder, UtteranceEncoder)
+
+
+def test_tier_2_parity_reference_applies_the_late_fusion_after_the_new_head(tmp_path: Path) -> None:
+    """Tiers 1 and 2 check a rewritten head against HeadReference on probes whose turns carry audio: on a
+    late-fusion artifact the reference must fuse like the graph, or every cheap-tier candidate is refused."""
+    torch.manual_seed(0)
+    base = export_artifact(
+        EmotionModel(late_config(), pretrained_text=False).eval(), tmp_path / "base", version="late-0", int8=False
+    )
+    old = read_head(base.context_path)
+    new = EmotionHead(old.weight * 0.5, old.bias + 1.0)
+    graphs = {"context.onnx": write_head(base.context_path, tmp_path / "context.onnx", new)}
+    candidate = derive_artifact(base, tmp_path / "candidate", version="late-1", graphs=graphs)
+    assert parity(candidate, HeadReference(base, new), base) <= PARITY_TOLERANCE
+    # The same check without the fusion (the reference before late fusion was handled) does not hold.
+    unfused = HeadReference(base, new)
+    unfused.late = False
+    assert parity(candidate, unfused, base) > 1e-2

@@ -125,7 +125,7 @@ def _same_head(registry: ModelRegistry, tmp_path: Path, version: str) -> tuple[M
     return (
         base,
         _candidate(base, tmp_path, version, base.context_path),
-        HeadReference(base.context_path, read_head(base.context_path)),
+        HeadReference(base, read_head(base.context_path)),
     )
 
 
@@ -134,7 +134,7 @@ def test_a_graph_that_differs_from_its_reference_fails_parity(registry: ModelReg
     head = read_head(base.context_path)
     tampered = write_head(base.context_path, tmp_path / "tampered.onnx", EmotionHead(head.weight, head.bias + 0.01))
     candidate = _candidate(base, tmp_path, "tampered", tampered)
-    reasons = _rejected(registry, base, candidate, HeadReference(base.context_path, head)).reasons
+    reasons = _rejected(registry, base, candidate, HeadReference(base, head)).reasons
     assert len(reasons) == 1 and reasons[0].startswith("ONNX parity failed")
 
 
@@ -143,9 +143,7 @@ def test_a_corrupted_graph_fails_parity(registry: ModelRegistry, tmp_path: Path)
     corrupted = tmp_path / CONTEXT_FILE
     corrupted.write_bytes(base.context_path.read_bytes()[:-200] + b"\0" * 200)
     candidate = _candidate(base, tmp_path, "corrupted", corrupted)
-    reasons = _rejected(
-        registry, base, candidate, HeadReference(base.context_path, read_head(base.context_path))
-    ).reasons
+    reasons = _rejected(registry, base, candidate, HeadReference(base, read_head(base.context_path))).reasons
     assert reasons[0].startswith("ONNX parity failed")
 
 
@@ -298,7 +296,7 @@ def test_the_newest_decision_is_exported_with_its_bounds(
         registry,
         base,
         _candidate(base, tmp_path, "other", context),
-        HeadReference(base.context_path, other),
+        HeadReference(base, other),
         _conversations(30, base.embed_dim),
         minority=MINORITY,
         config=GateConfig(),

@@ -88,7 +88,7 @@ def same_head(registry: ModelRegistry, tmp_path: Path, version: str) -> tuple[Mo
     base = registry.verify("tiny-1")
     candidate = _candidate(base, tmp_path, version, base.context_path)
     registry.register(candidate, parent_version=base.version)
-    return base, candidate, HeadReference(base.context_path, read_head(base.context_path))
+    return base, candidate, HeadReference(base, read_head(base.context_path))
 
 
 def gate(
@@ -168,7 +168,7 @@ def test_the_gate_judges_on_the_rows_the_service_logged_in_shadow(
         registry,
         base,
         candidate,
-        HeadReference(base.context_path, other),
+        HeadReference(base, other),
         min_heldout_turns=32,
         min_heldout_conversations=8,
     )

@@ -243,3 +243,21 @@ def test_tier3_keeps_and_fine_tunes_the_champions_audio_path(engine: Engine, dat
     speech = _speech_parity(candidate, tuned.model, data_dir)
     print(f"tier 3: start parity {recipe['start']['parity_with_champion_graphs']:.2g}, speech parity {speech:.2g}")
     assert speech <= PARITY
+
+
+def test_a_late_fusion_champion_is_fine_tuned_on_its_text_turns_with_its_speech_branch_frozen() -> None:
+    from retraining.tier3_finetune import Dialogues, start_model
+
+    data = Dialogues()
+    data.add(["hi", None, "bye"], ["a.wav", "b.wav", None], np.zeros(3), np.array([1, 2, 3]), np.zeros(3), DIALOGUE)
+    text = data.text_only()
+    assert text.audio == [[None, None, None]] and text.texts == data.texts
+    assert text.emotions[0].tolist() == [1, -1, 3]  # the audio-only turn stays as unlabelled context
+    assert data.audio_turns() == 2 and text.audio_turns() == 0
+    config = ModelConfig.tiny(fusion="late", fusion_weight=0.5)
+    model = EmotionModel(config, pretrained_text=False)
+    speech, head = model.audio_modules()
+    assert speech is model.encoder.speech and head is model.encoder.audio_head
+    started = start_model(config.to_dict(), model.state_dict(), train_audio=False)
+    assert not any(p.requires_grad for part in started.audio_modules() for p in part.parameters())
+    assert any(p.requires_grad for p in started.head.parameters())
