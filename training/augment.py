@@ -1,4 +1,4 @@
-"""Augmentation on embeddings: mixup (input and manifold), minority-augmented mixing, SMOTE, and
+"""Augmentation on embeddings: mixup (input and manifold), BalanceMix's minority-augmented mixing, SMOTE, and
 cross-modal recombination. Randomness comes from a numpy `Generator` passed in, so runs are reproducible.
 """
 
@@ -13,7 +13,7 @@ import torch
 from sklearn.neighbors import NearestNeighbors
 from torch import Tensor
 
-from training.common import as_soft_targets, to_numpy
+from training.common import ArrayLike, as_soft_targets, to_numpy
 from training.samplers import FrequencySampler
 
 
@@ -47,9 +47,22 @@ def _mix_with(
     return MixedBatch(mixed_x, mixed_y, lam_t, index)
 
 
-def mixup(x: Tensor, y: Tensor, num_classes: int, rng: np.random.Generator, alpha: float) -> MixedBatch:
-    """Zhang et al. 2018: mix each sample with a random other sample of the batch (hard or soft `y`)."""
-    partner = rng.permutation(len(x))
+def permute_within(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random permutation of 0..N-1 that maps every index to one of the same group."""
+    groups = np.asarray(groups)
+    by_group = np.argsort(groups, kind="stable")
+    shuffled = np.lexsort((rng.random(len(groups)), groups))  # same group order, random order inside each
+    partner = np.empty(len(groups), dtype=np.int64)
+    partner[by_group] = shuffled
+    return partner
+
+
+def mixup(
+    x: Tensor, y: Tensor, num_classes: int, rng: np.random.Generator, alpha: float, groups: ArrayLike | None = None
+) -> MixedBatch:
+    """Zhang et al. 2018: mix each sample with a random other sample of the batch (hard or soft `y`); with
+    `groups`, only with a sample of its own group (the loop mixes utterances only within their dialogue)."""
+    partner = rng.permutation(len(x)) if groups is None else permute_within(to_numpy(groups), rng)
     return _mix_with(x, y, x, y, partner, sample_lambda(len(x), alpha, rng), num_classes)
 
 
@@ -76,24 +89,55 @@ def manifold_mixup(
     return h, mixed
 
 
+def minority_weights(labels: ArrayLike) -> np.ndarray:
+    """BalanceMix's minority sampling: each labelled sample's probability ∝ 1 / (its label's frequency in
+    `labels`), so every class is drawn equally often; unlabelled samples (label < 0) are never drawn."""
+    y = to_numpy(labels).astype(np.int64)
+    weights = np.zeros(len(y))
+    labelled = y >= 0
+    if labelled.any():
+        weights[labelled] = FrequencySampler(0.0).weights(y[labelled], epoch=0)
+    return weights
+
+
+def draw_minority_dialogues(
+    dialogue_of: np.ndarray, weights: np.ndarray, k: int, rng: np.random.Generator
+) -> np.ndarray:
+    """`k` dialogues drawn with replacement, each with probability ∝ the summed minority weights of its turns.
+    Picking one of the k uniformly and then a turn of it ∝ its weight (`minority_partner_probs`) draws every turn
+    of the data set with probability ∝ its weight: the partner of BalanceMix comes from the whole data set, with
+    its dialogue around it for context."""
+    per_dialogue = np.bincount(dialogue_of, weights=weights)
+    return rng.choice(len(per_dialogue), size=k, p=per_dialogue / per_dialogue.sum())
+
+
+def minority_partner_probs(weights: np.ndarray, slot: np.ndarray) -> np.ndarray:
+    """Probability of each row of the drawn dialogues (`slot`: which of the k drawn dialogues a row belongs to)
+    being a partner: 1/k · weight / (its dialogue's summed weight)."""
+    per_slot = np.bincount(slot, weights=weights)
+    return weights / per_slot[slot] / len(per_slot)
+
+
 def minority_mix(
     x: Tensor,
     y: Tensor,
     num_classes: int,
     rng: np.random.Generator,
     alpha: float,
-    pool_x: Tensor | None = None,
-    pool_y: Tensor | None = None,
+    pool_x: Tensor,
+    pool_y: Tensor,
+    pool_p: ArrayLike,
 ) -> MixedBatch:
-    """BalanceMix-style minority-augmented mixing: each sample of an instance-sampled batch is mixed with a
-    partner drawn class-balanced from the pool (default: the batch; hard labels), and the partner gets the
-    larger share, max(λ, 1 − λ), so that the mix leans toward the minority draw."""
-    pool_x = x if pool_x is None else pool_x
-    pool_y = y if pool_y is None else pool_y
-    weights = FrequencySampler(0.0).weights(to_numpy(pool_y), epoch=0)
-    partner = rng.choice(len(pool_x), size=len(x), p=weights)
+    """BalanceMix (Song et al., ICML 2024), its minority-augmented mixing: each sample of the instance-sampled
+    (random) batch is the base and is mixed with a partner drawn from `pool` with probabilities `pool_p`
+    (`minority_weights`: ∝ 1 / label frequency over the data set). The random sample gets the larger share,
+    λ = max(λ', 1 − λ') with λ' ~ Beta(α, α), so the mix stays close to the data distribution while adding
+    minority signal. BalanceMix is a multi-label method; here each sample has one label, label frequency is class
+    frequency, and the mixed target is λ · y + (1 − λ) · y_partner as in mixup."""
+    p = to_numpy(pool_p).astype(np.float64)
+    partner = rng.choice(len(p), size=len(x), p=p / p.sum())
     lam = sample_lambda(len(x), alpha, rng)
-    return _mix_with(x, y, pool_x, pool_y, partner, np.minimum(lam, 1 - lam), num_classes)
+    return _mix_with(x, y, pool_x, pool_y, partner, np.maximum(lam, 1 - lam), num_classes)
 
 
 def _smote_class(xc: np.ndarray, n_new: int, k: int, rng: np.random.Generator) -> np.ndarray:

@@ -64,12 +64,15 @@ def predict_logits(head: nn.Module, features: Tensor, batch_size: int = 4096) ->
 
 
 def tau_normalize(head: nn.Linear, tau: float) -> nn.Linear:
-    """A copy of `head` with each class's weight row divided by its norm^τ (τ=0: unchanged, τ=1: unit rows).
-    The bias is kept as is, so τ=0 is exactly the original classifier."""
+    """Kang et al. 2020: a copy of `head` that scores W_j · x / ||W_j||^τ with no bias (τ=0: the weights
+    unchanged, τ=1: unit rows). The bias is dropped at every τ: the method re-balances the classifier through its
+    weight norms alone, and a bias learnt on the imbalanced data would carry the prior back in."""
     normalised = copy.deepcopy(head)
     with torch.no_grad():
         norms = head.weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
         normalised.weight.copy_(head.weight / norms.pow(tau))
+        if normalised.bias is not None:
+            normalised.bias.zero_()
     return normalised
 
 

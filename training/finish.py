@@ -16,6 +16,7 @@ from training.common import class_prior
 from training.datasets import NO_LABEL
 from training.decoupled import retrain_classifier, select_tau, tau_normalize
 from training.forward import MODES, dev_selection, predict, report
+from training.losses import NormedLinear
 from training.metrics import compute_metrics
 from training.plots import plot_confusion, plot_per_class
 from training.posthoc import logit_adjustment, tune_class_biases, tune_logit_adjustment
@@ -28,6 +29,7 @@ from training.session import Session
 def finish(s: Session) -> dict[str, Any]:
     """Best weights -> decoupled stage -> post-hoc bias -> calibration on dev -> reports and plots."""
     load_model_state(s.model, s.run.load(s.run.best_model))
+    fold_classifier(s)
     decoupled = decouple(s)
     rows, dev = dev_selection(s)
     dev_labels = s.tables["dev"].emotions[rows]
@@ -61,6 +63,21 @@ def finish(s: Session) -> dict[str, Any]:
 GROUP_SOURCES = {"meld": ("MELD", "text"), "speech": ("acted speech (RAVDESS, TESS, EmoDB)", "text+audio")}
 
 
+def fold_classifier(s: Session) -> None:
+    """A cosine emotion classifier (LDAM) becomes the plain linear layer the exported graphs carry (same
+    predicted classes; training/losses.py `NormedLinear.to_linear`)."""
+    head = s.model.head
+    if isinstance(head.emotion_head, NormedLinear):
+        head.emotion_head = head.emotion_head.to_linear()
+
+
+def monitored_train_counts(s: Session) -> np.ndarray:
+    """Training turns per emotion of the monitored group (MELD when MELD is trained): the prior of the rows that
+    dev selection, post-hoc adjustment and calibration look at."""
+    train_rows = s.tables["train"].groups()[s.monitor_group]
+    return np.bincount(s.tables["train"].emotions[train_rows], minlength=s.num_emotions)
+
+
 def calibration_fit(s: Session) -> CalibrationFit:
     """The artifact's calibration record, fitted on the clean dev set of the modality mix the model serves (the
     monitored group of dev, bidirectional context, after the post-hoc offset), with the training prior of the
@@ -68,9 +85,8 @@ def calibration_fit(s: Session) -> CalibrationFit:
     data, modalities = GROUP_SOURCES[s.monitor_group]
     rows, dev = dev_selection(s)
     table = s.tables["dev"]
-    train_rows = s.tables["train"].groups()[s.monitor_group]
-    train_counts = np.bincount(s.tables["train"].emotions[train_rows], minlength=s.num_emotions)
-    training_source = DataSource(f"{data} train", modalities, len(train_rows), None)
+    train_counts = monitored_train_counts(s)
+    training_source = DataSource(f"{data} train", modalities, int(train_counts.sum()), None)
     dialogues = table.dialogue_of[rows]
     return fit_calibration_record(
         dev.emotion.numpy(),
@@ -105,8 +121,9 @@ def decouple(s: Session) -> dict[str, Any]:
 
 
 def posthoc_offset(s: Session, logits: Tensor, labels: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
-    """Per-class logit offset: logit adjustment (tau fixed or tuned on dev) then per-class bias tuning."""
-    return class_offset(s.recipe.posthoc, s.counts, logits, labels)
+    """Per-class logit offset: logit adjustment (tau fixed or tuned on dev) then per-class bias tuning. The prior
+    is the monitored group's (MELD's training prior for a model selected on MELD dev), not the pooled one."""
+    return class_offset(s.recipe.posthoc, monitored_train_counts(s), logits, labels)
 
 
 def class_offset(

@@ -8,7 +8,10 @@ Every epoch draws its randomness from (seed, epoch) alone, so a run resumed from
 continues exactly as the uninterrupted run would have. The library methods plug in at fixed points: the sampler
 chooses the turns (training/datasets.py `plan_epoch`), augmentation mixes utterance embeddings (level 0) or
 contextual features (level 1), the loss scores the emotion head, and decoupling / post-hoc corrections rewrite
-the emotion classifier (so the exported graph carries them).
+the emotion classifier (so the exported graph carries them). Utterance-level mixing (level 0) pairs turns of the
+same dialogue only: it happens before the context head, so a partner from another dialogue would put that
+dialogue's content into every neighbour's context. BalanceMix draws its minority partners from the whole
+training set (`minority_mix`): a second, minority-drawn batch of dialogues is encoded beside the step's own.
 
 `Stepper` (one optimisation step) and `run_epoch` (one pass over an epoch's steps) take any inputs and loss:
 retraining tier 3 trains on them with its own batches.
@@ -30,7 +33,15 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from model.network import EmotionModel
-from training.augment import minority_mix, mixup, recombine_modalities, smote
+from training.augment import (
+    draw_minority_dialogues,
+    minority_mix,
+    minority_partner_probs,
+    minority_weights,
+    mixup,
+    recombine_modalities,
+    smote,
+)
 from training.common import one_hot
 from training.datasets import NO_LABEL, Batch, plan_epoch
 from training.finish import finish
@@ -41,7 +52,7 @@ from training.noise import partition_noisy_labels, per_sample_loss
 from training.recipe import Recipe
 from training.run import RunDir, model_state
 from training.samplers import DevF1Sampler
-from training.session import Session, build_session, checkpoint, seed_everything
+from training.session import Session, build_session, checkpoint, seed_everything, start_epoch
 
 T = TypeVar("T")
 
@@ -92,7 +103,7 @@ def run_epoch(
 
 def train_epoch(s: Session, epoch: int) -> dict[str, float]:
     rng = seed_everything(s.recipe.train.seed, epoch)
-    s.loss.set_epoch(epoch)
+    start_epoch(s, epoch)
     table, optim = s.tables["train"], s.recipe.optim
     plan = plan_epoch(table, s.state.labels, s.sampler, epoch, s.recipe.train.seed, optim.batch_dialogues)
     train_mode(s.model)
@@ -106,8 +117,18 @@ def _planned_loss(s: Session, rng: np.random.Generator, planned: tuple[np.ndarra
     dialogues, draw = planned
     batch = s.collators["train"](dialogues, s.state.labels, draw).to(s.device)
     batch = modality_dropout(batch, s.recipe.train.modality_dropout, rng)
+    minority = minority_batch(s, len(dialogues), rng) if s.recipe.augment.method == "balancemix" else None
     with torch.autocast(s.device.type, dtype=torch.float16, enabled=s.amp):
-        return training_loss(s, batch, rng)
+        return training_loss(s, batch, rng, minority)
+
+
+def minority_batch(s: Session, k: int, rng: np.random.Generator) -> Batch:
+    """BalanceMix's minority batch: `k` training dialogues drawn so that a turn picked from them (see
+    `minority_partner_probs`) is any labelled training turn with probability ∝ 1 / its class's frequency."""
+    labels, table = s.state.labels, s.tables["train"]
+    dialogues = draw_minority_dialogues(table.dialogue_of, minority_weights(labels), k, rng)
+    batch = s.collators["train"](dialogues, labels).to(s.device)
+    return modality_dropout(batch, s.recipe.train.modality_dropout, rng)
 
 
 def train_mode(model: EmotionModel) -> None:
@@ -144,71 +165,111 @@ def choose_causal(mode: str, rng: np.random.Generator) -> bool:
 
 class Targets(NamedTuple):
     """Soft targets of some rows; mixing them mixes both tasks, and a mixed row keeps sentiment only if both
-    of its sources have one."""
+    of its sources have one. `corpus` (the logit-adjusted loss's prior) stays the base row's; `weight` (the
+    emotion label's loss weight after label-noise handling) mixes like the labels."""
 
     emotion: Tensor  # [R, C]
     sentiment: Tensor  # [R, S]
     has_sentiment: Tensor  # [R] bool
+    corpus: Tensor  # [R] index into the session's corpus_counts; -1: unknown (pooled prior)
+    weight: Tensor  # [R] loss weight of the emotion label
 
     @classmethod
-    def of(cls, batch: Batch, emotions: int, sentiments: int) -> Targets:
-        has = batch.sentiments != NO_LABEL
+    def of(cls, s: Session, batch: Batch) -> Targets:
+        rows = batch.rows.cpu().numpy()
+        weights = s.state.label_weights
+        weight = np.ones(len(rows), dtype=np.float32) if weights is None else weights[rows].astype(np.float32)
+        device = batch.emotions.device
         return cls(
-            one_hot(batch.emotions.clamp(min=0), emotions), one_hot(batch.sentiments.clamp(min=0), sentiments), has
+            one_hot(batch.emotions.clamp(min=0), s.num_emotions),
+            one_hot(batch.sentiments.clamp(min=0), s.num_sentiments),
+            batch.sentiments != NO_LABEL,
+            torch.from_numpy(s.corpus_index[rows]).to(device),
+            torch.from_numpy(weight).to(device),
         )
 
     def take(self, rows: Tensor) -> Targets:
-        return Targets(self.emotion[rows], self.sentiment[rows], self.has_sentiment[rows])
+        return Targets(*(t[rows] for t in self))
 
     def mixed(self, partner: Targets, lam: Tensor) -> Targets:
-        lam = lam.to(self.emotion.dtype)[:, None]
+        lam1 = lam.to(self.emotion.dtype)
+        lam = lam1[:, None]
         return Targets(
             lam * self.emotion + (1 - lam) * partner.emotion,
             lam * self.sentiment + (1 - lam) * partner.sentiment,
             self.has_sentiment & partner.has_sentiment,
+            self.corpus,
+            lam1 * self.weight + (1 - lam1) * partner.weight,
         )
 
     def extended(self, emotion: Tensor, sentiments: int) -> Targets:
-        """New rows (SMOTE) with emotion targets only."""
+        """New rows (SMOTE) with emotion targets only, weight 1 and no corpus."""
         n = len(emotion)
         return Targets(
             torch.cat([self.emotion, emotion]),
             torch.cat([self.sentiment, self.sentiment.new_zeros(n, sentiments)]),
             torch.cat([self.has_sentiment, self.has_sentiment.new_zeros(n)]),
+            torch.cat([self.corpus, self.corpus.new_full((n,), -1)]),
+            torch.cat([self.weight, self.weight.new_ones(n)]),
         )
 
 
-def training_loss(s: Session, batch: Batch, rng: np.random.Generator) -> Tensor:
-    """Emotion loss (the recipe's) + sentiment_weight x soft cross-entropy on rows with a sentiment label."""
+def training_loss(s: Session, batch: Batch, rng: np.random.Generator, minority: Batch | None = None) -> Tensor:
+    """Emotion loss (the recipe's) + sentiment_weight x soft cross-entropy on rows with a sentiment label.
+    `minority` is BalanceMix's minority batch (`minority_batch`)."""
     aug, model = s.recipe.augment, s.model
     level = int(rng.choice(aug.levels)) if aug.levels else None
-    targets = Targets.of(batch, s.num_emotions, s.num_sentiments)
+    targets = Targets.of(s, batch)
     recombine = _recombiner(aug.cross_modal, rng) if aug.cross_modal > 0 else None
     embeddings = utterance_embeddings(model, batch, recombine)
-    if level == 0:  # mix utterance embeddings among the labelled rows, before the context head
-        labelled = torch.nonzero(batch.emotions != NO_LABEL).squeeze(1)
-        mixed = mixup(embeddings[labelled], batch.emotions[labelled], s.num_emotions, rng, aug.alpha)
-        embeddings = embeddings.index_put((labelled,), mixed.x)
-        mixed_targets = targets.take(labelled).mixed(targets.take(labelled[mixed.partner]), mixed.lam)
-        targets = Targets(*(t.index_put((labelled,), m) for t, m in zip(targets, mixed_targets, strict=True)))
-    features = contextual_features(model, batch, embeddings, choose_causal(s.recipe.train.context, rng))
+    if level == 0:
+        embeddings, targets = mix_within_dialogues(embeddings, targets, batch, rng, aug.alpha)
+    causal = choose_causal(s.recipe.train.context, rng)
+    features = contextual_features(model, batch, embeddings, causal)
     x, t = features[batch.draw], targets.take(batch.draw)
     if level == 1:  # mix contextual features of the drawn turns (manifold mixup's second level)
         mixed = mixup(x, batch.emotions[batch.draw], s.num_emotions, rng, aug.alpha)
         x, t = mixed.x, t.mixed(t.take(mixed.partner), mixed.lam)
-    elif aug.method == "balancemix":  # partners drawn class-balanced from every labelled turn of the batch
-        pool = torch.nonzero(batch.emotions != NO_LABEL).squeeze(1)
-        mixed = minority_mix(x, batch.emotions[batch.draw], s.num_emotions, rng, aug.alpha, features[pool],
-                             batch.emotions[pool])  # fmt: skip
-        x, t = mixed.x, t.mixed(targets.take(pool[mixed.partner]), mixed.lam)
+    elif aug.method == "balancemix" and minority is not None:
+        x, t = _balance_mix(s, x, t, batch.emotions[batch.draw], minority, causal, rng)
     elif aug.method == "smote":
         x, t = _smote(x, t, batch.emotions[batch.draw], rng, aug.smote_k, s.num_sentiments)
     emotion_logits, sentiment_logits = model.head.classify(x)
-    loss = s.loss(emotion_logits, t.emotion)
+    loss = s.loss(emotion_logits, t.emotion, groups=t.corpus, sample_weight=t.weight)
     if t.has_sentiment.any():
         rows = t.has_sentiment
         loss = loss + s.recipe.train.sentiment_weight * soft_cross_entropy(sentiment_logits[rows], t.sentiment[rows])
     return loss
+
+
+def dialogue_of_rows(batch: Batch) -> Tensor:
+    """[N] the dialogue (position in the batch) of each utterance row."""
+    return torch.nonzero(batch.turn_mask)[:, 0]  # row-major over [B, T] = the batch's utterance order
+
+
+def mix_within_dialogues(
+    embeddings: Tensor, targets: Targets, batch: Batch, rng: np.random.Generator, alpha: float
+) -> tuple[Tensor, Targets]:
+    """Mixup of utterance embeddings (before the context head) among the labelled rows, each with a partner of
+    its own dialogue, so the context any turn sees holds only its own dialogue's turns."""
+    labelled = torch.nonzero(batch.emotions != NO_LABEL).squeeze(1)
+    dialogue = dialogue_of_rows(batch)[labelled].cpu().numpy()
+    mixed = mixup(embeddings[labelled], batch.emotions[labelled], targets.emotion.shape[1], rng, alpha, dialogue)
+    embeddings = embeddings.index_put((labelled,), mixed.x)
+    mixed_targets = targets.take(labelled).mixed(targets.take(labelled[mixed.partner]), mixed.lam)
+    return embeddings, Targets(*(t.index_put((labelled,), m) for t, m in zip(targets, mixed_targets, strict=True)))
+
+
+def _balance_mix(
+    s: Session, x: Tensor, t: Targets, labels: Tensor, minority: Batch, causal: bool, rng: np.random.Generator
+) -> tuple[Tensor, Targets]:
+    """The drawn turns (the random batch) mixed with partners from the minority batch, encoded in context."""
+    embeddings = utterance_embeddings(s.model, minority)
+    pool = contextual_features(s.model, minority, embeddings, causal)
+    weights = minority_weights(s.state.labels)[minority.rows.cpu().numpy()]  # 1 / frequency over the data set
+    probs = minority_partner_probs(weights, dialogue_of_rows(minority).cpu().numpy())
+    mixed = minority_mix(x, labels, s.num_emotions, rng, s.recipe.augment.alpha, pool, minority.emotions, probs)
+    return mixed.x, t.mixed(Targets.of(s, minority).take(mixed.partner), mixed.lam)
 
 
 def _recombiner(p: float, rng: np.random.Generator) -> Recombine:
@@ -268,7 +329,8 @@ def _track_best(s: Session, epoch: int, score: float) -> None:
 
 
 def relabel(s: Session) -> tuple[np.ndarray, dict[str, int]]:
-    """Partition the given training labels (clean / relabel / ambiguous) from this epoch's per-sample losses."""
+    """Partition the given training labels (clean / relabel / ambiguous) from this epoch's per-sample losses; the
+    labels to train on are returned and their loss weights set on the session (training/noise.py)."""
     noise, gold = s.recipe.noise, s.tables["train"].emotions
     logits = predict(s, "train", causal=False).emotion
     parts = partition_noisy_labels(
@@ -279,7 +341,7 @@ def relabel(s: Session) -> tuple[np.ndarray, dict[str, int]]:
         relabel_confidence=noise.relabel_confidence,
         seed=s.recipe.train.seed,
     )
-    labels = np.where(parts.ambiguous & (noise.ambiguous == "drop"), NO_LABEL, parts.labels)
+    labels, s.state.label_weights = parts.training_labels(noise.ambiguous, dropped=NO_LABEL)
     return labels, {k: int(getattr(parts, k).sum()) for k in ("clean", "relabel", "ambiguous")}
 
 

@@ -1,10 +1,14 @@
 """Imbalance-aware classification losses.
 
 Every loss takes logits `[B, C]` and targets that are either class indices `[B]` or distributions `[B, C]`
-(mixed samples), and returns the mean over the batch of the per-sample loss. Class weights multiply the
-per-sample loss and are normalised to mean 1 over classes, so equal counts give exactly plain cross-entropy.
-Call `set_epoch` each epoch; only schedule-dependent losses (LDAM-DRW) use it. Parameters have no defaults here:
-recipes own them (training/recipe.py `LOSS_PARAMS`).
+(mixed samples), and returns the mean over the batch of the per-sample loss. Two optional per-row inputs:
+`groups`, the corpus index of each row (the logit-adjusted loss uses its own corpus's prior; -1 means the pooled
+prior), and `sample_weight`, a weight on each row's loss (down-weighted ambiguous labels, training/noise.py).
+Class weights multiply the per-sample loss and are normalised to mean 1 over classes, so equal counts give
+exactly plain cross-entropy. Class counts are `[C]`, or `[G, C]` with one row per training corpus; losses other
+than the logit-adjusted one use their sum over corpora. Call `set_epoch` each epoch; only schedule-dependent
+losses (LDAM-DRW) use it. `classifier` gives the emotion classifier a loss trains (LDAM: a cosine head).
+Parameters have no defaults here: recipes own them (training/recipe.py `LOSS_PARAMS`).
 """
 
 from __future__ import annotations
@@ -19,11 +23,23 @@ from torch import Tensor, nn
 from training.common import ArrayLike, as_soft_targets, class_prior, to_numpy
 
 WEIGHT_SCHEMES = ("inverse", "sqrt_inverse", "effective")
+PRIORS = ("per_corpus", "pooled")
+
+
+def pooled_counts(counts: ArrayLike) -> np.ndarray:
+    """Per-class counts `[C]` from `[C]` or per-corpus `[G, C]` counts."""
+    n = to_numpy(counts).astype(np.float64)
+    if n.ndim not in (1, 2):
+        raise ValueError(f"class counts must be [C] or [corpora, C], got shape {n.shape}")
+    return n if n.ndim == 1 else n.sum(axis=0)
 
 
 def class_weights(counts: ArrayLike, scheme: str, beta: float) -> Tensor:
-    """Per-class loss weights, mean 1: 1/n, 1/sqrt(n), or Cui et al.'s (1 − β) / (1 − β^n) ("effective number")."""
-    n = np.maximum(to_numpy(counts).astype(np.float64), 1.0)
+    """Per-class loss weights, mean 1: 1/n, 1/sqrt(n), or Cui et al.'s (1 − β) / (1 − β^n) ("effective number").
+
+    With β close to 1 the effective number tends to n: at MELD's counts (268-4,710 per class) β = 0.9999 is
+    nearly inverse frequency, β = 0.999 is much flatter."""
+    n = np.maximum(pooled_counts(counts), 1.0)
     if scheme == "inverse":
         w = 1.0 / n
     elif scheme == "sqrt_inverse":
@@ -35,18 +51,39 @@ def class_weights(counts: ArrayLike, scheme: str, beta: float) -> Tensor:
     return torch.as_tensor(w / w.mean(), dtype=torch.float32)
 
 
-def soft_cross_entropy(logits: Tensor, targets: Tensor, weight: Tensor | None = None) -> Tensor:
-    """−Σ_c w_c y_c log softmax(logits)_c, averaged over the batch; hard targets are one-hot."""
-    soft = as_soft_targets(targets, logits.shape[-1])
+def per_sample_cross_entropy(logits: Tensor, soft: Tensor, weight: Tensor | None = None) -> Tensor:
+    """[B] −Σ_c w_c y_c log softmax(logits)_c for soft targets `[B, C]`."""
     per_class = -soft * F.log_softmax(logits.float(), dim=-1)
     if weight is not None:
         per_class = per_class * weight
-    return per_class.sum(dim=-1).mean()
+    return per_class.sum(dim=-1)
+
+
+def soft_cross_entropy(logits: Tensor, targets: Tensor, weight: Tensor | None = None) -> Tensor:
+    """−Σ_c w_c y_c log softmax(logits)_c, averaged over the batch; hard targets are one-hot."""
+    return per_sample_cross_entropy(logits, as_soft_targets(targets, logits.shape[-1]), weight).mean()
 
 
 class ImbalanceLoss(nn.Module):
+    """Base: subclasses give the per-sample loss of soft targets; the batch mean (row-weighted) is done here."""
+
     def set_epoch(self, epoch: int) -> None:
         """Hook for losses whose behaviour follows a schedule; a no-op by default."""
+
+    def classifier(self, linear: nn.Linear) -> nn.Module:
+        """The emotion classifier this loss trains, built on `linear`'s weight: `linear` itself by default."""
+        return linear
+
+    def per_sample(self, logits: Tensor, soft: Tensor, groups: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self, logits: Tensor, targets: Tensor, groups: Tensor | None = None, sample_weight: Tensor | None = None
+    ) -> Tensor:
+        loss = self.per_sample(logits.float(), as_soft_targets(targets, logits.shape[-1]), groups)
+        if sample_weight is not None:
+            loss = loss * sample_weight.to(loss.dtype)
+        return loss.mean()
 
 
 class CrossEntropyLoss(ImbalanceLoss):
@@ -56,8 +93,8 @@ class CrossEntropyLoss(ImbalanceLoss):
         super().__init__()
         self.register_buffer("weight", weight)
 
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        return soft_cross_entropy(logits, targets, self.weight)
+    def per_sample(self, logits: Tensor, soft: Tensor, groups: Tensor | None) -> Tensor:
+        return per_sample_cross_entropy(logits, soft, self.weight)
 
 
 class FocalLoss(ImbalanceLoss):
@@ -68,28 +105,51 @@ class FocalLoss(ImbalanceLoss):
         self.gamma = gamma
         self.register_buffer("alpha", alpha)
 
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        soft = as_soft_targets(targets, logits.shape[-1])
-        log_p = F.log_softmax(logits.float(), dim=-1)
+    def per_sample(self, logits: Tensor, soft: Tensor, groups: Tensor | None) -> Tensor:
+        log_p = F.log_softmax(logits, dim=-1)
         per_class = -soft * (1.0 - log_p.exp()).pow(self.gamma) * log_p
         if self.alpha is not None:
             per_class = per_class * self.alpha
-        return per_class.sum(dim=-1).mean()
+        return per_class.sum(dim=-1)
+
+
+class NormedLinear(nn.Module):
+    """Cosine classifier: logits are `scale` · cos(feature, class weight). It trains the weight it is given (an
+    existing linear layer's, so optimiser and checkpoints see the same parameter); `to_linear` folds it back
+    into a plain linear layer for export (see there)."""
+
+    def __init__(self, weight: nn.Parameter, scale: float) -> None:
+        super().__init__()
+        self.weight = weight
+        self.scale = scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale * F.normalize(x, dim=-1) @ F.normalize(self.weight, dim=-1).T
+
+    def to_linear(self) -> nn.Linear:
+        """A linear layer with weight rows scale · W_j / ||W_j|| and zero bias. Its logits are ||x|| times the
+        cosine logits, so it predicts exactly the classes the cosine classifier predicts (a positive factor per
+        row); only the sharpness of the softmax varies with the feature norm, which calibration then fits."""
+        weight = self.scale * F.normalize(self.weight.detach(), dim=-1)
+        linear = nn.Linear(weight.shape[1], weight.shape[0]).to(weight.device)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            linear.bias.zero_()
+        return linear
 
 
 class LDAMLoss(ImbalanceLoss):
-    """Cao et al. 2019: subtract a margin ∝ n_c^(-1/4) from the target logit, scale by s, then cross-entropy.
-
-    The largest margin is `max_margin`. With deferred re-weighting (DRW), class weights (effective number,
-    `beta`) switch on from epoch `drw_epoch`. The paper's s=30 assumes cosine logits in [-1, 1] (use
-    `NormedLinear` as the head); with an ordinary linear head use s=1.
+    """Cao et al. 2019: cosine logits z_j = s · cos(x, W_j) (`classifier` makes the head a `NormedLinear` with
+    scale s); the target logit loses s · Δ_y with Δ_j ∝ n_j^(-1/4), the largest margin `max_margin`, then
+    cross-entropy. Deferred re-weighting (DRW): effective-number class weights (`beta`) from epoch `drw_epoch`
+    on, the epoch of the learning-rate drop (training/recipe.py sets it from the recipe's schedule).
     """
 
     def __init__(
         self, class_counts: ArrayLike, max_margin: float, s: float, drw_epoch: int | None, beta: float
     ) -> None:
         super().__init__()
-        n = np.maximum(to_numpy(class_counts).astype(np.float64), 1.0)
+        n = np.maximum(pooled_counts(class_counts), 1.0)
         margins = n**-0.25
         self.register_buffer("margins", torch.as_tensor(margins * max_margin / margins.max(), dtype=torch.float32))
         self.register_buffer("drw_weight", class_weights(n, "effective", beta))
@@ -101,31 +161,37 @@ class LDAMLoss(ImbalanceLoss):
         deferred = self.drw_epoch is not None and epoch >= self.drw_epoch
         self.weight = self.drw_weight if deferred else None
 
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        soft = as_soft_targets(targets, logits.shape[-1])
-        return soft_cross_entropy(self.s * (logits.float() - soft * self.margins), soft, self.weight)
+    def classifier(self, linear: nn.Linear) -> nn.Module:
+        return NormedLinear(linear.weight, self.s)
 
-
-class NormedLinear(nn.Module):
-    """Cosine classifier head: logits are cosines between normalised features and class weights."""
-
-    def __init__(self, in_features: int, num_classes: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_classes, in_features).uniform_(-1, 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(x, dim=-1) @ F.normalize(self.weight, dim=-1).T
+    def per_sample(self, logits: Tensor, soft: Tensor, groups: Tensor | None) -> Tensor:
+        return per_sample_cross_entropy(logits - self.s * soft * self.margins, soft, self.weight)
 
 
 class LogitAdjustedLoss(ImbalanceLoss):
-    """Menon et al. 2021: cross-entropy on logits + τ · log prior; τ=1 is balanced softmax. Predict with raw logits."""
+    """Menon et al. 2021: cross-entropy on logits + τ · log prior; τ=1 is balanced softmax. Predict with raw logits.
 
-    def __init__(self, class_counts: ArrayLike, tau: float) -> None:
+    The prior is the training prior of the rows being scored: with per-corpus counts `[G, C]` and
+    `prior="per_corpus"`, row i uses the prior of its corpus `groups[i]` (-1: the pooled prior); `"pooled"` uses
+    the prior of all corpora together for every row."""
+
+    def __init__(self, class_counts: ArrayLike, tau: float, prior: str) -> None:
         super().__init__()
-        self.register_buffer("offset", tau * torch.as_tensor(np.log(class_prior(class_counts)), dtype=torch.float32))
+        if prior not in PRIORS:
+            raise ValueError(f"unknown prior {prior!r}; expected one of {PRIORS}")
+        counts = to_numpy(class_counts).astype(np.float64)
+        per_corpus = counts.reshape(-1, counts.shape[-1]) if prior == "per_corpus" else np.zeros((0, counts.shape[-1]))
+        priors = [class_prior(c) for c in per_corpus] + [class_prior(pooled_counts(counts))]
+        self.register_buffer("offset", tau * torch.as_tensor(np.log(np.stack(priors)), dtype=torch.float32))
 
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        return soft_cross_entropy(logits.float() + self.offset, targets)
+    def per_sample(self, logits: Tensor, soft: Tensor, groups: Tensor | None) -> Tensor:
+        if len(self.offset) <= 2:  # one corpus (its prior is the pooled one) or the pooled prior alone
+            offset = self.offset[-1]
+        elif groups is None:
+            raise ValueError("the per-corpus logit adjustment needs the corpus of each row (groups)")
+        else:
+            offset = self.offset[groups.long()]
+        return per_sample_cross_entropy(logits + offset, soft)
 
 
 def _weighted_ce(counts: ArrayLike, scheme: str, beta: float) -> ImbalanceLoss:
@@ -146,7 +212,7 @@ def _plain_ce(counts: ArrayLike) -> ImbalanceLoss:
 
 
 def _balanced_softmax(counts: ArrayLike) -> ImbalanceLoss:
-    return LogitAdjustedLoss(counts, tau=1.0)
+    return LogitAdjustedLoss(counts, tau=1.0, prior="per_corpus")
 
 
 _BUILDERS: dict[str, Callable[..., ImbalanceLoss]] = {

@@ -1,9 +1,12 @@
-"""Label-noise handling as in BalanceMix / DivideMix: small-loss samples are likely clean.
+"""Label-noise handling as in BalanceMix (Song et al. 2024) / DivideMix: small-loss samples are likely clean.
 
 Per class, the per-sample losses (min-max normalised) are fitted with a two-component Gaussian mixture; the
 posterior of the low-mean component is the probability that the label is clean. Samples that are not clean
-are relabelled when the model confidently predicts another class, and are otherwise ambiguous (train on them
-without their label, e.g. with mixup or a consistency loss, or drop them).
+are relabelled when the model confidently predicts another class, and are otherwise ambiguous. BalanceMix
+manages labels one by one (it is a multi-label method); in single-label emotion recognition each sample has one
+label, so the label-wise partition becomes a per-sample one. It keeps ambiguous labels in training with a lower
+weight rather than discarding them: `NoisePartition.training_labels("downweight")` gives them their clean
+probability as loss weight (dropping or keeping them at full weight are the alternatives).
 """
 
 from __future__ import annotations
@@ -24,6 +27,17 @@ class NoisePartition:
     ambiguous: np.ndarray  # bool [N]: neither; the label is not trusted
     clean_prob: np.ndarray  # [N] posterior of the low-loss component
     labels: np.ndarray  # [N] the given labels with the relabelled rows replaced
+
+    def training_labels(self, ambiguous: str, dropped: int = -1) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, loss weights) to train on. Clean and relabelled samples weigh 1. Ambiguous ones keep their
+        given label with weight P(clean) ("downweight"), weight 1 ("keep"), or are left out: label `dropped`,
+        weight 0 ("drop")."""
+        if ambiguous not in ("downweight", "drop", "keep"):
+            raise ValueError(f"ambiguous must be 'downweight', 'drop' or 'keep', not {ambiguous!r}")
+        weight = np.where(self.ambiguous & (ambiguous == "downweight"), self.clean_prob, 1.0)
+        if ambiguous == "drop":
+            return np.where(self.ambiguous, dropped, self.labels), np.where(self.ambiguous, 0.0, 1.0)
+        return self.labels.copy(), weight
 
 
 def per_sample_loss(logits: ArrayLike, labels: ArrayLike) -> np.ndarray:

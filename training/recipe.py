@@ -35,6 +35,7 @@ CONTEXT_MODES = ("random", "causal", "bidirectional")
 MONITOR_METRICS = ("macro_f1", "weighted_f1", "accuracy", "balanced_accuracy", "minority_recall")
 AUGMENT_METHODS = ("none", "mixup", "manifold_mixup", "balancemix", "smote")
 DECOUPLED_METHODS = ("none", "crt", "tau_norm")
+AMBIGUOUS = ("downweight", "drop", "keep")  # what label-noise handling does with an ambiguous label
 
 
 class RecipeError(ValueError):
@@ -64,10 +65,16 @@ class OptimConfig:
     weight_decay: float = 0.01
     warmup_epochs: float = 1.0
     grad_clip: float = 1.0
+    # 0: warm-up then cosine decay. k > 0: warm-up, constant, then x lr_drop_factor from epoch k on (a step
+    # schedule; LDAM-DRW starts its re-weighting at this drop)
+    lr_drop_epoch: int = 0
+    lr_drop_factor: float = 0.1
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1 and self.batch_dialogues >= 1, "optim: epochs and batch_dialogues must be >= 1")
         _check(self.lr > 0 and self.text_lr > 0 and self.warmup_epochs >= 0, "optim: rates must be positive")
+        _check(0 <= self.lr_drop_epoch < self.epochs, "optim: lr_drop_epoch must lie in [0, epochs)")
+        _check(0 < self.lr_drop_factor <= 1, "optim: lr_drop_factor must lie in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -98,7 +105,10 @@ class MethodConfig:
 
 # ---- method parameters: the defaults of every [loss] and [sampler] parameter ------------------------------------
 
-EFFECTIVE_BETA = 0.9999  # beta of Cui et al.'s effective-number class weights
+# beta of Cui et al.'s effective-number class weights. At MELD's counts 0.9999 is almost inverse frequency; 0.999
+# is the default here (not tuned on dev). LDAM-DRW keeps Cao et al.'s 0.9999.
+CB_BETA = 0.999
+DRW_BETA = 0.9999
 
 
 @dataclass(frozen=True)
@@ -109,27 +119,28 @@ class NoParams:
 @dataclass(frozen=True)
 class WeightedCEParams:
     scheme: str = "inverse"  # training/losses.py WEIGHT_SCHEMES
-    beta: float = EFFECTIVE_BETA
+    beta: float = CB_BETA
 
 
 @dataclass(frozen=True)
 class FocalParams:
     gamma: float = 2.0
     alpha: str | list[float] | None = None  # None, a weight scheme name or per-class weights
-    beta: float = EFFECTIVE_BETA
+    beta: float = CB_BETA
 
 
 @dataclass(frozen=True)
 class LDAMParams:
     max_margin: float = 0.5
-    s: float = 30.0  # the paper's scale, for a cosine classifier; 1 suits a linear head
-    drw_epoch: int | None = None  # deferred re-weighting from this epoch on; None: never
-    beta: float = EFFECTIVE_BETA
+    s: float = 30.0  # scale of the cosine logits (the emotion head becomes a cosine classifier)
+    drw: bool = True  # deferred re-weighting from the recipe's optim.lr_drop_epoch on
+    beta: float = DRW_BETA
 
 
 @dataclass(frozen=True)
 class LogitAdjustedParams:
     tau: float = 1.0
+    prior: str = "per_corpus"  # each row adjusted by its own corpus's training prior; "pooled": all corpora's
 
 
 @dataclass(frozen=True)
@@ -174,9 +185,17 @@ def _method_params(method: MethodConfig, kinds: Mapping[str, type], what: str) -
     return dataclasses.asdict(kind(**method.params))
 
 
-def make_loss(method: MethodConfig, counts: ArrayLike) -> ImbalanceLoss:
-    """The library loss with every parameter set (`LOSS_PARAMS` defaults where the recipe sets none)."""
-    return build_loss(method.name, counts, **_method_params(method, LOSS_PARAMS, "loss"))
+def make_loss(method: MethodConfig, counts: ArrayLike, optim: OptimConfig | None = None) -> ImbalanceLoss:
+    """The library loss with every parameter set (`LOSS_PARAMS` defaults where the recipe sets none). `counts` are
+    `[C]` or per training corpus `[G, C]`. LDAM's deferred re-weighting starts at `optim.lr_drop_epoch`, so
+    LDAM-DRW needs the recipe's `optim`."""
+    params = _method_params(method, LOSS_PARAMS, "loss")
+    if method.name == "ldam":
+        drop = 0 if optim is None else optim.lr_drop_epoch
+        if params.pop("drw") and not drop:
+            raise ValueError("LDAM-DRW re-weights from the learning-rate drop: set optim.lr_drop_epoch, or drw = false")
+        params["drw_epoch"] = drop or None
+    return build_loss(method.name, counts, **params)
 
 
 def make_sampler(method: MethodConfig, epochs: int) -> ClassShareSampler:
@@ -242,10 +261,12 @@ class NoiseConfig:
     warmup_epochs: int = 3
     clean_threshold: float = 0.5
     relabel_confidence: float = 0.9
-    ambiguous: str = "drop"  # drop: leave ambiguous samples out of the epoch; keep: train on the given label
+    # downweight: train on the given label with weight P(clean) (BalanceMix); drop: leave the sample out of the
+    # epoch; keep: train on the given label with full weight
+    ambiguous: str = "downweight"
 
     def __post_init__(self) -> None:
-        _check(self.ambiguous in ("drop", "keep"), "noise.ambiguous must be 'drop' or 'keep'")
+        _check(self.ambiguous in AMBIGUOUS, f"noise.ambiguous must be one of {AMBIGUOUS}")
 
 
 @dataclass(frozen=True)
@@ -434,7 +455,7 @@ def _validate_methods(recipe: Recipe, where: str) -> None:
     counts = np.arange(1, len(recipe.model.emotions) + 1) * 10
     builds = {
         "sampler": lambda: make_sampler(recipe.sampler, recipe.optim.epochs),
-        "loss": lambda: make_loss(recipe.loss, counts),
+        "loss": lambda: make_loss(recipe.loss, counts, recipe.optim),
     }
     for section, build in builds.items():
         try:

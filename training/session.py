@@ -42,6 +42,7 @@ class LoopState:
     stale: int = 0  # epochs since the last improvement
     stopped_early: bool = False
     labels: np.ndarray | None = None  # training labels after label-noise handling (NO_LABEL = left out)
+    label_weights: np.ndarray | None = None  # loss weight of each training label (None: all 1)
     sampler: dict[str, Any] = field(default_factory=dict)
     train_seconds: float = 0.0
 
@@ -55,6 +56,8 @@ class Session:
     tables: dict[str, TurnTable]
     collators: dict[str, Collator]
     counts: np.ndarray  # training turns per emotion
+    corpus_index: np.ndarray  # [train rows] index of each training turn's corpus in `corpus_counts`
+    corpus_counts: np.ndarray  # [corpora, emotions] training turns per corpus and emotion
     loss: ImbalanceLoss
     sampler: ClassShareSampler
     optimizer: torch.optim.Optimizer
@@ -102,9 +105,12 @@ def build_session(
     tables = load_tables(data_dir, recipe.data, recipe.model)
     model = EmotionModel(recipe.model)
     collators = _collators(model, tables, recipe, cache_dir)
-    model.to(device_)
     counts = class_counts(tables["train"].emotions, len(recipe.model.emotions))
+    corpus_index, corpus_counts = per_corpus_counts(tables["train"], len(recipe.model.emotions))
     optim = recipe.optim
+    loss = make_loss(recipe.loss, corpus_counts, optim)
+    model.head.emotion_head = loss.classifier(model.head.emotion_head)
+    model.to(device_)
     optimizer = build_optimizer(model, lr=optim.lr, text_lr=optim.text_lr, weight_decay=optim.weight_decay)
     steps_per_epoch = math.ceil(tables["train"].num_dialogues / optim.batch_dialogues)
     session = Session(
@@ -115,7 +121,9 @@ def build_session(
         tables=tables,
         collators=collators,
         counts=counts,
-        loss=make_loss(recipe.loss, counts).to(device_),
+        corpus_index=corpus_index,
+        corpus_counts=corpus_counts,
+        loss=loss.to(device_),
         sampler=make_sampler(recipe.sampler, optim.epochs),
         optimizer=optimizer,
         scheduler=warmup_cosine(optimizer, optim, steps_per_epoch),
@@ -126,6 +134,14 @@ def build_session(
     if run.has_checkpoint():
         restore(session, run.load(run.last_checkpoint))
     return session
+
+
+def per_corpus_counts(table: TurnTable, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(corpus index of each row, [corpora, classes] counts), corpora in order of first appearance."""
+    names = list(dict.fromkeys(table.corpus))
+    index = np.array([names.index(c) for c in table.corpus], dtype=np.int64)
+    counts = np.stack([class_counts(table.emotions[index == g], num_classes) for g in range(len(names))])
+    return index, counts.reshape(len(names), num_classes)
 
 
 def _collators(model: EmotionModel, tables: dict[str, TurnTable], recipe: Recipe, cache_dir: Path | None) -> dict:
@@ -160,11 +176,43 @@ def build_optimizer(model: EmotionModel, lr: float, text_lr: float, weight_decay
 def warmup_cosine(
     optimizer: torch.optim.Optimizer, optim: OptimConfig, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """The recipe's schedule: linear warm-up over `optim.warmup_epochs`, then cosine decay to 0 at the last step."""
+    """The recipe's schedule: linear warm-up over `optim.warmup_epochs`, then cosine decay to 0 at the last step;
+    or, with `optim.lr_drop_epoch` k > 0, the step schedule: constant after the warm-up, times
+    `optim.lr_drop_factor` from epoch k on (`start_epoch` tells it the epoch; LDAM-DRW re-weights from the same
+    call)."""
     steps = optim.epochs * steps_per_epoch
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _warmup_cosine(optim.warmup_epochs * steps / optim.epochs, steps)
-    )
+    warmup = optim.warmup_epochs * steps / optim.epochs
+    if optim.lr_drop_epoch:
+        factor: Callable[[int], float] = StepDrop(warmup, optim.lr_drop_epoch, optim.lr_drop_factor)
+    else:
+        factor = _warmup_cosine(warmup, steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class StepDrop:
+    """Warm-up, then 1, then `drop_factor` once the epoch reaches `drop_epoch`. An object, not a closure, so the
+    scheduler's state (and a checkpoint) carries the epoch."""
+
+    warmup: float
+    drop_epoch: int
+    drop_factor: float
+    epoch: int = 0
+
+    def __call__(self, step: int) -> float:
+        warm = (step + 1) / (self.warmup + 1) if step < self.warmup else 1.0
+        return warm * (self.drop_factor if self.epoch >= self.drop_epoch else 1.0)
+
+
+def start_epoch(s: Session, epoch: int) -> None:
+    """What follows the epoch number: the loss's schedule (LDAM's deferred re-weighting) and a step schedule's
+    learning-rate drop, both switching at the first step of the epoch."""
+    s.loss.set_epoch(epoch)
+    scheduler = s.scheduler
+    for group, base, factor in zip(s.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        if isinstance(factor, StepDrop):
+            factor.epoch = epoch
+            group["lr"] = base * factor(scheduler.last_epoch)
 
 
 def _warmup_cosine(warmup: float, total: int) -> Callable[[int], float]:

@@ -5,7 +5,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.augment import manifold_mixup, minority_mix, mixup, recombine_modalities, smote
+from training.augment import (
+    draw_minority_dialogues,
+    manifold_mixup,
+    minority_mix,
+    minority_partner_probs,
+    minority_weights,
+    mixup,
+    recombine_modalities,
+    smote,
+)
 
 
 def _batch(n: int = 64, dim: int = 6, classes: int = 4, seed: int = 0):
@@ -48,18 +57,73 @@ def test_manifold_mixup_mixes_the_hidden_state():
     torch.testing.assert_close(out, stages[2](mixed.x))
 
 
-def test_minority_mix_draws_partners_class_balanced_and_leans_on_them():
+def test_balancemix_partners_come_from_the_data_set_by_inverse_frequency_and_the_random_sample_leads():
     rng = np.random.default_rng(3)
     counts = [900, 80, 20]
     pool_y = torch.as_tensor(np.repeat(np.arange(3), counts))
     pool_x = torch.randn(len(pool_y), 6)
-    x, y = pool_x[:512], pool_y[:512]
-    mixed = minority_mix(x, y, 3, rng, alpha=1.0, pool_x=pool_x, pool_y=pool_y)
+    x, y = pool_x[:512], pool_y[:512]  # a random batch holding only the majority class
+    mixed = minority_mix(x, y, 3, rng, alpha=1.0, pool_x=pool_x, pool_y=pool_y, pool_p=minority_weights(pool_y))
     soft, pool_soft = F.one_hot(y, 3).float(), F.one_hot(pool_y, 3).float()
     _assert_convex(mixed, x, soft, pool_x, pool_soft)
-    assert (mixed.lam <= 0.5).all()
+    assert (mixed.lam >= 0.5).all() and (mixed.lam < 0.9).any()  # the random sample gets max(λ, 1 − λ)
     partner_shares = np.bincount(pool_y[mixed.partner].numpy(), minlength=3) / len(x)
     np.testing.assert_allclose(partner_shares, 1 / 3, atol=0.07)
+
+
+def test_minority_dialogues_give_every_turn_its_inverse_frequency_probability():
+    """Drawing k dialogues ∝ their summed weights, then a partner among their turns, draws each turn of the
+    whole data set with probability ∝ 1 / its class's frequency."""
+    labels = np.array([0, 0, 0, 1, 0, 0, 2, 0, 1, 0, -1, 0])
+    dialogue_of = np.array([0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 3, 4])
+    weights = minority_weights(labels)
+    assert weights[10] == 0 and weights.sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(np.bincount(labels[labels >= 0], weights=weights[labels >= 0]), 1 / 3)
+    rng, hits, draws = np.random.default_rng(0), np.zeros(len(labels)), 20000
+    for _ in range(draws):
+        dialogues = draw_minority_dialogues(dialogue_of, weights, 3, rng)
+        rows = np.concatenate([np.flatnonzero(dialogue_of == d) for d in dialogues])
+        slot = np.repeat(np.arange(3), [np.sum(dialogue_of == d) for d in dialogues])
+        probs = minority_partner_probs(weights[rows], slot)
+        assert probs.sum() == pytest.approx(1.0)
+        hits[rows[rng.choice(len(rows), p=probs)]] += 1
+    np.testing.assert_allclose(hits / draws, weights, atol=0.01)
+
+
+def test_mixup_within_groups_pairs_only_members_of_a_group():
+    x, y = _batch(n=40)
+    groups = np.repeat([3, 0, 7, 1], [12, 1, 20, 7])
+    mixed = mixup(x, y, 4, np.random.default_rng(4), alpha=1.0, groups=groups)
+    partner = mixed.partner.numpy()
+    assert (groups[partner] == groups).all()
+    assert sorted(partner.tolist()) == list(range(len(x)))
+    assert partner[12] == 12  # a group of one has no one else to mix with
+    assert (partner != np.arange(len(x))).sum() > 30
+
+
+def test_the_loops_utterance_mixup_never_crosses_dialogues():
+    """Level-0 mixup runs before the context head: a partner from another dialogue would leak that dialogue
+    into every neighbour's context, so partners come from the same dialogue."""
+    from training.datasets import Collator, TurnTable
+    from training.loop import Targets, dialogue_of_rows, mix_within_dialogues
+
+    starts = np.array([0, 4, 5, 11])
+    emotions = np.array([0, 1, 2, -1, 3, 0, 0, 1, 2, 3, 1])
+    table = TurnTable("train", ("meld",) * 11, ("x",) * 11, (None,) * 11, np.zeros(11, int), emotions,
+                      np.zeros(11, int), starts)  # fmt: skip
+    batch = Collator(table, torch.randn(11, 5), [None] * 11)([0, 1, 2])
+    embeddings = torch.eye(11)  # row i is the unit vector i: a mix shows which rows it took
+    n = len(emotions)
+    targets = Targets(F.one_hot(batch.emotions.clamp(min=0), 4).float(), torch.zeros(n, 3),
+                      torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long), torch.ones(n))  # fmt: skip
+    mixed, mixed_targets = mix_within_dialogues(embeddings, targets, batch, np.random.default_rng(5), alpha=1.0)
+    dialogue = dialogue_of_rows(batch).numpy()
+    np.testing.assert_array_equal(dialogue, table.dialogue_of)
+    sources = [set(np.flatnonzero(mixed[row].numpy() > 1e-6).tolist()) for row in range(n)]
+    assert all(dialogue[list(used)].tolist() == [dialogue[row]] * len(used) for row, used in enumerate(sources))
+    assert sources[3] == {3} and sources[4] == {4}  # unlabelled, and alone in its dialogue
+    assert sum(len(used) == 2 for used in sources) >= 6  # the others did mix
+    torch.testing.assert_close(mixed_targets.emotion.sum(dim=1), torch.ones(n))
 
 
 def _on_a_segment(point: np.ndarray, members: np.ndarray) -> bool:

@@ -63,3 +63,15 @@ def test_tau_normalisation(data):
     before = macro_f1(test_y, predict_logits(head, test_x).argmax(dim=1), C)
     after = macro_f1(test_y, predict_logits(tau_normalize(head, search.value), test_x).argmax(dim=1), C)
     assert after > before + 0.03
+
+
+def test_tau_norm_scores_without_the_bias():
+    head = torch.nn.Linear(DIM, C)
+    with torch.no_grad():
+        head.bias.copy_(torch.linspace(-5, 5, C))  # a strong prior in the bias must not survive
+    x = torch.randn(10, DIM)
+    for tau in (0.0, 0.5, 1.0):
+        normalised = tau_normalize(head, tau)
+        expected = x @ (head.weight / head.weight.norm(dim=1, keepdim=True).pow(tau)).T
+        torch.testing.assert_close(predict_logits(normalised, x), expected)
+    assert torch.equal(head.bias, torch.linspace(-5, 5, C))  # the original is untouched

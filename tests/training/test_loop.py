@@ -131,8 +131,8 @@ def test_checkpoint_holds_the_whole_state_and_early_stopping_keeps_the_best_epoc
     [
         {"loss": {"name": "weighted_ce", "scheme": "effective"}},
         {"loss": {"name": "focal", "gamma": 2.0}},
-        {"loss": {"name": "ldam", "s": 1.0, "drw_epoch": 1}},
-        {"loss": {"name": "logit_adjusted", "tau": 1.0}},
+        {"loss": {"name": "ldam", "s": 30.0}, "optim": {"lr_drop_epoch": 1}},
+        {"loss": {"name": "logit_adjusted", "tau": 1.0}, "data": {"speech": ["emodb"], "max_audio_seconds": 2.0}},
         {"sampler": {"name": "progressive"}},
         {"sampler": {"name": "sqrt"}, "augment": {"method": "manifold_mixup"}},
         {"augment": {"method": "balancemix", "alpha": 1.0}},
@@ -149,9 +149,10 @@ def test_checkpoint_holds_the_whole_state_and_early_stopping_keeps_the_best_epoc
 def test_each_library_method_plugs_in_through_the_recipe(
     data_dir: Path, tmp_path: Path, cache: Path, sections: dict[str, Any]
 ) -> None:
-    recipe = tiny_recipe(optim={"epochs": 2}, **sections)
+    recipe = tiny_recipe(**{**sections, "optim": {"epochs": 2, **sections.get("optim", {})}})
     final = train_tiny(recipe, tmp_path / "run", data_dir, cache)
     assert 0 <= final["test"]["meld"]["macro_f1"] <= 1
+    assert "head.emotion_head.bias" in model_tensors(tmp_path / "run")  # a plain linear classifier is exported
     if recipe.decoupled.method != "none":
         assert final["decoupled"]["method"] == recipe.decoupled.method
     if recipe.posthoc.bias_tuning:

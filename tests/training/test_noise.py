@@ -47,3 +47,20 @@ def test_thresholds_move_samples_between_groups(noisy_problem):
 def test_per_sample_loss_is_cross_entropy():
     logits = np.log(np.array([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]))
     np.testing.assert_allclose(per_sample_loss(logits, [1, 1]), -np.log([0.25, 0.8]))
+
+
+def test_ambiguous_labels_are_down_weighted_not_dropped(noisy_problem):
+    logits, probs, y_noisy, _, _ = noisy_problem
+    part = partition_noisy_labels(
+        per_sample_loss(logits, y_noisy), y_noisy, probs, clean_threshold=0.5, relabel_confidence=1.01
+    )
+    assert part.ambiguous.sum() > 0
+    labels, weights = part.training_labels("downweight")
+    np.testing.assert_array_equal(labels, y_noisy)  # every label stays in training
+    np.testing.assert_allclose(weights[part.ambiguous], part.clean_prob[part.ambiguous])
+    assert (weights[part.ambiguous] < 0.5).all() and (weights[~part.ambiguous] == 1.0).all()
+    dropped, zero = part.training_labels("drop")
+    assert (dropped[part.ambiguous] == -1).all() and (zero[part.ambiguous] == 0).all()
+    kept, ones = part.training_labels("keep")
+    np.testing.assert_array_equal(kept, y_noisy)
+    assert (ones == 1).all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -24,12 +25,24 @@ def test_every_bundled_recipe_loads_and_round_trips(name: str) -> None:
 
 
 def test_the_benchmark_recipes_share_one_backbone() -> None:
-    """Methods differ only in their method sections: the model, data and optimiser are the base recipe's."""
+    """Methods differ only in their method sections: the model, data and optimiser are the base recipe's, except
+    the learning-rate drop of LDAM-DRW (its re-weighting starts there)."""
     base = load_recipe(RECIPES_DIR / "_meld_frozen.toml")
     for name in bundled_recipes():
         if name.startswith("meld_"):
             recipe = load_recipe(name)
-            assert (recipe.model, recipe.data, recipe.optim) == (base.model, base.data, base.optim), name
+            optim = dataclasses.replace(recipe.optim, lr_drop_epoch=0) if name == "meld_ldam_drw" else recipe.optim
+            assert (recipe.model, recipe.data, optim) == (base.model, base.data, base.optim), name
+    assert load_recipe("meld_ldam_drw").optim.lr_drop_epoch > 0
+
+
+def test_the_default_recipe_keeps_the_pooled_prior_it_was_trained_with() -> None:
+    """Recipes default to each corpus's own prior; the shipped default says `pooled` so that it still
+    reproduces its weights, and its candidate twin `default_la` trains the same."""
+    default = load_recipe("default")
+    assert default.loss.params["prior"] == "pooled"
+    assert load_recipe("default_la").training_digest() == default.training_digest()
+    assert load_recipe("meld_logit_adjusted").loss.params.get("prior", "per_corpus") == "per_corpus"
 
 
 def test_unknown_top_level_key_is_refused_naming_it_and_the_allowed_keys(tmp_path: Path) -> None:
@@ -99,12 +112,19 @@ def test_method_parameters_reach_the_config_and_model_presets_apply(tmp_path: Pa
         _write(
             tmp_path,
             'name = "x"\n[model]\npreset = "tiny"\nembed_dim = 24\n[loss]\nname = "ldam"\nmax_margin = 0.3\n'
-            'drw_epoch = 2\n[sampler]\nname = "progressive"\n[augment]\nmethod = "manifold_mixup"\n',
+            's = 20.0\n[optim]\nlr_drop_epoch = 2\n[sampler]\nname = "progressive"\n[augment]\n'
+            'method = "manifold_mixup"\n',
         )
     )
     assert recipe.model.text_encoder == "tiny" and recipe.model.embed_dim == 24
-    assert dict(recipe.loss.params) == {"max_margin": 0.3, "drw_epoch": 2}
+    assert dict(recipe.loss.params) == {"max_margin": 0.3, "s": 20.0}
     assert recipe.augment.levels == (0, 1)
+
+
+def test_ldam_drw_without_a_learning_rate_drop_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match=r"\[loss\] 'ldam'.*lr_drop_epoch"):
+        load_recipe(_write(tmp_path, 'name = "x"\n[loss]\nname = "ldam"\n'))
+    assert load_recipe(_write(tmp_path, 'name = "x"\n[loss]\nname = "ldam"\ndrw = false\n')).loss.name == "ldam"
 
 
 def test_seed_changes_the_digest_but_the_stages_after_training_do_not_change_the_training_digest() -> None:
@@ -125,6 +145,7 @@ def test_a_method_put_on_another_backbone_keeps_its_method_and_takes_the_backbon
     on_ft2 = method_recipe("meld_ldam_drw", "_meld_ft2")
     backbone, own = load_recipe("_meld_ft2"), load_recipe("meld_ldam_drw")
     assert on_ft2.name == "meld_ldam_drw@meld_ft2"
-    assert (on_ft2.model, on_ft2.optim) == (backbone.model, backbone.optim)
+    assert on_ft2.model == backbone.model
+    assert on_ft2.optim == dataclasses.replace(backbone.optim, lr_drop_epoch=own.optim.lr_drop_epoch)
     assert on_ft2.model.text_trainable_layers == 2
     assert (on_ft2.loss, on_ft2.train.patience) == (own.loss, own.train.patience)
