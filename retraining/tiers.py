@@ -12,13 +12,22 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from model.artifact import CONTEXT_FILE, ENCODER_FILE, ENCODER_INT8_FILE, Calibration, ModelArtifact, write_artifact
+from model.artifact import (
+    CONTEXT_FILE,
+    ENCODER_FILE,
+    ENCODER_INT8_FILE,
+    Calibration,
+    ClassPrior,
+    DataSource,
+    ModelArtifact,
+    write_artifact,
+)
 from model.preprocess import PreprocessingConfig
 from retraining.dataset import DialogueSet
 from retraining.gate_config import GateConfig, config_from
@@ -26,7 +35,7 @@ from retraining.heldout import heldout_logits, heldout_rows, needs_reencoding, r
 from retraining.parity import ParityReference
 from retraining.queue import TIERS, PermanentError
 from retraining.steps import JobContext
-from training.calibration import fit_temperature
+from training.calibration import fit_calibration_record
 
 CLASS_PRIOR_KEY = "class_prior"  # in an artifact's metrics.json: {emotion: share} its posteriors assume
 
@@ -158,8 +167,7 @@ def _package(out: Path, inputs: TierInputs, draft: Draft) -> None:
         metrics[CLASS_PRIOR_KEY] = dict(draft.class_prior)
     if rows.any():
         logits, labels = heldout_logits(provisional, data, rows, reencode), data.labels[rows]
-        if draft.calibration is None:
-            calibration = Calibration(fit_temperature(logits, labels), sentiment_t)
+        calibration = _calibration(draft, data, rows, logits, base, sentiment_t)
         predicted = np.bincount(logits.argmax(axis=1), minlength=len(base.emotions)) / len(logits)
         shares = dict(zip(base.emotions.names, predicted.tolist(), strict=True))
         metrics["heldout"] = report(provisional, logits, labels, inputs.minority, calibration.temperature).to_dict()
@@ -168,3 +176,49 @@ def _package(out: Path, inputs: TierInputs, draft: Draft) -> None:
         out / "artifact", **fields, calibration=calibration, reference_distribution=reference, metrics=metrics
     )
     shutil.rmtree(out / "draft")
+
+
+def _calibration(
+    draft: Draft, data: DialogueSet, rows: np.ndarray, logits: np.ndarray, base: ModelArtifact, sentiment_t: float
+) -> Calibration:
+    """The candidate's calibration record, so the monitor can test its class mix against its own confusion: fitted
+    on the gate's held-out turns (training/calibration.py; the temperature does not move a label, so the gate's
+    decision is not fitted there) with the training prior the draft states. A tier that brings its own record
+    (tier 1: the base's corrected to the new prior; tier 3: fitted on its own dev split) keeps it, given the
+    confusion of its new decision rule on the held-out turns where it has none."""
+    names = base.emotions.names
+    conversations = np.unique(np.asarray(data.conversations, dtype=object)[rows], return_inverse=True)[1]
+    held_out = DataSource(
+        "the gate's held-out feedback", _modalities(data, rows), int(rows.sum()), int(conversations.max()) + 1
+    )
+    trained = (data.labels >= 0) & ~data.heldout
+    shares = draft.class_prior or dict(
+        zip(names, np.bincount(data.labels[trained], minlength=len(names)) / max(1, trained.sum()), strict=True)
+    )
+    prior = ClassPrior(
+        tuple(shares[name] for name in names),
+        DataSource(
+            f"tier {draft.recipe.get('tier', '?')} training turns",
+            _modalities(data, trained),
+            max(1, int(trained.sum())),
+        ),
+    )
+    fit = fit_calibration_record(
+        logits,
+        data.labels[rows],
+        conversations,
+        names,
+        dev_source=held_out,
+        training_prior=prior,
+        sentiment_temperature=sentiment_t,
+    )
+    if draft.calibration is None:
+        return fit.calibration
+    if draft.calibration.dev_reference is not None:
+        return draft.calibration
+    return replace(draft.calibration, dev_reference=fit.calibration.dev_reference)
+
+
+def _modalities(data: DialogueSet, rows: np.ndarray) -> str:
+    present = [name for name, flags in (("text", data.has_text), ("audio", data.has_audio)) if flags[rows].any()]
+    return "+".join(present) or "text"

@@ -93,6 +93,12 @@ def test_tier2_retrains_the_head_and_the_gate_promotes_it(
     assert served.files[ENCODER_FILE].sha256 == base.files[ENCODER_FILE].sha256  # the encoder is reused as is
     assert served.calibration.temperature != base.calibration.temperature  # refitted on the held-out split
     assert served.metrics["heldout"]["minority_recall"] == pytest.approx(candidate["minority_recall"])
+    # a whole calibration record, so the monitor tests the new champion's class mix against its own confusion
+    record = served.calibration
+    assert record.has_record and record.dev_reference is not None and record.posterior is not None
+    assert sum(map(sum, record.dev_reference.confusion)) == job.result["heldout"]["feedback"]
+    assert record.training_prior is not None and record.training_prior.shares == pytest.approx([1 / 7] * 7)
+    assert record.temperature_source is not None and record.temperature_source.data == "the gate's held-out feedback"
 
 
 def _with_calibration_record(registry: ModelRegistry, base: ModelArtifact, seed: int, out: Path) -> ModelArtifact:
@@ -158,10 +164,12 @@ def test_tier1_corrects_the_priors_from_unlabelled_predictions(
     probe = [(embeddings[:5].astype(np.float32), np.zeros(5, np.int64), True)]
     after, before = (run_context(session(a.context_path), probe, [EMOTION_OUTPUT])[0] for a in (candidate, base))
     assert after - before == pytest.approx(np.broadcast_to(offset, after.shape), abs=1e-4)
-    # its posteriors now assume the estimated prior; its dev confusion is no longer the base's
+    # its posteriors now assume the estimated prior; its confusion is its own, re-measured on the held-out turns
     assert candidate.calibration.training_prior is not None
     assert candidate.calibration.training_prior.shares == pytest.approx(recipe["new_prior"])
-    assert candidate.calibration.dev_reference is None
+    reference = candidate.calibration.dev_reference
+    assert reference is not None and reference.source.data == "the gate's held-out feedback"
+    assert sum(map(sum, reference.confusion)) == reference.source.turns > 0
     assert job.result["promoted"], job.result["reasons"]
 
 
