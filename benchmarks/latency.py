@@ -102,11 +102,6 @@ class Level(PooledPhases):
     others_cpu_s: float = 0.0  # CPU seconds of other processes on the machine during the phases
     load: list[float] = field(default_factory=list)  # 1-minute load average at the end of each phase
 
-    @property
-    def others_share(self) -> float:
-        """Share of the machine's CPUs that other processes used during the phases."""
-        return self.others_cpu_s / (self.seconds * (os.cpu_count() or 1)) if self.seconds else 0.0
-
     def per_round(self) -> list[float]:
         return [p.accepted_utterances / p.seconds for p in self.phases if p.seconds]
 

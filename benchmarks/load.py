@@ -49,7 +49,7 @@ import numpy as np
 from tqdm import tqdm
 
 from core.processes import running_service
-from core.settings import Settings, data_dir_or_exit
+from core.settings import Settings, available_cores, data_dir_or_exit
 
 OVERLOADED = "overloaded"  # the last segment of the problem type of the service's 503 for a full queue
 REFUSAL_STATUSES = (429, 503)
@@ -163,13 +163,19 @@ class Phase:
 
 
 class PooledPhases:
-    """Figures pooled over the phases of one load (one phase per round), for a dataclass with a `phases` field."""
+    """Figures pooled over the phases of one load (one phase per round), for a dataclass with the fields below."""
 
     phases: list[Phase]
+    others_cpu_s: float  # CPU seconds of every other process on the machine during the phases
 
     @property
     def seconds(self) -> float:
         return sum(p.seconds for p in self.phases)
+
+    @property
+    def others_share(self) -> float:
+        """Share of the machine's CPUs that other processes used during the phases."""
+        return self.others_cpu_s / (self.seconds * available_cores()) if self.seconds else 0.0
 
     @property
     def requests(self) -> int:

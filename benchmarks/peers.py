@@ -150,10 +150,6 @@ class Level(PooledPhases):
     client_cpu_s: float = 0.0  # this process: the load generator
     others_cpu_s: float = 0.0  # every other process on the machine
 
-    @property
-    def others_share(self) -> float:
-        return self.others_cpu_s / (self.seconds * available_cores()) if self.seconds else 0.0
-
     def summary(self) -> dict[str, Any]:
         return {
             "setting": self.setting.name,
