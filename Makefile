@@ -27,11 +27,15 @@ peers: $(STAMP)
 	$(PY) -m venv $(TRITON_STUB)
 	$(TRITON_STUB)/bin/python -m pip install --quiet numpy==1.26.4 pyzmq==27.3.0
 
-# promtool validates the Prometheus rules in the tests; Debian's `prometheus` package carries it.
+# promtool validates the Prometheus rules in the tests; Debian's `prometheus` package carries it. espeak-ng speaks
+# the known words of the synthetic test calls (tests/scoring/calls).
 tools:
 	@command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
 		>/dev/null; } || echo "promtool not installed: its tests will skip"
+	@command -v espeak-ng >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends espeak-ng \
+		>/dev/null; } || echo "espeak-ng not installed: the synthetic-speech call tests will skip"
 
 serve: $(STAMP)
 	$(VENV)/bin/equipoise serve

@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from api import errors
 from api.auth import Authenticator, check_exposure
 from api.batcher import MicroBatcher
+from api.calls import CALLS_PATH, CallRunner, call_body_limit
 from api.deps import ServiceState
 from api.metrics import Metrics
 from api.middleware import BodyLimitMiddleware, HttpMetricsMiddleware
@@ -67,6 +68,8 @@ def build_state(settings: Settings, loader: ModelLoader | None = None) -> Servic
     )
     versions = VersionPool(registry, loader, logger, metrics, settings)
     shadow = ShadowScorer(versions, registry, logger, metrics, settings)
+    calls = CallRunner(engine, holder, metrics, settings)
+    metrics.calls_queued.set_function(calls.queued_for_metrics)
     return ServiceState(
         settings=settings,
         engine=engine,
@@ -81,6 +84,7 @@ def build_state(settings: Settings, loader: ModelLoader | None = None) -> Servic
         versions=versions,
         shadow=shadow,
         auth=Authenticator(engine, required=settings.auth_required, cache_s=settings.api_key_cache_s),
+        calls=calls,
     )
 
 
@@ -94,6 +98,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await state.reloader.start()
     state.batcher.start()
     state.shadow.start()
+    await run_in_threadpool(state.calls.start)
     schedule = MonitorSchedule(state.engine, state.settings) if state.settings.monitor_in_service else None
     if schedule:
         schedule.start()
@@ -102,6 +107,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         if schedule:
             await run_in_threadpool(schedule.stop)
+        await run_in_threadpool(state.calls.stop)
         await state.reloader.stop()
         await state.batcher.stop()
         await state.shadow.stop()
@@ -123,7 +129,9 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
     app.state.open_streams = OpenStreams(settings.stream_max_open, app.state.service.metrics.streams_open)
     errors.install(app)
     app.include_router(api_router)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_request_bytes, larger={CALLS_PATH: call_body_limit(settings)}
+    )
     app.add_middleware(HttpMetricsMiddleware, metrics=app.state.service.metrics)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.auth import Authenticator, Principal, authorize
 from api.batcher import MicroBatcher
+from api.calls import CallRunner
 from api.inputs import is_json, media_type, unsupported_media_type
 from api.metrics import Metrics
 from api.prediction_log import PredictionLogger
@@ -39,6 +40,7 @@ class ServiceState:
     versions: VersionPool  # other registered versions, served by name under /v2
     shadow: ShadowScorer  # a share of the champion's requests scored again by a challenger, in the background
     auth: Authenticator
+    calls: CallRunner  # whole call recordings, processed off the request path
 
 
 def get_state(request: Request) -> ServiceState:

@@ -8,6 +8,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 CONFIDENCE_BUCKETS = tuple(round(0.1 * step, 1) for step in range(1, 11))
+CALL_SECONDS_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0)
+# Processing seconds per second of recording; the target for a 5-minute call on 2 cores is 0.2.
+REAL_TIME_FACTOR_BUCKETS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0)
 
 
 class Metrics:
@@ -75,6 +78,27 @@ class Metrics:
             "equipoise_shadow_agreement_ratio",
             "Share of the challenger's recent shadow-scored turns whose emotion is the champion's live answer.",
             ["challenger"],
+            registry=r,
+        )
+
+        self.calls_queued = Gauge(
+            "equipoise_calls_queued", "Calls waiting to be processed (all processes on the database).", registry=r
+        )
+        self.calls_running = Gauge("equipoise_calls_running", "Calls this process is processing now.", registry=r)
+        self.calls = Counter(
+            "equipoise_calls_total", "Calls processed, by outcome (done, failed).", ["outcome"], registry=r
+        )
+        self.call_seconds = Histogram(
+            "equipoise_call_processing_seconds",
+            "Processing time of a call, by stage (decode, vad, asr, emotion, analytics, logging, total).",
+            ["stage"],
+            buckets=CALL_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.call_real_time_factor = Histogram(
+            "equipoise_call_real_time_factor",
+            "Processing seconds per second of call recording.",
+            buckets=REAL_TIME_FACTOR_BUCKETS,
             registry=r,
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -12,24 +13,27 @@ from api.metrics import Metrics
 
 
 class BodyLimitMiddleware:
-    """413 as soon as the declared or the received body exceeds `max_bytes`, before it is all read."""
+    """413 as soon as the declared or the received body exceeds `max_bytes`, before it is all read. `larger` maps a
+    path to a limit of its own (a whole call recording is larger than any prediction request)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, larger: Mapping[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.larger = dict(larger or {})
 
-    def _problem(self) -> Exception:
-        return too_large("body", f"the request body exceeds the limit of {self.max_bytes} bytes", self.max_bytes)
+    def _problem(self, limit: int) -> Exception:
+        return too_large("body", f"the request body exceeds the limit of {limit} bytes", limit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.larger.get(scope["path"].rstrip("/"), self.max_bytes)
         declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
+        if declared.isdigit() and int(declared) > limit:
             # Raised from the first read, inside the app, so the app's problem+json handler answers it.
             async def refuse() -> Message:
-                raise self._problem()
+                raise self._problem(limit)
 
             await self.app(scope, refuse, send)
             return
@@ -40,8 +44,8 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise self._problem()
+                if received > limit:
+                    raise self._problem(limit)
             return message
 
         await self.app(scope, counting_receive, send)

@@ -31,6 +31,9 @@ CUSTOMER_SPEAKER = "customer"  # the speaker whose escalations count (compared c
 ESCALATION_THRESHOLD = 0.2  # rise of the anger probability over the customer's previous turn
 # Written only here: also the default channel limit of model.audio.decode_channels.
 MAX_AUDIO_CHANNELS = 8
+# Written only here: also the defaults of scoring.calls.CallOptions (whole call recordings).
+MAX_CALL_SECONDS = 3_600.0
+MAX_CALL_BYTES = 512 * 1024 * 1024
 
 
 class SettingsError(ValueError):
@@ -145,6 +148,37 @@ class Settings(BaseSettings):
         description="A channel of a multi-channel recording whose loudest 20 ms is quieter than this (dB full scale) "
         "is reported silent, not scored; the quietest speech clip of the corpora peaks at -51.5 dBFS.",
     )
+    # Whole call recordings (scoring.calls): longer and larger than one turn's audio, decoded once per call.
+    max_call_seconds: float = Field(
+        default=MAX_CALL_SECONDS,
+        gt=0,
+        le=4 * 3_600,
+        description="Longest call recording; a longer one is refused from its header, before it is decoded.",
+    )
+    max_call_bytes: int = Field(
+        default=MAX_CALL_BYTES,
+        ge=1024,
+        description="Largest call recording file: an hour of 16-bit stereo WAV is 115 MB at 8 kHz, 230 MB at 16 kHz "
+        "(at 48 kHz, 691 MB: send FLAC).",
+    )
+    max_queued_calls: int = Field(
+        default=100, ge=1, le=100_000, description="Calls waiting to be processed; beyond it POST /v1/calls is 503."
+    )
+    call_workers: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description="Calls processed at once by the service (0: none; another process runs them). Speech to text "
+        "and the model already use every core, so on 2 cores a second call only slows the first.",
+    )
+    call_lease_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3_600,
+        description="A running call's lease, renewed every third of it; a call whose lease ran out (its process "
+        "died) is queued again.",
+    )
+    call_max_attempts: int = Field(default=3, ge=1, le=100, description="Attempts before an abandoned call fails.")
     max_dialogue_turns: int = Field(default=200, ge=1, le=5_000)
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
 

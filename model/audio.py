@@ -15,6 +15,7 @@ import math
 import os
 import stat
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import soundfile as sf
@@ -76,23 +77,55 @@ def decode_channels(
     max_seconds: float = DEFAULT_MAX_SECONDS,
     max_channels: int = MAX_AUDIO_CHANNELS,
     sample_rate: int = SAMPLE_RATE,
+    source_rates: tuple[int, int] = (1, MAX_SOURCE_RATE),
 ) -> np.ndarray:
     """Decode `source` (a path or the bytes of a file) to float32 waveforms [channels, samples] at `sample_rate`,
     each channel resampled on its own (a mono file gives one row).
 
     Raises AudioTooLarge (more than `max_bytes`), AudioTooLong (more than `max_seconds`), AudioTooManyChannels
-    (more than `max_channels`), AudioEmpty (no samples) or AudioUndecodable (not a WAV/FLAC/OGG file, corrupt, or
-    implausible header). A missing or unreadable path raises the usual OSError.
+    (more than `max_channels`), AudioEmpty (no samples) or AudioUndecodable (not a WAV/FLAC/OGG file, corrupt, or a
+    header rate outside `source_rates`, inclusive). A missing or unreadable path raises the usual OSError.
     """
+    limits = _Limits(max_seconds, max_channels, source_rates)
     if isinstance(source, bytes | bytearray):
         _check_size(len(source), max_bytes)
-        return _decode(io.BytesIO(source), max_seconds, max_channels, sample_rate)
+        return _decode(io.BytesIO(source), limits, sample_rate)
     path = Path(source)
     info = path.stat()  # the size is checked before the file is opened
     if not stat.S_ISREG(info.st_mode):
         raise AudioUndecodable(f"{path.name} is not a regular file")
     _check_size(info.st_size, max_bytes)
-    return _decode(path, max_seconds, max_channels, sample_rate)
+    return _decode(path, limits, sample_rate)
+
+
+def check_audio_header(
+    source: Path | str,
+    *,
+    max_bytes: int,
+    max_seconds: float,
+    max_channels: int,
+    source_rates: tuple[int, int] = (1, MAX_SOURCE_RATE),
+) -> AudioHeader:
+    """What `decode_channels` checks before it decodes (size, format, sample rate, channels, the length the header
+    declares), without decoding, so a stored upload can be refused before it is queued; raises the same errors.
+    A header that understates the length is still caught when the audio is decoded."""
+    path = Path(source)
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise AudioUndecodable(f"{path.name} is not a regular file")
+    _check_size(info.st_size, max_bytes)
+    try:
+        with sf.SoundFile(path) as sound:
+            _check_header(sound, _Limits(max_seconds, max_channels, source_rates))
+            return AudioHeader(sound.frames / sound.samplerate, sound.channels, sound.samplerate)
+    except sf.SoundFileError as error:
+        raise AudioUndecodable(f"the audio cannot be decoded: {_reason(error)}") from None
+
+
+class AudioHeader(NamedTuple):
+    seconds: float  # as declared
+    channels: int
+    sample_rate: int
 
 
 def decode_audio(
@@ -147,10 +180,17 @@ def _check_size(size: int, max_bytes: int) -> None:
         )
 
 
-def _decode(file: Path | io.BytesIO, max_seconds: float, max_channels: int, sample_rate: int) -> np.ndarray:
+class _Limits(NamedTuple):
+    max_seconds: float
+    max_channels: int
+    source_rates: tuple[int, int]
+
+
+def _decode(file: Path | io.BytesIO, limits: _Limits, sample_rate: int) -> np.ndarray:
+    max_seconds = limits.max_seconds
     try:
         with sf.SoundFile(file) as sound:
-            _check_header(sound, max_seconds, max_channels)
+            _check_header(sound, limits)
             # Read at most one frame past the limit: a header that understates the length is caught here.
             max_frames = math.floor(max_seconds * sound.samplerate)
             samples = sound.read(frames=max_frames + 1, dtype="float32", always_2d=True)
@@ -166,13 +206,21 @@ def _decode(file: Path | io.BytesIO, max_seconds: float, max_channels: int, samp
     return resample_channels(samples, rate, sample_rate)
 
 
-def _check_header(sound: sf.SoundFile, max_seconds: float, max_channels: int) -> None:
+def _check_header(sound: sf.SoundFile, limits: _Limits) -> None:
+    max_seconds, max_channels, (lowest, highest) = limits
     if sound.format not in ACCEPTED_FORMATS:
         raise AudioUndecodable(f"unsupported audio format {sound.format}; accepted: WAV, FLAC, OGG")
     if not 0 < sound.samplerate <= MAX_SOURCE_RATE:
         raise AudioUndecodable(
             f"implausible sample rate {sound.samplerate} Hz (at most {MAX_SOURCE_RATE})",
             limit=MAX_SOURCE_RATE,
+            actual=sound.samplerate,
+            unit="hertz",
+        )
+    if not lowest <= sound.samplerate <= highest:
+        raise AudioUndecodable(
+            f"the audio's sample rate is {sound.samplerate} Hz; accepted: {lowest}-{highest} Hz",
+            limit=lowest if sound.samplerate < lowest else highest,
             actual=sound.samplerate,
             unit="hertz",
         )

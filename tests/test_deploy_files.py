@@ -546,3 +546,10 @@ def test_the_installed_package_carries_every_file_it_reads_at_run_time(tmp_path:
     }
     assert "model/default/delta.safetensors" in needed
     assert needed <= packaged, f"not in the wheel: {sorted(needed - packaged)}"
+
+
+def test_gpu_image_installs_faster_whisper_without_the_cpu_onnxruntime_it_declares() -> None:
+    _, dependencies, _ = _torch_then_project("gpu")
+    assert "grep -v '^faster-whisper==' /tmp/requirements.txt > /tmp/with-deps.txt" in dependencies
+    assert "pip install --no-deps --requirement /tmp/no-deps.txt" in dependencies
+    assert "pip install --requirement /tmp/requirements.txt" not in dependencies

@@ -2,8 +2,8 @@
 
 from fastapi import APIRouter
 
-from api.routes import admin, feedback, health, predict, stream, v2
+from api.routes import admin, calls, feedback, health, predict, stream, v2
 
 api_router = APIRouter()
-for module in (predict, stream, feedback, admin, health, v2):
+for module in (predict, calls, stream, feedback, admin, health, v2):
     api_router.include_router(module.router)

@@ -95,6 +95,16 @@ class PredictionRecord:
     latency_ms: float
     embedding: bytes | None
     audio: bytes | None = None  # the encoded file, for the service to store when raw-audio storage is on
+    call: CallTurn | None = None  # a turn of a whole call recording (request kind `call`)
+
+
+@dataclass(frozen=True)
+class CallTurn:
+    """Where a prediction of kind `call` lies: its call and its span in the recording, in seconds."""
+
+    call_id: uuid.UUID
+    start_s: float
+    end_s: float
 
 
 def prediction_row(record: PredictionRecord, *, redact_text: bool, audio_path: str | None) -> Row:
@@ -124,6 +134,8 @@ def prediction_row(record: PredictionRecord, *, redact_text: bool, audio_path: s
         "sentiment": record.sentiment,
         "latency_ms": record.latency_ms,
         "embedding": record.embedding,
+        # Only on call turns: the service's spool holds rows written before these columns existed.
+        **(asdict(record.call) if record.call is not None else {}),
     }
 
 

@@ -72,6 +72,7 @@ class RequestKind(enum.StrEnum):
     UTTERANCE = "utterance"
     DIALOGUE = "dialogue"
     BATCH = "batch"
+    CALL = "call"  # a turn of a whole call recording (the `calls` table)
 
 
 class FeedbackKind(enum.StrEnum):
@@ -93,6 +94,13 @@ class JobStatus(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+class CallStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
 
 
 class JobTrigger(enum.StrEnum):
@@ -162,6 +170,10 @@ class Prediction(Base):
     sentiment: Mapped[str | None] = mapped_column(String(32))
     latency_ms: Mapped[float] = mapped_column(Float)
     embedding: Mapped[bytes | None] = mapped_column(LargeBinary, doc="float32 little-endian utterance embedding.")
+    # A turn of a call recording (request kind `call`): the call, and where the turn lies in it.
+    call_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("calls.id", ondelete="SET NULL"))
+    start_s: Mapped[float | None] = mapped_column(Float)
+    end_s: Mapped[float | None] = mapped_column(Float)
 
     feedback: Mapped[list[Feedback]] = relationship(back_populates="prediction", cascade="all, delete-orphan")
 
@@ -170,6 +182,7 @@ class Prediction(Base):
         Index("ix_predictions_model_version_created_at", "model_version", "created_at"),
         Index("ix_predictions_conversation_id_turn_index", "conversation_id", "turn_index"),
         Index("ix_predictions_text_sha256", "text_sha256"),
+        Index("ix_predictions_call_id", "call_id"),
     )
 
 
@@ -220,6 +233,35 @@ class ShadowPrediction(Base):
             "uq_shadow_predictions_live_prediction_id_model_version", "live_prediction_id", "model_version", unique=True
         ),
         Index("ix_shadow_predictions_model_version_created_at", "model_version", "created_at"),
+    )
+
+
+class Call(Base):
+    """A whole call recording sent to the service, processed off the request path (api/calls.py). A runner claims
+    a queued call under a lease it renews while it works; a call whose lease ran out (its process died) is queued
+    again, up to a number of attempts. Its turns are stored as predictions (request kind `call`) together with the
+    result, in one transaction, so a call ends `done` once."""
+
+    __tablename__ = "calls"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    status: Mapped[CallStatus] = mapped_column(_str_enum(CallStatus), default=CallStatus.QUEUED)
+    roles: Mapped[list[Any] | None] = mapped_column(doc="The channels' speaker names as sent; null: channel-<i>.")
+    context: Mapped[ContextMode] = mapped_column(_str_enum(ContextMode), default=ContextMode.BIDIRECTIONAL)
+    audio_path: Mapped[str] = mapped_column(String(1024), doc="The uploaded file, as received.")
+    audio_bytes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(doc="When the latest attempt started.")
+    finished_at: Mapped[datetime | None]
+    owner: Mapped[str | None] = mapped_column(String(128), doc="The runner holding the lease.")
+    lease_expires_at: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(default=0)
+    error: Mapped[dict[str, Any] | None] = mapped_column(doc="Why it failed: field, code, message, limit.")
+    result: Mapped[dict[str, Any] | None]
+
+    __table_args__ = (
+        Index("ix_calls_status_created_at", "status", "created_at"),
+        Index("ix_calls_status_lease_expires_at", "status", "lease_expires_at"),
     )
 
 

@@ -12,9 +12,12 @@ from model.audio import (
     SAMPLE_RATE,
     AudioEmpty,
     AudioError,
+    AudioHeader,
     AudioTooLarge,
     AudioTooLong,
+    AudioTooManyChannels,
     AudioUndecodable,
+    check_audio_header,
     decode_audio,
 )
 
@@ -119,3 +122,19 @@ def _bytes_read() -> int | None:
         return None
     fields = dict(line.split(": ") for line in proc.read_text().splitlines())
     return int(fields["rchar"])
+
+
+def test_the_header_check_refuses_what_decoding_would_without_decoding(tmp_path: Path) -> None:
+    path = tmp_path / "call.wav"
+    path.write_bytes(_wav_bytes(np.zeros((8_000 * 3, 2), np.float32), 8_000))
+    limits = dict(max_bytes=10**6, max_seconds=5.0, max_channels=2, source_rates=(8_000, 48_000))
+    assert check_audio_header(path, **limits) == AudioHeader(3.0, 2, 8_000)
+    with pytest.raises(AudioTooLong):
+        check_audio_header(path, **{**limits, "max_seconds": 2.0})
+    with pytest.raises(AudioTooManyChannels):
+        check_audio_header(path, **{**limits, "max_channels": 1})
+    with pytest.raises(AudioUndecodable, match="8000 Hz; accepted: 16000-48000"):
+        check_audio_header(path, **{**limits, "source_rates": (16_000, 48_000)})
+    path.write_bytes(b"RIFF" + bytes(40))
+    with pytest.raises(AudioUndecodable):
+        check_audio_header(path, **limits)

@@ -80,5 +80,7 @@ def test_dashboard_covers_the_product_signals() -> None:
         "equipoise_retraining_jobs",
         "equipoise_model_versions",
         "equipoise_labelled_predictions",
+        "equipoise_calls_queued",
+        "equipoise_call_real_time_factor_bucket",
     ):
         assert signal in used

@@ -23,6 +23,9 @@ AFTER_STREAMS_AND_SHADOWING = {
     "equipoise_stream_escalations_total",
     "equipoise_shadow_predictions_total",
     "equipoise_shadow_agreement_ratio",
+    # Counted once a call is processed (tests/api/test_calls.py scrapes them); this service is sent no call.
+    "equipoise_calls_total",
+    "equipoise_call_processing_seconds_bucket",
 }
 
 

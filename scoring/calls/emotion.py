@@ -1,0 +1,60 @@
+"""Emotion for a call's turns through the served model (model.runtime.InferenceRuntime.classify).
+
+The call is one dialogue: its turns in start order, each with its redacted transcript and its own channel's audio,
+the speakers being the channel names. A recording is whole when it is scored, so by default the context head reads
+it in both directions (`causal=True` gives each turn only the turns before it, as a live stream has).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from model.labels import LabelSet
+from model.runtime import TurnPrediction, UtteranceInput
+from scoring.calls.analytics import TurnEmotion
+from scoring.calls.pipeline import Turn
+
+
+class Classifier(Protocol):
+    """What is used of model.runtime.InferenceRuntime (the service holds it behind a protocol of its own)."""
+
+    emotions: LabelSet
+    sentiments: LabelSet
+
+    def classify(self, dialogues: list[list[UtteranceInput]], causal: bool) -> list[list[TurnPrediction]]: ...
+
+
+class CallEmotions:
+    """An EmotionScorer for `process_call`. `predictions` keeps the model's answers for the turns of the latest call
+    it scored (their embeddings and indices, which the service logs): use one instance per call at a time."""
+
+    def __init__(self, runtime: Classifier, causal: bool = False) -> None:
+        self.runtime = runtime
+        self.causal = causal
+        self.predictions: list[TurnPrediction] = []
+
+    def __call__(self, turns: Sequence[Turn], channels: np.ndarray) -> list[TurnEmotion]:
+        dialogue = turn_inputs(turns, channels)
+        self.predictions = self.runtime.classify([dialogue], self.causal)[0] if dialogue else []
+        return [turn_emotion(p, self.runtime.emotions, self.runtime.sentiments) for p in self.predictions]
+
+
+def turn_inputs(turns: Sequence[Turn], channels: np.ndarray) -> list[UtteranceInput]:
+    """The model's input for each turn: its transcript (none when nothing was recognised) and its channel's audio."""
+    return [UtteranceInput(turn.text or None, turn.audio.cut(channels), turn.speaker) for turn in turns]
+
+
+def turn_emotion(prediction: TurnPrediction, emotions: LabelSet, sentiments: LabelSet) -> TurnEmotion:
+    return TurnEmotion(
+        label=prediction.emotion,
+        probabilities=_named(emotions, prediction.emotion_probs),
+        sentiment=prediction.sentiment,
+        sentiment_probabilities=_named(sentiments, prediction.sentiment_probs),
+    )
+
+
+def _named(labels: LabelSet, probabilities: np.ndarray) -> dict[str, float]:
+    return {name: float(p) for name, p in zip(labels.names, probabilities, strict=True)}
