@@ -295,9 +295,20 @@ def _channel_names(value: str) -> tuple[str, ...]:
 
 
 def _score_arguments(score: argparse.ArgumentParser) -> None:
-    score.add_argument("input", type=Path, help="turns: .jsonl/.ndjson, .csv or .parquet")
+    score.add_argument(
+        "input",
+        type=Path,
+        help="turns: .jsonl/.ndjson, .csv or .parquet; with --calls a directory of recordings or a .csv/.jsonl list",
+    )
+    score.add_argument(
+        "--calls",
+        action="store_true",
+        help="the input is whole call recordings (WAV, FLAC, OGG, MP3), or a list of them with columns path and "
+        "optional call_id and roles: each is cut into turns, transcribed and scored",
+    )
     score.add_argument("--out", type=Path, required=True, help="per-utterance predictions (format by suffix)")
-    score.add_argument("--summary", type=Path, help="per-conversation summary (format by suffix)")
+    score.add_argument("--summary", type=Path, help="per-conversation (per-call) summary (format by suffix)")
+    score.add_argument("--timelines", type=Path, metavar="DIR", help="--calls: a timeline PNG per call into DIR")
     score.add_argument("--audio-root", type=Path, help="directory audio paths are relative to (default: the input's)")
     score.add_argument("--context", choices=["bidirectional", "causal"], default="bidirectional")
     score.add_argument(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,26 +15,62 @@ from model.registry import RegistryError
 from model.runtime import CUDA_PROVIDER, DeviceUnavailable, select_providers
 from scoring.engine import Engine, RuntimeSpec
 from scoring.local import LocalEngine
-from scoring.pipeline import ScoreConfig, run_header, run_key, run_scoring
+from scoring.pipeline import RunReport, ScoreConfig, run_header, run_key, run_scoring
 from scoring.summary import SummaryOptions
 
 if TYPE_CHECKING:
+    from scoring.calls.batch import CallRunReport
     from scoring.database import PredictionLog
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     with ExitStack() as cleanup:
         try:
-            config = _config(args, settings)
-            spec = _spec(args, settings)
-            engine = _engine(args, settings, spec, cleanup)
-            log = _log(args, settings, config, engine, spec, cleanup)
-            report = run_scoring(config, engine, log=log)
+            report = _run_calls(args, settings, cleanup) if args.calls else _run_turns(args, settings, cleanup)
         except (ValueError, LookupError, OSError, DeviceUnavailable, RegistryError) as error:  # the user can fix these
             print(f"equipoise score: {error}", file=sys.stderr)
             return 2
     print(report.text())
     return 0
+
+
+def _run_turns(args: argparse.Namespace, settings: Settings, cleanup: ExitStack) -> RunReport:
+    config = _config(args, settings)
+    spec = _spec(args, settings)
+    engine = _engine(args, settings, spec, cleanup)
+    log = _log(args, settings, config, engine, spec, cleanup)
+    return run_scoring(config, engine, log=log)
+
+
+def _run_calls(args: argparse.Namespace, settings: Settings, cleanup: ExitStack) -> CallRunReport:
+    """`--calls`: whole recordings. Locally one call at a time gets every core (Whisper's and ONNX Runtime's
+    threads); on Ray each actor gets one."""
+    from scoring.calls.batch import CallRunConfig, run_calls
+    from scoring.calls.engines import LocalCallEngine, RayCallEngine
+    from scoring.calls.pipeline import CallOptions
+    from scoring.calls.scorer import CallSpec
+
+    if args.log_to_db:
+        raise ValueError("--log-to-db is not available with --calls yet; score the calls without it")
+    threads = settings.intra_op_threads or (1 if args.engine == "ray" else 0)
+    spec = CallSpec(
+        replace(_spec(args, settings), intra_op_threads=threads),
+        stt_threads=threads,
+        causal=args.context == "causal",
+        options=replace(CallOptions.from_settings(settings), summary=_summary_options(args)),
+        timelines=args.timelines is not None,
+    )
+    config = CallRunConfig(
+        args.input, args.out, spec, args.summary, args.audio_root, args.channels, args.timelines, args.restart
+    )
+    if args.engine == "local":
+        return run_calls(config, LocalCallEngine.load(spec))
+    _start_ray(cleanup)
+    return run_calls(config, RayCallEngine(spec, actors=args.actors))
+
+
+def _summary_options(args: argparse.Namespace) -> SummaryOptions:
+    return SummaryOptions(customer=args.customer_speaker, escalation_threshold=args.escalation_threshold)
 
 
 def _config(args: argparse.Namespace, settings: Settings) -> ScoreConfig:
@@ -51,7 +88,7 @@ def _config(args: argparse.Namespace, settings: Settings) -> ScoreConfig:
         max_audio_channels=settings.max_audio_channels,
         channel_silence_dbfs=settings.channel_silence_dbfs,
         channel_names=args.channels,
-        summary_options=SummaryOptions(customer=args.customer_speaker, escalation_threshold=args.escalation_threshold),
+        summary_options=_summary_options(args),
         restart=args.restart,
     )
 
@@ -113,14 +150,18 @@ def _workers(args: argparse.Namespace, settings: Settings) -> int:
 def _engine(args: argparse.Namespace, settings: Settings, spec: RuntimeSpec, cleanup: ExitStack) -> Engine:
     if args.engine == "local":
         return LocalEngine.load(spec, _workers(args, settings))
-    import ray
-
     from scoring.ray_engine import RayEngine
+
+    _start_ray(cleanup)
+    return RayEngine.from_spec(spec, actors=args.actors)
+
+
+def _start_ray(cleanup: ExitStack) -> None:
+    import ray
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)  # RAY_ADDRESS selects a running cluster
         cleanup.callback(ray.shutdown)
-    return RayEngine.from_spec(spec, actors=args.actors)
 
 
 def _log(

@@ -15,12 +15,15 @@ import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.files import fsync_dir
+
+if TYPE_CHECKING:
+    from scoring.manifest import Manifest
 
 Row = Mapping[str, Any]
 FORMATS: Mapping[str, str] = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
@@ -38,6 +41,15 @@ class Sink(Protocol):
     def finish(self) -> None: ...
     def cleanup(self) -> None: ...
     def close(self) -> None: ...
+
+
+def complete_run(sinks: Mapping[str, Sink], manifest: Manifest) -> None:
+    """Finish every output, mark the run complete, then remove what only resuming needed."""
+    for sink in sinks.values():
+        sink.finish()
+    manifest.mark_complete()
+    for sink in sinks.values():
+        sink.cleanup()
 
 
 def output_format(path: Path) -> str:

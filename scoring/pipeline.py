@@ -18,7 +18,7 @@ from scoring.conversations import DEFAULT_RUN_ROWS, InputScan, SourcePlan, scan_
 from scoring.engine import Engine, LoggedTurn, ModelInfo, ScoredItem, ScoringOptions
 from scoring.inputs import InputOptions
 from scoring.manifest import Commit, Manifest, Progress, manifest_path
-from scoring.output import Sink, cleanup_parts, open_sink, output_format, prediction_schema
+from scoring.output import Sink, cleanup_parts, complete_run, open_sink, output_format, prediction_schema
 from scoring.summary import SUMMARY_SCHEMA, SummaryOptions, summarize
 
 if TYPE_CHECKING:
@@ -202,11 +202,7 @@ def _score(
                     bar.update(len(item.rows))
                 committer.commit_if_due()
         committer.commit()
-        for sink in sinks.values():
-            sink.finish()
-        manifest.mark_complete()
-        for sink in sinks.values():
-            sink.cleanup()
+        complete_run(sinks, manifest)
     finally:
         for sink in sinks.values():
             sink.close()

@@ -1,0 +1,145 @@
+"""One call of `equipoise score --calls` scored into rows: one prediction row per turn (scoring.output's columns
+plus the turn's times and redacted transcript) and one summary row (scoring.summary's columns plus the call's
+analytics). A recording that cannot be used is one error row, as an unreadable turn record is."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from model.audio import AudioError
+from model.channels import ChannelError
+from model.runtime import TurnPrediction
+from model.speech_to_text import SpeechToText
+from scoring.calls.emotion import CallEmotions
+from scoring.calls.pipeline import CallOptions, CallResult, Turn, process_call
+from scoring.calls.sources import CallJob
+from scoring.engine import ModelInfo, Row, Runtime, RuntimeSpec, output_row
+from scoring.inputs import AUDIO_NOT_FOUND, AUDIO_UNREADABLE, TurnError
+from scoring.output import prediction_schema
+from scoring.summary import SUMMARY_SCHEMA, summarize
+
+NO_SPEECH = "no_speech"
+TURN_COLUMNS = [("start_s", pa.float64()), ("end_s", pa.float64()), ("text", pa.string())]
+CALL_COLUMNS = [
+    ("recording", pa.string()),
+    ("duration_s", pa.float64()),
+    ("speech_s", pa.float64()),
+    ("silence_s", pa.float64()),
+    ("talk_silence_ratio", pa.float64()),
+    ("talk_over_count", pa.int64()),
+    ("talk_over_s", pa.float64()),
+    ("speakers", pa.string()),  # JSON: scoring.calls.analytics.SpeakerAnalytics per channel
+    ("note", pa.string()),
+]
+
+
+def turn_schema(emotions: tuple[str, ...]) -> pa.Schema:
+    base = prediction_schema(emotions)
+    at = base.get_field_index("channel") + 1
+    return pa.schema([*base][:at] + [pa.field(n, t) for n, t in TURN_COLUMNS] + [*base][at:])
+
+
+CALL_SUMMARY_SCHEMA = pa.schema([*SUMMARY_SCHEMA] + [pa.field(name, kind) for name, kind in CALL_COLUMNS])
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    """Everything a worker needs to score calls; picklable, so each Ray actor loads its own models."""
+
+    runtime: RuntimeSpec
+    stt_threads: int = 0
+    causal: bool = False
+    options: CallOptions = field(default_factory=CallOptions)
+    timelines: bool = False
+
+
+@dataclass(frozen=True)
+class ScoredCall:
+    call_id: str
+    rows: list[Row]
+    summary: Row
+    error_kinds: list[str]
+    audio_s: float
+    png: bytes | None = None
+
+
+class CallScorer:
+    """The served model and the speech-to-text model, loaded once; `__call__` scores one call."""
+
+    def __init__(self, spec: CallSpec, runtime: Runtime | None = None, stt: SpeechToText | None = None) -> None:
+        self.spec = spec
+        self.runtime = runtime if runtime is not None else spec.runtime.load()
+        self.stt = stt if stt is not None else SpeechToText(spec.runtime.device, spec.stt_threads)
+        self.model = ModelInfo.of(self.runtime)
+
+    def __call__(self, job: CallJob) -> ScoredCall:
+        if job.error is not None:
+            return self._failed(job, job.error)
+        emotions = CallEmotions(self.runtime, self.spec.causal)  # type: ignore[arg-type]
+        try:
+            result = process_call(job.path, job.roles, stt=self.stt, options=self.spec.options, emotions=emotions)
+        except (AudioError, ChannelError) as error:
+            return self._failed(job, TurnError(error.code, f"{job.path}: {error}"))
+        except FileNotFoundError:
+            return self._failed(job, TurnError(AUDIO_NOT_FOUND, f"{job.path}: no such file"))
+        except OSError as error:
+            return self._failed(job, TurnError(AUDIO_UNREADABLE, f"{job.path}: {error.strerror or error}"))
+        return self._scored(job, result, emotions.predictions)
+
+    def score(self, job: CallJob) -> ScoredCall:
+        """`self(job)` by name (a Ray actor's method)."""
+        return self(job)
+
+    def _scored(self, job: CallJob, result: CallResult, predictions: list[TurnPrediction]) -> ScoredCall:
+        rows = [self._row(job, turn, p) for turn, p in zip(result.turns, predictions, strict=True)]
+        kinds = []
+        if not rows:
+            error = TurnError(NO_SPEECH, f"{job.path}: no speech was found in the recording")
+            rows, kinds = [_error_row(self.model, job, error)], [NO_SPEECH]
+        png = result.timeline_png() if self.spec.timelines else None
+        return ScoredCall(job.call_id, rows, self._summary(job, rows, result), kinds, result.duration_s, png)
+
+    def _row(self, job: CallJob, turn: Turn, prediction: TurnPrediction) -> Row:
+        row = output_row(self.model, job.call_id, turn.turn, turn.speaker, prediction, channel=turn.audio.channel)
+        return {**row, "start_s": round(turn.start_s, 3), "end_s": round(turn.end_s, 3), "text": turn.text}
+
+    def _summary(self, job: CallJob, rows: list[Row], result: CallResult | None) -> Row:
+        summary = summarize(job.call_id, rows, self.model.version, self.spec.options.summary)
+        if result is None:
+            return {**summary, **dict.fromkeys(name for name, _ in CALL_COLUMNS), "recording": _path(job)}
+        analytics = result.analytics
+        speakers = [_speaker(asdict(speaker)) for speaker in analytics.speakers]
+        return {
+            **summary,
+            "recording": _path(job),
+            "duration_s": analytics.duration_s,
+            "speech_s": analytics.speech_s,
+            "silence_s": analytics.silence_s,
+            "talk_silence_ratio": analytics.talk_silence_ratio,
+            "talk_over_count": analytics.talk_over_count,
+            "talk_over_s": analytics.talk_over_s,
+            "speakers": json.dumps(speakers, allow_nan=False),
+            "note": result.note,
+        }
+
+    def _failed(self, job: CallJob, error: TurnError) -> ScoredCall:
+        rows = [_error_row(self.model, job, error)]
+        return ScoredCall(job.call_id, rows, self._summary(job, rows, None), [error.kind], 0.0)
+
+
+def _error_row(model: ModelInfo, job: CallJob, error: TurnError) -> Row:
+    row = output_row(model, job.call_id, None, None, None, error)
+    return {**row, **dict.fromkeys(name for name, _ in TURN_COLUMNS)}
+
+
+def _path(job: CallJob) -> str | None:
+    return str(job.path) if job.path is not None else None
+
+
+def _speaker(analytics: dict[str, Any]) -> dict[str, Any]:
+    """A speaker's analytics, JSON-ready (tuples as lists)."""
+    return json.loads(json.dumps(analytics, default=list))
