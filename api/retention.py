@@ -1,4 +1,5 @@
-"""The retention purge: predictions older than `retention_days`, their feedback and their stored audio."""
+"""The retention purge: predictions older than `retention_days`, their feedback and their stored audio; then the
+calls that ended before then, with their uploaded recordings and timeline pictures."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class PurgeResult:
     cutoff: datetime
     predictions: int
     audio_files: int
+    calls: int = 0
 
 
 def purge(engine: Engine, retention_days: int, now: datetime | None = None) -> PurgeResult:
@@ -32,7 +34,17 @@ def purge(engine: Engine, retention_days: int, now: datetime | None = None) -> P
         predictions += deleted
         audio_files += sum(_remove(Path(path)) for path in audio_paths)
         if deleted < CHUNK:
-            return PurgeResult(cutoff, predictions, audio_files)
+            break
+    calls = 0
+    while True:
+        with session_scope(engine) as session:
+            deleted, recordings = crud.purge_calls_before(session, cutoff, CHUNK)
+        calls += deleted
+        audio_files += sum(_remove(Path(path)) for path in recordings)
+        for path in recordings:
+            _remove(Path(path).with_suffix(".png"))  # the call's timeline picture, beside its recording
+        if deleted < CHUNK:
+            return PurgeResult(cutoff, predictions, audio_files, calls)
 
 
 def _remove(path: Path) -> bool:

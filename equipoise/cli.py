@@ -72,7 +72,7 @@ def _purge(args: argparse.Namespace) -> int:
     result = purge(get_engine(), days)
     print(
         f"purged {result.predictions} predictions (and their feedback) created before {result.cutoff:%Y-%m-%d %H:%M} "
-        f"UTC, and {result.audio_files} stored audio files"
+        f"UTC, {result.calls} calls that ended before then, and {result.audio_files} stored audio files"
     )
     return 0
 

@@ -20,6 +20,8 @@ from sqlalchemy.orm import Session
 
 from core.db.models import (
     ApiKey,
+    Call,
+    CallStatus,
     ContextMode,
     Feedback,
     FeedbackKind,
@@ -267,6 +269,17 @@ def create_job(
 
 def get_job(session: Session, job_id: int) -> RetrainingJob | None:
     return session.get(RetrainingJob, job_id)
+
+
+def purge_calls_before(session: Session, cutoff: datetime, limit: int) -> tuple[int, list[str]]:
+    """Delete up to `limit` calls that ended (done or failed) before `cutoff` and whose turns' predictions are
+    gone; returns the number deleted and their stored recordings (to be removed once the transaction commits)."""
+    turns = select(Prediction.call_id).where(Prediction.call_id.is_not(None))
+    ended = Call.status.in_([CallStatus.DONE, CallStatus.FAILED]) & (Call.finished_at < cutoff)
+    chosen = session.execute(select(Call.id, Call.audio_path).where(ended, Call.id.not_in(turns)).limit(limit)).all()
+    if chosen:
+        session.execute(delete(Call).where(Call.id.in_([row.id for row in chosen])))
+    return len(chosen), [row.audio_path for row in chosen]
 
 
 def purge_predictions_before(session: Session, cutoff: datetime, limit: int) -> tuple[int, list[str]]:

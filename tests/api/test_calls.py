@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ import soundfile as sf
 from sqlalchemy import select
 
 from api.calls import calls_dir
+from api.retention import purge
 from benchmarks.call_builder import assemble, espeak, espeak_available
 from core.db.models import Prediction, RequestKind
 from core.db.session import session_scope
@@ -173,3 +175,19 @@ def test_a_call_may_be_larger_than_a_prediction_request(start_app: Callable[...,
     files = {"audio": ("one.wav", recording, "audio/wav")}
     refused = app.client.post("/v1/predict/utterance", files=files)
     assert refused.status_code == 413 and refused.json()["errors"][0]["limit"] == 4096
+
+
+def test_retention_purges_ended_calls_with_their_recordings_and_keeps_waiting_ones(
+    start_app: Callable[..., InProcess], call_wav: bytes
+) -> None:
+    app = start_app()
+    done = settled(app, post(app, call_wav, roles="agent,customer").json()["id"])
+    assert done["status"] == "done" and len(list(calls_dir(app.settings).iterdir())) == 2  # recording, timeline
+    app.state.calls.stop()  # nothing takes the next call: it stays queued
+    waiting = post(app, tone(0.5)).json()["id"]
+    later = datetime.now(UTC) + timedelta(days=2)
+    result = purge(app.engine, retention_days=1, now=later)
+    assert result.calls == 1 and result.predictions == len(done["turns"]) and result.audio_files == 1
+    assert app.client.get(f"/v1/calls/{done['id']}").status_code == 404
+    assert app.client.get(f"/v1/calls/{waiting}").json()["status"] == "queued"
+    assert [p.name for p in calls_dir(app.settings).iterdir()] == [f"{waiting}.audio"]
