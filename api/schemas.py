@@ -104,11 +104,11 @@ class _Strict(BaseModel):
 
 
 class UtteranceRequest(_Strict):
-    """One utterance: text, audio (base64 of a WAV, FLAC or OGG file), or both. Audio of k > 1 channels is k
+    """One utterance: text, audio (base64 of a WAV, FLAC, OGG or MP3 file), or both. Audio of k > 1 channels is k
     speakers, one per channel, each answered on its own (README "Multi-channel audio")."""
 
     text: Text | None = Field(default=None, description="The words spoken; empty counts as absent.")
-    audio: str | None = Field(default=None, description="Base64 of a WAV, FLAC or OGG file.")
+    audio: str | None = Field(default=None, description="Base64 of a WAV, FLAC, OGG or MP3 file.")
     speaker: Name | None = Field(
         default=None, description="Who spoke; with multi-channel audio, the channel whose words `text` is."
     )

@@ -38,7 +38,7 @@ class OpenMessage(_Message):
 
 
 class TurnMessage(UtteranceRequest):
-    """One utterance as it happens: text, audio (base64 of a WAV, FLAC or OGG file) or both, and its speaker."""
+    """One utterance as it happens: text, audio (base64 of a WAV, FLAC, OGG or MP3 file) or both, and its speaker."""
 
     type: Literal["turn"]
     id: Name | None = Field(default=None, description="The client's reference, echoed in the answer.")

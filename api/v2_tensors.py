@@ -7,7 +7,7 @@ byte per element, row-major. Outputs asked for with `parameters.binary_data: tru
 request parameter `binary_data_output: true`, which tritonclient sends when it names no outputs) come back the same
 way, after the JSON part, whose length the response's `Inference-Header-Content-Length` gives.
 
-Inputs of the model, all BYTES `[n]`: `text` (UTF-8), `speaker` (UTF-8) and `audio` (a WAV, FLAC or OGG file: raw
+Inputs of the model, all BYTES `[n]`: `text` (UTF-8), `speaker` (UTF-8) and `audio` (a WAV, FLAC, OGG or MP3 file: raw
 bytes in binary form, base64 in JSON, where BYTES elements are strings). An empty element is an absent value.
 Errors are raised as `Problem`s naming the input (`inputs.text`) and, for a value, the row (`turns.3.text`).
 """

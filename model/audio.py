@@ -1,4 +1,4 @@
-"""Decode WAV, FLAC and OGG (from a path or bytes) to float32 waveforms at 16 kHz, within explicit limits.
+"""Decode WAV, FLAC, OGG and MP3 (from a path or bytes) to float32 waveforms at 16 kHz, within explicit limits.
 
 `decode_channels` keeps a recording's channels apart (one waveform each): in a call recording they are different
 speakers, so the service and batch scoring use it. `decode_audio` gives one waveform, averaging the channels; it is
@@ -26,7 +26,7 @@ from core.settings import MAX_AUDIO_CHANNELS
 SAMPLE_RATE = 16000
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024  # 50 MiB
 DEFAULT_MAX_SECONDS = 60.0
-ACCEPTED_FORMATS = frozenset({"WAV", "WAVEX", "FLAC", "OGG"})  # libsndfile container names
+ACCEPTED_FORMATS = frozenset({"WAV", "WAVEX", "FLAC", "OGG", "MP3"})  # libsndfile container names
 # A sanity bound on the header's rate; with the duration and channel limits, a crafted header cannot make decoding
 # allocate without bound.
 MAX_SOURCE_RATE = 384_000
@@ -83,7 +83,7 @@ def decode_channels(
     each channel resampled on its own (a mono file gives one row).
 
     Raises AudioTooLarge (more than `max_bytes`), AudioTooLong (more than `max_seconds`), AudioTooManyChannels
-    (more than `max_channels`), AudioEmpty (no samples) or AudioUndecodable (not a WAV/FLAC/OGG file, corrupt, or a
+    (more than `max_channels`), AudioEmpty (no samples) or AudioUndecodable (not a WAV/FLAC/OGG/MP3 file, corrupt, or a
     header rate outside `source_rates`, inclusive). A missing or unreadable path raises the usual OSError.
     """
     limits = _Limits(max_seconds, max_channels, source_rates)
@@ -209,7 +209,7 @@ def _decode(file: Path | io.BytesIO, limits: _Limits, sample_rate: int) -> np.nd
 def _check_header(sound: sf.SoundFile, limits: _Limits) -> None:
     max_seconds, max_channels, (lowest, highest) = limits
     if sound.format not in ACCEPTED_FORMATS:
-        raise AudioUndecodable(f"unsupported audio format {sound.format}; accepted: WAV, FLAC, OGG")
+        raise AudioUndecodable(f"unsupported audio format {sound.format}; accepted: WAV, FLAC, OGG, MP3")
     if not 0 < sound.samplerate <= MAX_SOURCE_RATE:
         raise AudioUndecodable(
             f"implausible sample rate {sound.samplerate} Hz (at most {MAX_SOURCE_RATE})",

@@ -38,7 +38,7 @@ CALL_FORM = {
     "type": "object",
     "required": ["audio"],
     "properties": {
-        "audio": {"type": "string", "format": "binary", "description": "The call: WAV, FLAC or OGG, 8-48 kHz."},
+        "audio": {"type": "string", "format": "binary", "description": "The call: WAV, FLAC, OGG or MP3, 8-48 kHz."},
         "roles": {
             "type": "string",
             "description": "Speaker of each channel, in order.",
@@ -118,7 +118,7 @@ async def get_call_timeline(call_id: str, state: StateDep, _key: PredictKey) -> 
 def _upload(form: FormData, settings: Settings) -> UploadFile:
     upload = form.get("audio")
     if not isinstance(upload, UploadFile):
-        raise invalid("audio", "the `audio` file is required: the call recording (WAV, FLAC or OGG)")
+        raise invalid("audio", "the `audio` file is required: the call recording (WAV, FLAC, OGG or MP3)")
     size, limit = upload.size or 0, settings.max_call_bytes
     if size == 0:
         raise invalid("audio", "the audio file is empty (0 bytes)")

@@ -26,7 +26,7 @@ from core.db.models import RequestKind
 router = APIRouter(prefix="/v1/predict", tags=["predict"])
 
 PROBLEMS = problem_responses(400, 401, 403, 413, 415, 422, 503)
-AUDIO_FILE = {"type": "string", "format": "binary", "description": "A WAV, FLAC or OGG file."}
+AUDIO_FILE = {"type": "string", "format": "binary", "description": "A WAV, FLAC, OGG or MP3 file."}
 CHANNELS_FIELD = {"type": "string", "description": CHANNELS_DESCRIPTION, "examples": ["agent,customer"]}
 UTTERANCE_FORM = {
     "type": "object",

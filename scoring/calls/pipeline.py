@@ -117,7 +117,7 @@ def process_call(
     options: CallOptions | None = None,
     emotions: EmotionScorer | None = None,
 ) -> CallResult:
-    """Turns and analytics of one recording (a path or the bytes of a WAV, FLAC or OGG file). `roles` names the
+    """Turns and analytics of one recording (a path or the bytes of a WAV, FLAC, OGG or MP3 file). `roles` names the
     channels (`agent,customer`); `emotions`, when given, scores the turns (their audio: `turn.audio.cut(channels)`).
 
     Raises model.audio.AudioError subclasses for a recording that is refused (size, duration, channels, sample rate,

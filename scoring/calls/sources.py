@@ -14,8 +14,7 @@ from model.channels import parse_channel_names
 from model.data.turns import UnsafeAudioPath, resolve_audio_path
 from scoring.inputs import INVALID_ROW, UNSAFE_AUDIO_PATH, TurnError
 
-# MP3 files are listed too, so that each is an error row (model.audio accepts WAV, FLAC and OGG) and none is skipped
-# without a word.
+# What model.audio decodes (WAV, FLAC, OGG, MP3).
 CALL_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3")
 LIST_SUFFIXES = (".csv", ".jsonl", ".ndjson")
 DUPLICATE_CALL = "duplicate_call"

@@ -138,3 +138,11 @@ def test_the_header_check_refuses_what_decoding_would_without_decoding(tmp_path:
     path.write_bytes(b"RIFF" + bytes(40))
     with pytest.raises(AudioUndecodable):
         check_audio_header(path, **limits)
+
+
+def test_mp3_is_decoded(tmp_path: Path) -> None:
+    tone = 0.3 * np.sin(2 * np.pi * 300 * np.arange(16_000) / 16_000)
+    path = tmp_path / "tone.mp3"
+    sf.write(path, np.stack([tone, tone], axis=1), 16_000, format="MP3")
+    wave = decode_audio(path)
+    assert abs(len(wave) - 16_000) <= 1_200 and 0.15 < np.sqrt(np.mean(wave**2)) < 0.25  # codec delay, RMS 0.21

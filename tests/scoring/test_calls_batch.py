@@ -204,19 +204,19 @@ def test_the_ray_engine_gives_the_local_engines_rows(
     assert [r["text"] for r in rows] == [r["text"] for r in expected]
 
 
-def test_an_mp3_recording_is_an_error_row_not_skipped(
+def test_an_mp3_recording_is_scored_like_its_wav(
     tmp_path: Path, calls: dict[str, AssembledCall], local_calls: LocalCallEngine
 ) -> None:
-    """libsndfile (soundfile 0.14) decodes MP3, but model.audio accepts WAV, FLAC and OGG only."""
+    """libsndfile (soundfile 0.14) decodes MP3, so a call arrives as MP3 as it does as WAV."""
     buffer = io.BytesIO()
     sf.write(buffer, np.clip(calls["call-00"].channels.T, -1, 1), 16_000, format="MP3")
     (tmp_path / "calls").mkdir()
     (tmp_path / "calls" / "call.mp3").write_bytes(buffer.getvalue())
     config = CallRunConfig(tmp_path / "calls", tmp_path / "out.csv", local_calls.scorer.spec, progress=False)
     report = run_calls(config, local_calls)
-    (row,) = read_rows(tmp_path / "out.csv")
-    assert row["conversation_id"] == "call" and "unsupported audio format MP3" in row["error"]
-    assert report.errors == {"audio_undecodable": 1}
+    rows = read_rows(tmp_path / "out.csv")
+    assert not report.errors and rows and all(r["conversation_id"] == "call" and not r["error"] for r in rows)
+    assert abs(len(rows) - len(calls["call-00"].turns)) <= max(1, len(calls["call-00"].turns) // 10)
 
 
 @pytest.mark.parametrize(
