@@ -29,7 +29,7 @@ from model.audio import (
     check_audio_header,
 )
 from model.channels import parse_channel_names
-from scoring.calls.pipeline import CALL_SOURCE_RATES
+from scoring.calls.pipeline import CallOptions
 
 router = APIRouter(prefix="/v1/calls", tags=["calls"])
 
@@ -168,13 +168,7 @@ def _check_recording(path: Path, roles: tuple[str, ...] | None, settings: Settin
     """Refuse what the header already shows to be out of bounds (size, format, rate, channels, declared length)
     or not matching `roles`, before the call is queued; the stored file goes with the refusal."""
     try:
-        header = check_audio_header(
-            path,
-            max_bytes=settings.max_call_bytes,
-            max_seconds=settings.max_call_seconds,
-            max_channels=settings.max_audio_channels,
-            source_rates=CALL_SOURCE_RATES,
-        )
+        header = check_audio_header(path, **CallOptions.from_settings(settings).audio_limits())
     except AudioError as error:
         path.unlink(missing_ok=True)
         if isinstance(error, AudioTooLarge | AudioTooLong | AudioTooManyChannels):

@@ -47,6 +47,15 @@ class CallOptions:
             max_channels=settings.max_audio_channels,
         )
 
+    def audio_limits(self) -> dict[str, Any]:
+        """The limits a call's recording is checked and decoded under (model.audio), one set for both."""
+        return dict(
+            max_bytes=self.max_bytes,
+            max_seconds=self.max_seconds,
+            max_channels=self.max_channels,
+            source_rates=CALL_SOURCE_RATES,
+        )
+
 
 @dataclass(frozen=True)
 class AudioSlice:
@@ -126,13 +135,7 @@ def process_call(
     timings = dict.fromkeys(STAGES, 0.0)
     names = parse_channel_names(roles) if roles is not None else None
     with _timed(timings, "decode"):
-        channels = decode_channels(
-            source,
-            max_bytes=options.max_bytes,
-            max_seconds=options.max_seconds,
-            max_channels=options.max_channels,
-            source_rates=CALL_SOURCE_RATES,
-        )
+        channels = decode_channels(source, **options.audio_limits())
     speakers = channel_speakers(len(channels), names)
     with _timed(timings, "vad"):
         segments = channel_segments(channels, options.segment)
