@@ -37,6 +37,7 @@ from api.stream import OpenStreams
 from api.v2_schemas import InferenceRequest
 from api.versions import VersionPool
 from core.db.session import make_engine, session_factory
+from core.redaction import redaction_from_settings
 from core.settings import Settings, get_settings
 from model.registry import ModelRegistry
 from monitoring.exporter import MonitoringCollector
@@ -55,8 +56,9 @@ def build_state(settings: Settings, loader: ModelLoader | None = None) -> Servic
     loader = loader or runtime_loader(settings)
     reloader = ModelReloader(registry, holder, loader, metrics, settings.model_poll_interval_s)
     batcher = MicroBatcher.from_settings(holder, metrics, settings)
+    redaction = redaction_from_settings(settings)
     preparer = RowPreparer(
-        redact_text=settings.redact_text, audio_dir=settings.state_dir / "audio" if settings.store_audio else None
+        redaction=redaction, audio_dir=settings.state_dir / "audio" if settings.store_audio else None
     )
     logger = PredictionLogger(
         engine,
@@ -68,7 +70,7 @@ def build_state(settings: Settings, loader: ModelLoader | None = None) -> Servic
     )
     versions = VersionPool(registry, loader, logger, metrics, settings)
     shadow = ShadowScorer(versions, registry, logger, metrics, settings)
-    calls = CallRunner(engine, holder, metrics, settings)
+    calls = CallRunner(engine, holder, metrics, settings, redaction)
     metrics.calls_queued.set_function(calls.queued_for_metrics)
     return ServiceState(
         settings=settings,
@@ -85,6 +87,7 @@ def build_state(settings: Settings, loader: ModelLoader | None = None) -> Servic
         shadow=shadow,
         auth=Authenticator(engine, required=settings.auth_required, cache_s=settings.api_key_cache_s),
         calls=calls,
+        redaction=redaction,
     )
 
 

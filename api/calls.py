@@ -30,12 +30,14 @@ from api.reload import ModelHolder
 from core.db.calls import ClaimedCall, claim_call, count_calls, fail_call, finish_call, renew_leases, requeue_expired
 from core.db.crud import prediction_row
 from core.db.models import CallStatus, ContextMode
+from core.redaction import Redaction
 from core.settings import Settings
 from model.audio import AudioError
 from model.channels import ChannelNamesMismatch
 from model.preprocess import PreprocessError
 from model.speech_to_text import SpeechToText
 from scoring.calls import CallEmotions, CallOptions, CallResult, process_call
+from scoring.calls.mute import mute_spans
 from scoring.calls.records import call_document, call_records
 
 log = logging.getLogger(__name__)
@@ -73,9 +75,11 @@ class CallRunner:
         holder: ModelHolder,
         metrics: Metrics,
         settings: Settings,
+        redaction: Redaction,
         speech_to_text: Callable[[], SpeechToText] | None = None,
     ) -> None:
         self._engine, self._holder, self._metrics, self._settings = engine, holder, metrics, settings
+        self._redaction = redaction
         self._load_stt = speech_to_text or (lambda: SpeechToText(settings.device, settings.intra_op_threads))
         self._stt: SpeechToText | None = None
         self._stt_lock = threading.Lock()
@@ -169,9 +173,11 @@ class CallRunner:
             created_at=datetime.now(UTC),
             latency_ms=round(processing_s * 1000, 3),
         )
-        rows = [prediction_row(r, redact_text=self._settings.redact_text, audio_path=None) for r in records]
+        rows = [prediction_row(r, redaction=self._redaction, audio_path=None) for r in records]
         timeline_path(self._settings, claimed.id).write_bytes(result.timeline_png())
         document = call_document(claimed.id, result, model.version)
+        if self._redaction.enabled and self._settings.call_mute_redacted:
+            document["recording"] = _muted(Path(claimed.audio_path), result.redacted_spans())
         started_logging = time.perf_counter()
         finished = finish_call(self._engine, claimed.id, self.owner, document, rows)
         logging_s = time.perf_counter() - started_logging
@@ -225,6 +231,19 @@ class CallRunner:
         if queued or failed:
             log.warning("calls whose runner died: %d queued again, %d failed", queued, failed)
             self._wake.set()
+
+
+def _muted(path: Path, spans: list[tuple[float, float]]) -> dict[str, Any]:
+    """Silence the redacted spans in the stored recording; one that cannot be rewritten is deleted instead, so
+    that what redaction took out of the transcript is not kept in the audio."""
+    try:
+        return {"stored": True, "muted_s": round(mute_spans(path, spans), 3)}
+    except FileNotFoundError:
+        return {"stored": False, "muted_s": 0.0}
+    except (OSError, RuntimeError) as error:  # soundfile's errors are RuntimeErrors
+        log.error("muting the recording %s failed (%s); it is deleted", path, error)
+        path.unlink(missing_ok=True)
+        return {"stored": False, "muted_s": 0.0}
 
 
 def _processed(claimed: ClaimedCall, stt: SpeechToText, scorer: CallEmotions, options: CallOptions) -> CallResult:

@@ -21,6 +21,7 @@ from api.reload import ModelHolder, ModelReloader
 from api.shadow import ShadowScorer
 from api.versions import VersionPool
 from core.db.models import Role
+from core.redaction import Redaction
 from core.settings import Settings
 from model.registry import ModelRegistry
 
@@ -41,6 +42,7 @@ class ServiceState:
     shadow: ShadowScorer  # a share of the champion's requests scored again by a challenger, in the background
     auth: Authenticator
     calls: CallRunner  # whole call recordings, processed off the request path
+    redaction: Redaction  # what is redacted before anything is stored
 
 
 def get_state(request: Request) -> ServiceState:

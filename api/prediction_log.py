@@ -34,22 +34,24 @@ from api.metrics import Metrics
 from core.db import crud
 from core.db.crud import LogRecord, PredictionRecord, Row, ShadowRecord
 from core.files import fsync_dir
+from core.redaction import Redaction
 
 log = logging.getLogger(__name__)
 
 
 class RowPreparer:
-    """Turns a record into a `predictions` row (the text redacted and hashed, raw audio stored if enabled), or a
+    """Turns a record into a `predictions` row (text, speaker and conversation id redacted, the text hashed, raw
+    audio stored if enabled), or a
     shadow record into its `shadow_predictions` row."""
 
-    def __init__(self, *, redact_text: bool, audio_dir: Path | None) -> None:
-        self._redact_text = redact_text
+    def __init__(self, *, redaction: Redaction, audio_dir: Path | None) -> None:
+        self._redaction = redaction
         self._audio_dir = audio_dir
 
     def __call__(self, record: LogRecord) -> Row:
         if isinstance(record, ShadowRecord):
             return crud.shadow_row(record)
-        return crud.prediction_row(record, redact_text=self._redact_text, audio_path=self._store_audio(record))
+        return crud.prediction_row(record, redaction=self._redaction, audio_path=self._store_audio(record))
 
     def _store_audio(self, record: PredictionRecord) -> str | None:
         if self._audio_dir is None or record.audio is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import secrets
 import tempfile
 import time
 import uuid
@@ -33,6 +34,7 @@ from core.db.calls import claim_call, finish_call, queue_call
 from core.db.crud import prediction_row
 from core.db.models import ContextMode, ModelStatus, ModelVersion
 from core.db.session import make_engine
+from core.redaction import Redaction
 from core.settings import available_cores, data_dir_or_exit
 from model.default_model import shipped_artifact
 from model.runtime import InferenceRuntime
@@ -118,7 +120,8 @@ def log_call(result: CallResult, scorer: CallEmotions, version: str, processing_
             created_at=datetime.now(UTC),
             latency_ms=processing_s * 1000,
         )
-        rows = [prediction_row(record, redact_text=True, audio_path=None) for record in records]
+        redaction = Redaction(enabled=True, key=secrets.token_bytes(32))
+        rows = [prediction_row(record, redaction=redaction, audio_path=None) for record in records]
         assert finish_call(engine, call_id, "benchmark", call_document(call_id, result, version), rows)
         seconds = time.perf_counter() - start
         engine.dispose()

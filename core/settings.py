@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "EQUIPOISE_"
@@ -179,6 +179,10 @@ class Settings(BaseSettings):
         "died) is queued again.",
     )
     call_max_attempts: int = Field(default=3, ge=1, le=100, description="Attempts before an abandoned call fails.")
+    call_mute_redacted: bool = Field(
+        default=True,
+        description="With redaction on: silence the redacted words of a call's transcript in its stored recording.",
+    )
     max_dialogue_turns: int = Field(default=200, ge=1, le=5_000)
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
 
@@ -232,7 +236,20 @@ class Settings(BaseSettings):
     log_predictions: bool = True
     log_flush_rows: int = Field(default=256, ge=1)
     log_flush_interval_s: float = Field(default=0.5, gt=0)
-    redact_text: bool = True
+    redact_text: bool = Field(
+        default=True,
+        description="Redact personal data in stored text and pseudonymise the speaker names and conversation ids "
+        "in which it finds some (core/redaction.py).",
+    )
+    pseudonymise_identifiers: bool = Field(
+        default=False, description="With redaction on: store every speaker name and conversation id as its pseudonym."
+    )
+    pseudonym_key: SecretStr | None = Field(
+        default=None,
+        min_length=16,
+        description="Key of the identifiers' pseudonyms (HMAC-SHA256); default: a random key kept in "
+        "<state_dir>/pseudonym.key. Every process writing to one database needs the same key.",
+    )
     store_audio: bool = False
     retention_days: int = Field(default=90, ge=1)
 

@@ -22,6 +22,7 @@ from sqlalchemy import inspect
 from core.db import crud
 from core.db.models import ContextMode, ModelStatus, ModelVersion, Prediction, RequestKind
 from core.db.session import make_engine, session_scope
+from core.redaction import redaction_from_settings
 from core.settings import Settings
 from scoring.engine import LoggedTurn
 
@@ -36,6 +37,7 @@ class DatabaseNotReady(LookupError):
 class PredictionLog:
     def __init__(self, settings: Settings, run_key: str, model_version: str, causal: bool) -> None:
         self._settings = settings
+        self._redaction = redaction_from_settings(settings)
         self._engine = make_engine(str(settings.database_url))
         self._run_key = run_key
         self._version = model_version
@@ -68,7 +70,8 @@ class PredictionLog:
 
     def prediction_id(self, turn: LoggedTurn) -> uuid.UUID:
         channel = f"\x1f{turn.channel}" if turn.channel is not None else ""
-        return uuid.uuid5(_NAMESPACE, f"{self._run_key}\x1f{turn.conversation_id}\x1f{turn.turn}{channel}")
+        conversation = self._redaction.identifier(turn.conversation_id)  # the id as stored, not what it hides
+        return uuid.uuid5(_NAMESPACE, f"{self._run_key}\x1f{conversation}\x1f{turn.turn}{channel}")
 
     def _row(self, turn: LoggedTurn) -> crud.Row:
         record = crud.PredictionRecord(
@@ -90,7 +93,8 @@ class PredictionLog:
             sentiment=turn.sentiment,
             latency_ms=turn.latency_ms,
             embedding=turn.embedding,
+            call=crud.CallTurn(None, *turn.span_s) if turn.span_s is not None else None,
         )
         # A channel's audio is not a file of its own: the whole recording would be read back as one voice.
         audio_path = turn.audio_path if self._settings.store_audio and turn.channel is None else None
-        return crud.prediction_row(record, redact_text=self._settings.redact_text, audio_path=audio_path)
+        return crud.prediction_row(record, redaction=self._redaction, audio_path=audio_path)

@@ -18,8 +18,11 @@ from core.db.calls import claim_call, fail_call, finish_call, queue_call, renew_
 from core.db.crud import CallTurn, PredictionRecord, prediction_row
 from core.db.models import Call, CallStatus, ContextMode, ModelStatus, ModelVersion, Prediction, RequestKind, utcnow
 from core.db.session import make_engine
+from core.redaction import Redaction
 
 VERSION = "queue-test-1"
+
+REDACTION = Redaction(enabled=True, key=b"k" * 32)
 
 
 @pytest.fixture()
@@ -70,7 +73,7 @@ def row(call_id: uuid.UUID, turn: int) -> dict:
         embedding=None,
         call=CallTurn(call_id, 1.0 * turn, 1.0 * turn + 0.5),
     )
-    return prediction_row(record, redact_text=True, audio_path=None)
+    return prediction_row(record, redaction=REDACTION, audio_path=None)
 
 
 def test_racing_runners_claim_each_call_once(engine: Engine) -> None:

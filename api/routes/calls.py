@@ -152,8 +152,9 @@ def _queued(sessions: sessionmaker[Session]) -> int:
 def _queue(
     state: ServiceState, call_id: uuid.UUID, path: Path, size: int, roles: tuple[str, ...] | None, context: ContextMode
 ) -> None:
+    stored_roles = [str(state.redaction.identifier(role)) for role in roles] if roles is not None else None
     with state.sessions() as session:
-        queue_call(session, call_id, audio_path=str(path), audio_bytes=size, roles=roles, context=context)
+        queue_call(session, call_id, audio_path=str(path), audio_bytes=size, roles=stored_roles, context=context)
 
 
 def _store(upload: UploadFile, path: Path) -> int:

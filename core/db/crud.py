@@ -32,7 +32,7 @@ from core.db.models import (
     Role,
     ShadowPrediction,
 )
-from core.redaction import redact, text_sha256
+from core.redaction import Redaction, text_sha256
 from core.text import is_present
 
 KEY_PREFIX = "eqp_"
@@ -102,26 +102,28 @@ class PredictionRecord:
 
 @dataclass(frozen=True)
 class CallTurn:
-    """Where a prediction of kind `call` lies: its call and its span in the recording, in seconds."""
+    """Where a turn of a whole call lies: its call (a call the service processed; None for batch scoring, whose
+    calls are recordings the `calls` table does not hold) and its span in the recording, in seconds."""
 
-    call_id: uuid.UUID
+    call_id: uuid.UUID | None
     start_s: float
     end_s: float
 
 
-def prediction_row(record: PredictionRecord, *, redact_text: bool, audio_path: str | None) -> Row:
-    """The `predictions` row of a record, JSON-ready (the service's spool writes rows as they are): the text
-    redacted when asked and hashed as received; `has_text` is true when the model saw text (`core.text`)."""
-    stored_text, redacted = _stored_text(record.text, redact_text)
+def prediction_row(record: PredictionRecord, *, redaction: Redaction, audio_path: str | None) -> Row:
+    """The `predictions` row of a record, JSON-ready (the service's spool writes rows as they are): the text,
+    speaker and conversation id redacted as `redaction` says, the text hashed as received; `has_text` is true when
+    the model saw text (`core.text`)."""
+    stored_text, redacted = redaction.text(record.text)
     return {
         "id": record.id,
         "created_at": record.created_at,
         "model_version": record.model_version,
         "request_kind": record.request_kind.value,
         "context_mode": record.context_mode.value if record.context_mode else None,
-        "conversation_id": record.conversation_id,
+        "conversation_id": redaction.identifier(record.conversation_id),
         "turn_index": record.turn_index,
-        "speaker": record.speaker,
+        "speaker": redaction.identifier(record.speaker),
         "text": stored_text,
         "text_redacted": redacted,
         "text_sha256": text_sha256(record.text) if record.text is not None else None,
@@ -139,12 +141,6 @@ def prediction_row(record: PredictionRecord, *, redact_text: bool, audio_path: s
         # Only on call turns: the service's spool holds rows written before these columns existed.
         **(asdict(record.call) if record.call is not None else {}),
     }
-
-
-def _stored_text(text: str | None, redact_text: bool) -> tuple[str | None, bool]:
-    if text is None or not redact_text:
-        return text, False
-    return redact(text)
 
 
 def insert_predictions_if_absent(connection: Connection, rows: Sequence[Row]) -> int:

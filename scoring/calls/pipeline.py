@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from core.redaction import holds_redaction
 from core.settings import MAX_AUDIO_CHANNELS, MAX_CALL_BYTES, MAX_CALL_SECONDS, Settings
 from model.audio import SAMPLE_RATE, AudioSource, decode_channels, level_dbfs
 from model.channels import channel_speakers, parse_channel_names
@@ -101,6 +102,17 @@ class CallResult:
     def timeline_png(self) -> bytes:
         labels = [turn.emotion.label if turn.emotion else None for turn in self.turns]
         return timeline_png(self.speakers, [turn.timed() for turn in self.turns], labels, self.duration_s)
+
+    def redacted_spans(self) -> list[tuple[float, float]]:
+        """Where the redacted words were said, in seconds from the start of the call; a turn whose text was
+        redacted but whose words do not show where is a span whole."""
+        spans = []
+        for turn in self.turns:
+            if not holds_redaction(turn.text):
+                continue
+            words = [(word.start_s, word.end_s) for word in turn.words if holds_redaction(word.text)]
+            spans.extend(words or [(turn.start_s, turn.end_s)])
+        return spans
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: everything but the decoded audio."""

@@ -1,6 +1,7 @@
 """POST /v1/calls in the service process: a stereo recording of synthesised speech is queued, processed off the
 request path (real decoding, voice activity and Whisper; the fast fake model), and its turns arrive as predictions
-of kind `call`; limits answer problem+json; bad recordings fail with a clear error and the service stays healthy."""
+of kind `call`; personal data is redacted in the transcript, pseudonymised in the speakers and silenced in the
+stored recording; limits answer problem+json; bad recordings fail with a clear error and the service stays healthy."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from api.retention import purge
 from benchmarks.call_builder import assemble, espeak, espeak_available
 from core.db.models import Prediction, RequestKind
 from core.db.session import session_scope
+from core.redaction import PSEUDONYM
 from tests.api.conftest import InProcess, wait_for
 
 pytestmark = [
@@ -191,3 +193,29 @@ def test_retention_purges_ended_calls_with_their_recordings_and_keeps_waiting_on
     assert app.client.get(f"/v1/calls/{done['id']}").status_code == 404
     assert app.client.get(f"/v1/calls/{waiting}").json()["status"] == "queued"
     assert [p.name for p in calls_dir(app.settings).iterdir()] == [f"{waiting}.audio"]
+
+
+def test_personal_data_is_redacted_in_the_transcript_the_speakers_and_the_stored_recording(
+    start_app: Callable[..., InProcess],
+) -> None:
+    app = start_app()
+    said = [espeak("Good morning, thank you for calling."), espeak("My number is 555 123 4567, please call me back.")]
+    response = post(app, assemble(said, seed=0).wav(16_000), roles="agent,ann@example.com")
+    body = settled(app, response.json()["id"])
+    assert body["status"] == "done", body
+    agent, customer = body["turns"]
+    assert "[PHONE]" in customer["text"] and "555" not in customer["text"], customer["text"]
+    assert PSEUDONYM.fullmatch(customer["speaker"]) and body["roles"] == ["agent", customer["speaker"]]
+    with session_scope(app.engine) as session:
+        speakers = session.scalars(select(Prediction.speaker).order_by(Prediction.turn_index)).all()
+    assert speakers == ["agent", customer["speaker"]]
+    redacted = [word for word in customer["words"] if "[PHONE]" in word["text"]]
+    kept = [word for word in customer["words"] if word["text"].strip(" .,").lower() in {"number", "call"}]
+    assert len(redacted) == 1 and len(kept) == 2 and body["recording"]["muted_s"] > 0, customer["words"]
+    stored, rate = sf.read(str(calls_dir(app.settings) / f"{body['id']}.audio"), always_2d=True)
+
+    def loudest(word: dict[str, Any]) -> float:
+        return float(np.abs(stored[round(word["start_s"] * rate) : round(word["end_s"] * rate)]).max())
+
+    assert loudest(redacted[0]) == 0.0 and min(loudest(word) for word in kept) > 0.05
+    assert loudest({"start_s": agent["start_s"], "end_s": agent["end_s"]}) > 0.05

@@ -20,19 +20,29 @@ from core.db import crud, migrate
 from core.db.crud import PredictionRecord, ShadowRecord
 from core.db.models import Prediction, RequestKind, ShadowPrediction
 from core.db.session import make_engine, session_scope
+from core.redaction import OFF, Redaction, pseudonym
 from tests.api.conftest import FAKE_VERSION, add_version, count_rows, wait_for
 
+REDACTION = Redaction(enabled=True, key=b"k" * 32)
 
-def record(text: str | None = "hello", *, version: str = FAKE_VERSION, audio: bytes | None = None) -> PredictionRecord:
+
+def record(
+    text: str | None = "hello",
+    *,
+    version: str = FAKE_VERSION,
+    audio: bytes | None = None,
+    conversation_id: str | None = None,
+    speaker: str = "customer",
+) -> PredictionRecord:
     return PredictionRecord(
         id=uuid.uuid4(),
         created_at=datetime.now(UTC),
         model_version=version,
         request_kind=RequestKind.UTTERANCE,
         context_mode=None,
-        conversation_id=None,
+        conversation_id=conversation_id,
         turn_index=None,
-        speaker="customer",
+        speaker=speaker,
         text=text,
         has_audio=audio is not None,
         audio=audio,
@@ -76,7 +86,8 @@ class Outage:
 
 def make_logger(engine: Engine, tmp_path: Path, **options: Any) -> tuple[PredictionLogger, Metrics]:
     metrics = Metrics()
-    preparer = RowPreparer(redact_text=options.pop("redact_text", True), audio_dir=options.pop("audio_dir", None))
+    redaction = REDACTION if options.pop("redact_text", True) else OFF
+    preparer = RowPreparer(redaction=redaction, audio_dir=options.pop("audio_dir", None))
     settings = {"flush_rows": 8, "flush_interval_s": 0.05} | options
     logger = PredictionLogger(engine, Spool(tmp_path / "spool"), preparer, metrics, **settings)
     logger.RETRY_FIRST_S = 0.05
@@ -107,13 +118,31 @@ def test_rows_are_written_once_with_redacted_text_and_the_hash_of_the_original(e
     assert first.embedding == records[0].embedding and first.probabilities == records[0].probabilities
 
 
+def test_speakers_and_conversation_ids_holding_personal_data_are_stored_as_keyed_pseudonyms(
+    engine: Engine, tmp_path: Path
+) -> None:
+    logger, _ = make_logger(engine, tmp_path)
+    logger.start()
+    by_phone = [record(f"turn {i}", conversation_id="+1 415 555 0100", speaker="ann@example.com") for i in range(2)]
+    plain = record("hello", conversation_id="ticket-81", speaker="agent")
+    logger.submit([*by_phone, plain])
+    logger.close()
+    with session_scope(engine) as session:
+        rows = {row.id: row for row in session.scalars(select(Prediction))}
+    stored = [(rows[r.id].conversation_id, rows[r.id].speaker) for r in by_phone]
+    expected = (pseudonym("+1 415 555 0100", REDACTION.key), pseudonym("ann@example.com", REDACTION.key))
+    assert stored == [expected, expected]  # the same caller's turns stay one conversation and one speaker
+    assert (rows[plain.id].conversation_id, rows[plain.id].speaker) == ("ticket-81", "agent")
+
+
 def test_without_redaction_the_text_is_stored_as_sent(engine: Engine, tmp_path: Path) -> None:
     logger, _ = make_logger(engine, tmp_path, redact_text=False)
     logger.start()
-    logger.submit([record("ann@example.com")])
+    logger.submit([record("ann@example.com", conversation_id="ann@example.com")])
     logger.close()
     with session_scope(engine) as session:
-        assert session.scalars(select(Prediction.text)).one() == "ann@example.com"
+        row = session.scalars(select(Prediction)).one()
+    assert row.text == row.conversation_id == "ann@example.com"
 
 
 def test_raw_audio_is_stored_only_when_enabled(engine: Engine, tmp_path: Path) -> None:
@@ -162,7 +191,7 @@ def test_replay_is_idempotent_when_rows_are_already_stored(engine: Engine, tmp_p
     logger.submit(records)
     logger.close()
     # A crash after the insert committed but before the segment was deleted leaves stored rows in the spool.
-    preparer = RowPreparer(redact_text=True, audio_dir=None)
+    preparer = RowPreparer(redaction=REDACTION, audio_dir=None)
     Spool(tmp_path / "spool").append([preparer(r) for r in records[:4]] + [preparer(record("only in spool"))])
     restarted, _ = make_logger(engine, tmp_path)
     assert restarted.spooled_rows == 5
@@ -174,7 +203,7 @@ def test_replay_is_idempotent_when_rows_are_already_stored(engine: Engine, tmp_p
 
 def test_a_torn_last_spool_line_is_skipped(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
-    preparer = RowPreparer(redact_text=True, audio_dir=None)
+    preparer = RowPreparer(redaction=REDACTION, audio_dir=None)
     spool.append([preparer(record("kept"))])
     (segment,) = spool.segments()
     with segment.open("a") as handle:

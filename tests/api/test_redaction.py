@@ -1,12 +1,30 @@
-"""Personal data is redacted before storage; ordinary numbers (dates, order numbers, non-Luhn digits) are kept."""
+"""Personal data is redacted before storage; ordinary numbers (dates, order numbers, non-Luhn digits) are kept;
+speaker names and conversation ids that hold personal data are stored as keyed pseudonyms."""
 
 from __future__ import annotations
+
+import stat
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.redaction import CARD_TOKEN, EMAIL_TOKEN, PHONE_TOKEN, luhn_valid, redact
+from core.redaction import (
+    CARD_TOKEN,
+    EMAIL_TOKEN,
+    OFF,
+    PHONE_TOKEN,
+    PSEUDONYM,
+    Redaction,
+    load_or_create_key,
+    luhn_valid,
+    pseudonym,
+    redact,
+    redaction_from_settings,
+)
+from core.settings import Settings
 
 
 def _with_luhn_check_digit(body: str) -> str:
@@ -66,3 +84,45 @@ def test_every_email_is_redacted(user: str, domain: str) -> None:
 def test_redaction_is_idempotent_and_never_adds_personal_data(text: str) -> None:
     once, _ = redact(text)
     assert redact(once) == (once, False)
+
+
+KEY = b"a deployment's key, 32 bytes ok"
+
+
+def test_an_identifier_holding_personal_data_becomes_its_keyed_pseudonym_and_others_are_kept() -> None:
+    redaction = Redaction(enabled=True, key=KEY)
+    phone = redaction.identifier("+44 20 7946 0958")
+    assert phone == pseudonym("+44 20 7946 0958", KEY) and PSEUDONYM.fullmatch(phone or "")
+    assert redaction.identifier("+44 20 7946 0958") == phone  # stable: a caller's turns stay together
+    assert Redaction(enabled=True, key=b"another key of 16+ bytes").identifier("+44 20 7946 0958") != phone
+    assert redaction.identifier("agent") == "agent" and redaction.identifier("call-2024-17") == "call-2024-17"
+    assert redaction.identifier(None) is None
+    assert redaction.identifier(phone) == phone  # redacting twice changes nothing more
+
+
+def test_every_identifier_is_pseudonymised_when_asked_and_none_when_redaction_is_off() -> None:
+    every = Redaction(enabled=True, key=KEY, every_identifier=True)
+    assert every.identifier("Rachel Green") == pseudonym("Rachel Green", KEY)
+    assert OFF.identifier("ann@example.com") == "ann@example.com"
+    assert OFF.text("ann@example.com") == ("ann@example.com", False)
+    with pytest.raises(ValueError, match="16 bytes"):
+        Redaction(enabled=True, key=b"short")
+
+
+def test_the_pseudonym_key_is_created_once_owner_only_and_shared_by_processes_starting_together(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state" / "pseudonym.key"
+    with ThreadPoolExecutor(8) as pool:
+        keys = set(pool.map(lambda _: load_or_create_key(path), range(32)))
+    assert len(keys) == 1 and len(keys.pop()) == 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in path.parent.iterdir()] == ["pseudonym.key"]  # no partial files left behind
+
+
+def test_settings_choose_the_key_and_turn_redaction_off(tmp_path: Path) -> None:
+    assert redaction_from_settings(Settings(state_dir=tmp_path, redact_text=False)) is OFF
+    given = redaction_from_settings(Settings(state_dir=tmp_path, pseudonym_key="k" * 24))
+    assert given.key == b"k" * 24 and not (tmp_path / "pseudonym.key").exists()
+    kept = redaction_from_settings(Settings(state_dir=tmp_path, pseudonymise_identifiers=True))
+    assert kept.every_identifier and kept.key == load_or_create_key(tmp_path / "pseudonym.key")
