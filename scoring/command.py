@@ -19,7 +19,8 @@ from scoring.pipeline import RunReport, ScoreConfig, run_header, run_key, run_sc
 from scoring.summary import SummaryOptions
 
 if TYPE_CHECKING:
-    from scoring.calls.batch import CallRunReport
+    from scoring.calls.batch import CallRunConfig, CallRunReport
+    from scoring.calls.engines import CallEngine
     from scoring.database import PredictionLog
 
 
@@ -50,8 +51,6 @@ def _run_calls(args: argparse.Namespace, settings: Settings, cleanup: ExitStack)
     from scoring.calls.pipeline import CallOptions
     from scoring.calls.scorer import CallSpec
 
-    if args.log_to_db:
-        raise ValueError("--log-to-db is not available with --calls yet; score the calls without it")
     threads = settings.intra_op_threads or (1 if args.engine == "ray" else 0)
     spec = CallSpec(
         replace(_spec(args, settings), intra_op_threads=threads),
@@ -59,14 +58,17 @@ def _run_calls(args: argparse.Namespace, settings: Settings, cleanup: ExitStack)
         causal=args.context == "causal",
         options=replace(CallOptions.from_settings(settings), summary=_summary_options(args)),
         timelines=args.timelines is not None,
+        log=args.log_to_db,
     )
     config = CallRunConfig(
         args.input, args.out, spec, args.summary, args.audio_root, args.channels, args.timelines, args.restart
     )
     if args.engine == "local":
-        return run_calls(config, LocalCallEngine.load(spec))
-    _start_ray(cleanup)
-    return run_calls(config, RayCallEngine(spec, actors=args.actors))
+        engine: CallEngine = LocalCallEngine.load(spec)
+    else:
+        _start_ray(cleanup)
+        engine = RayCallEngine(spec, actors=args.actors)
+    return run_calls(config, engine, log=_call_log(args, settings, config, engine, cleanup))
 
 
 def _summary_options(args: argparse.Namespace) -> SummaryOptions:
@@ -174,12 +176,30 @@ def _log(
 ) -> PredictionLog | None:
     if not args.log_to_db:
         return None
+    key = run_key(run_header(config, engine.model))
+    return _open_log(settings, key, engine.model.version, config.causal, spec.artifact_dir, cleanup)
+
+
+def _call_log(
+    args: argparse.Namespace, settings: Settings, config: CallRunConfig, engine: CallEngine, cleanup: ExitStack
+) -> PredictionLog | None:
+    if not args.log_to_db:
+        return None
+    from scoring.calls.batch import call_run_key
+
+    key, spec = call_run_key(config, engine), config.spec
+    return _open_log(settings, key, engine.model.version, spec.causal, spec.runtime.artifact_dir, cleanup)
+
+
+def _open_log(
+    settings: Settings, key: str, version: str, causal: bool, artifact_dir: Path, cleanup: ExitStack
+) -> PredictionLog:
     from scoring.database import PredictionLog
 
-    log = PredictionLog(settings, run_key(run_header(config, engine.model)), engine.model.version, config.causal)
+    log = PredictionLog(settings, key, version, causal)
     cleanup.callback(log.close)
-    status = log.ensure_model_version(spec.artifact_dir)
-    print(f"logging to the database as model {engine.model.version} ({status.value}): {_monitored(status)}")
+    status = log.ensure_model_version(artifact_dir)
+    print(f"logging to the database as model {version} ({status.value}): {_monitored(status)}")
     return log
 
 

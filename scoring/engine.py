@@ -114,6 +114,7 @@ class LoggedTurn:
     embedding: bytes  # float32 little-endian
     latency_ms: float  # the chunk's classify time per turn
     channel: int | None = None  # the audio channel of a multi-channel row (audio_path is then the whole recording)
+    span_s: tuple[float, float] | None = None  # a whole call's turn: where it lies in the recording, in seconds
 
 
 @dataclass(frozen=True)
@@ -210,14 +211,41 @@ def _scored(
 
 def _logged(turn: PreparedTurn, prediction: TurnPrediction, model: ModelInfo, latency_ms: float) -> LoggedTurn:
     source, audio = turn.source.turn, turn.utterance.audio if turn.utterance is not None else None
-    probabilities = np.asarray(prediction.emotion_probs, dtype=np.float64)
-    return LoggedTurn(
+    return logged_turn(
+        prediction,
         conversation_id=source.conversation_id,
         turn=source.turn,
         speaker=turn.speaker,
         text=turn.utterance.text if turn.utterance is not None else None,
         audio_path=source.audio_path if audio is not None else None,
         audio_seconds=len(audio) / SAMPLE_RATE if audio is not None else None,
+        latency_ms=latency_ms,
+        channel=turn.channel,
+    )
+
+
+def logged_turn(
+    prediction: TurnPrediction,
+    *,
+    conversation_id: str,
+    turn: int,
+    speaker: str,
+    text: str | None,
+    audio_path: str | None,
+    audio_seconds: float | None,
+    latency_ms: float,
+    channel: int | None = None,
+    span_s: tuple[float, float] | None = None,
+) -> LoggedTurn:
+    """A scored turn of a turn table or of a whole call as the predictions table needs it."""
+    probabilities = np.asarray(prediction.emotion_probs, dtype=np.float64)
+    return LoggedTurn(
+        conversation_id=conversation_id,
+        turn=turn,
+        speaker=speaker,
+        text=text,
+        audio_path=audio_path,
+        audio_seconds=audio_seconds,
         label=prediction.emotion,
         label_index=prediction.emotion_index,
         confidence=float(probabilities.max()),
@@ -225,5 +253,6 @@ def _logged(turn: PreparedTurn, prediction: TurnPrediction, model: ModelInfo, la
         sentiment=prediction.sentiment,
         embedding=np.asarray(prediction.embedding, dtype="<f4").tobytes(),
         latency_ms=latency_ms,
-        channel=turn.channel,
+        channel=channel,
+        span_s=span_s,
     )

@@ -4,16 +4,20 @@ The resume manifest and the sinks are scoring.pipeline's: a commit follows every
 summary row are durable, and lists the call as a conversation; resuming cuts the outputs back to the last commit
 and skips the calls it lists. So a kill between or inside calls leaves one row per turn once the run is resumed.
 A timeline PNG (`--timelines DIR`) is written before its call is committed; a call scored again rewrites it.
+With `--log-to-db` a call's turns are inserted before it is committed too, under prediction ids derived from the run
+and the turn (scoring.database), so a call scored again after a kill is not logged twice.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -23,6 +27,9 @@ from scoring.calls.scorer import CALL_SUMMARY_SCHEMA, CallSpec, ScoredCall, turn
 from scoring.calls.sources import CallJob, fingerprint, list_calls
 from scoring.manifest import Commit, Manifest, Progress, manifest_path
 from scoring.output import Sink, cleanup_parts, complete_run, open_sink, output_format
+
+if TYPE_CHECKING:
+    from scoring.database import PredictionLog
 
 OUTPUT, SUMMARY = "output", "summary"
 
@@ -53,10 +60,12 @@ class CallRunReport:
     seconds: float  # this run
     audio_s: float  # audio scored in this run
     outputs: list[Path]
+    logged: int = 0  # predictions new to the database (`--log-to-db`)
 
     def text(self) -> str:
         kinds = ", ".join(f"{kind} {count:,}" for kind, count in sorted(self.errors.items()))
         rate = self.audio_s / self.seconds if self.seconds > 0 else 0.0
+        logged = [f"logged to the database: {self.logged:,} predictions"] if self.logged else []
         return "\n".join(
             [
                 f"calls: {self.calls:,} ({self.calls - self.resumed_calls:,} scored in this run, "
@@ -64,11 +73,12 @@ class CallRunReport:
                 f"errors: {sum(self.errors.values()):,}" + (f" ({kinds})" if kinds else ""),
                 f"audio: {self.audio_s / 60:,.1f} min in {self.seconds:,.1f} s ({rate:,.1f} audio min per min)",
                 "written: " + ", ".join(str(path) for path in self.outputs),
+                *logged,
             ]
         )
 
 
-def run_calls(config: CallRunConfig, engine: CallEngine) -> CallRunReport:
+def run_calls(config: CallRunConfig, engine: CallEngine, log: PredictionLog | None = None) -> CallRunReport:
     start = time.perf_counter()
     jobs = list_calls(config.input, config.audio_root, config.roles)
     _check_outputs(config)
@@ -80,29 +90,41 @@ def run_calls(config: CallRunConfig, engine: CallEngine) -> CallRunReport:
             for path in config.outputs:
                 cleanup_parts(path)
         else:
-            audio_s = _score(config, engine, jobs, manifest, progress)
+            audio_s = _score(config, engine, jobs, manifest, progress, log)
     finally:
         manifest.close()
     seconds = time.perf_counter() - start
     done = progress.conversations
-    return CallRunReport(done, progress.rows, progress.errors, resumed, seconds, audio_s, config.outputs)
+    logged = log.written if log is not None else 0
+    return CallRunReport(done, progress.rows, progress.errors, resumed, seconds, audio_s, config.outputs, logged)
 
 
 def call_run_header(config: CallRunConfig, engine: CallEngine, jobs: list[CallJob]) -> dict[str, Any]:
     """What must not change between a run and its resumption."""
+    return {
+        **_identity(config, engine),
+        "calls": fingerprint(jobs),
+        "output": str(config.output.resolve()),
+        "summary": str(config.summary.resolve()) if config.summary else None,
+        "timelines": str(config.timelines.resolve()) if config.timelines else None,
+    }
+
+
+def call_run_key(config: CallRunConfig, engine: CallEngine) -> str:
+    """Identifies the logged predictions of a run whatever its outputs: the input, the model and how it scores."""
+    return hashlib.sha256(json.dumps(_identity(config, engine), sort_keys=True).encode()).hexdigest()
+
+
+def _identity(config: CallRunConfig, engine: CallEngine) -> dict[str, Any]:
     model = engine.model
     return {
         "kind": "calls",
         "input": str(config.input.resolve()),
-        "calls": fingerprint(jobs),
         "model_version": model.version,
         "model_sha256": model.sha256,
         "precision": model.precision,
         "context": "causal" if config.spec.causal else "bidirectional",
         "call_options": asdict(config.spec.options),
-        "output": str(config.output.resolve()),
-        "summary": str(config.summary.resolve()) if config.summary else None,
-        "timelines": str(config.timelines.resolve()) if config.timelines else None,
     }
 
 
@@ -118,7 +140,12 @@ def _check_outputs(config: CallRunConfig) -> None:
 
 
 def _score(
-    config: CallRunConfig, engine: CallEngine, jobs: list[CallJob], manifest: Manifest, progress: Progress
+    config: CallRunConfig,
+    engine: CallEngine,
+    jobs: list[CallJob],
+    manifest: Manifest,
+    progress: Progress,
+    log: PredictionLog | None,
 ) -> float:
     """Scores the calls not committed yet; returns the seconds of audio scored."""
     positions = progress.positions or {}
@@ -136,7 +163,7 @@ def _score(
             disable=None if config.progress is None else not config.progress,
             dynamic_ncols=True,
         ) as bar:
-            audio_s = _score_calls(config, engine, todo, sinks, manifest, progress, bar)
+            audio_s = _score_calls(config, engine, todo, sinks, manifest, progress, bar, log)
         complete_run(sinks, manifest)
     finally:
         for sink in sinks.values():
@@ -152,9 +179,12 @@ def _score_calls(
     manifest: Manifest,
     progress: Progress,
     bar: tqdm[Any],
+    log: PredictionLog | None,
 ) -> float:
     audio_s, start = 0.0, time.perf_counter()
     for call in engine.score(todo):
+        if log is not None:
+            log.write(call.logged)
         _commit(config, call, sinks, manifest, progress)
         audio_s += call.audio_s
         bar.update(1)

@@ -5,6 +5,7 @@ analytics). A recording that cannot be used is one error row, as an unreadable t
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -17,7 +18,7 @@ from model.speech_to_text import SpeechToText
 from scoring.calls.emotion import CallEmotions
 from scoring.calls.pipeline import CallOptions, CallResult, Turn, process_call
 from scoring.calls.sources import CallJob
-from scoring.engine import ModelInfo, Row, Runtime, RuntimeSpec, output_row
+from scoring.engine import LoggedTurn, ModelInfo, Row, Runtime, RuntimeSpec, logged_turn, output_row
 from scoring.inputs import AUDIO_NOT_FOUND, AUDIO_UNREADABLE, TurnError
 from scoring.output import prediction_schema
 from scoring.summary import SUMMARY_SCHEMA, summarize
@@ -55,6 +56,7 @@ class CallSpec:
     causal: bool = False
     options: CallOptions = field(default_factory=CallOptions)
     timelines: bool = False
+    log: bool = False  # also return the turns as the predictions table needs them (`--log-to-db`)
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class ScoredCall:
     error_kinds: list[str]
     audio_s: float
     png: bytes | None = None
+    logged: list[LoggedTurn] = field(default_factory=list)  # with CallSpec.log
 
 
 class CallScorer:
@@ -80,6 +83,7 @@ class CallScorer:
         if job.error is not None:
             return self._failed(job, job.error)
         emotions = CallEmotions(self.runtime, self.spec.causal)  # type: ignore[arg-type]
+        started = time.perf_counter()
         try:
             result = process_call(job.path, job.roles, stt=self.stt, options=self.spec.options, emotions=emotions)
         except (AudioError, ChannelError) as error:
@@ -88,20 +92,26 @@ class CallScorer:
             return self._failed(job, TurnError(AUDIO_NOT_FOUND, f"{job.path}: no such file"))
         except OSError as error:
             return self._failed(job, TurnError(AUDIO_UNREADABLE, f"{job.path}: {error.strerror or error}"))
-        return self._scored(job, result, emotions.predictions)
+        return self._scored(job, result, emotions.predictions, time.perf_counter() - started)
 
     def score(self, job: CallJob) -> ScoredCall:
         """`self(job)` by name (a Ray actor's method)."""
         return self(job)
 
-    def _scored(self, job: CallJob, result: CallResult, predictions: list[TurnPrediction]) -> ScoredCall:
-        rows = [self._row(job, turn, p) for turn, p in zip(result.turns, predictions, strict=True)]
+    def _scored(
+        self, job: CallJob, result: CallResult, predictions: list[TurnPrediction], seconds: float
+    ) -> ScoredCall:
+        pairs = list(zip(result.turns, predictions, strict=True))
+        rows = [self._row(job, turn, p) for turn, p in pairs]
+        latency_ms = seconds * 1000 / max(len(pairs), 1)
+        logged = [_logged(job, turn, p, latency_ms) for turn, p in pairs] if self.spec.log else []
         kinds = []
         if not rows:
             error = TurnError(NO_SPEECH, f"{job.path}: no speech was found in the recording")
             rows, kinds = [_error_row(self.model, job, error)], [NO_SPEECH]
         png = result.timeline_png() if self.spec.timelines else None
-        return ScoredCall(job.call_id, rows, self._summary(job, rows, result), kinds, result.duration_s, png)
+        summary = self._summary(job, rows, result)
+        return ScoredCall(job.call_id, rows, summary, kinds, result.duration_s, png, logged)
 
     def _row(self, job: CallJob, turn: Turn, prediction: TurnPrediction) -> Row:
         row = output_row(self.model, job.call_id, turn.turn, turn.speaker, prediction, channel=turn.audio.channel)
@@ -129,6 +139,21 @@ class CallScorer:
     def _failed(self, job: CallJob, error: TurnError) -> ScoredCall:
         rows = [_error_row(self.model, job, error)]
         return ScoredCall(job.call_id, rows, self._summary(job, rows, None), [error.kind], 0.0)
+
+
+def _logged(job: CallJob, turn: Turn, prediction: TurnPrediction, latency_ms: float) -> LoggedTurn:
+    return logged_turn(
+        prediction,
+        conversation_id=job.call_id,
+        turn=turn.turn,
+        speaker=turn.speaker,
+        text=turn.text,
+        audio_path=_path(job),
+        audio_seconds=turn.end_s - turn.start_s,
+        latency_ms=latency_ms,
+        channel=turn.audio.channel,
+        span_s=(turn.start_s, turn.end_s),
+    )
 
 
 def _error_row(model: ModelInfo, job: CallJob, error: TurnError) -> Row:

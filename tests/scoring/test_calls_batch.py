@@ -1,6 +1,7 @@
 """`equipoise score --calls`: stereo calls assembled from the held-out RAVDESS actors' clips scored in batch (turns
 against the builder's truth, one summary row and one timeline per call, bad recordings as error rows), a run killed
-with SIGKILL and resumed, a list of calls with bad rows, and the Ray engine against the local one."""
+with SIGKILL and resumed (its outputs and its logged predictions: one per turn), a list of calls with bad rows, and
+the Ray engine against the local one."""
 
 from __future__ import annotations
 
@@ -15,8 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from sqlalchemy import select
 
 from benchmarks.call_builder import AssembledCall, TrueTurn, assemble, ravdess_utterances
+from core.db import migrate
+from core.db.models import Prediction, RequestKind
+from core.db.session import make_engine, session_scope
 from model.runtime import InferenceRuntime
 from model.speech_to_text import SpeechToText
 from scoring.calls.batch import CallRunConfig, run_calls, timeline_name
@@ -126,12 +131,15 @@ def test_a_directory_of_calls_gives_their_turns_summaries_and_timelines(
 def test_a_killed_run_resumes_to_the_uninterrupted_result(
     tmp_path: Path, call_dir: Path, reference: Path, tiny_artifact: Path
 ) -> None:
-    output, summary = tmp_path / "out.jsonl", tmp_path / "summary.csv"
+    output, summary, state = tmp_path / "out.jsonl", tmp_path / "summary.csv", tmp_path / "state"
     args = (call_dir, "--calls", "--out", output, "--summary", summary, "--channels", ",".join(ROLES),
-            "--timelines", tmp_path / "timelines", "--model", tiny_artifact)  # fmt: skip
+            "--timelines", tmp_path / "timelines", "--model", tiny_artifact, "--log-to-db")  # fmt: skip
+    database = f"sqlite:///{state / 'equipoise.db'}"
+    state.mkdir()
+    migrate.upgrade(database)
     log = tmp_path / "killed.log"
     with log.open("w") as sink:
-        process = score_command(*args, state_dir=tmp_path / "state", stdout=sink, stderr=subprocess.STDOUT)
+        process = score_command(*args, state_dir=state, stdout=sink, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 240
         while _commits(output) < 2 and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -143,7 +151,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(
     committed = _commits(output)
     assert 0 < committed < CALLS + len(BAD) and "complete" not in manifest_path(output).read_text()
 
-    resumed = run_score(*args, state_dir=tmp_path / "state")
+    resumed = run_score(*args, state_dir=state)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{committed:,} resumed from earlier runs" in resumed.stdout
     rows, expected = read_rows(output), read_rows(reference / "out.jsonl")
@@ -153,6 +161,20 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(
         (r["text"], r["start_s"], r["end_s"]) for r in expected
     ]
     assert len(read_rows(summary)) == CALLS + len(BAD)
+    engine = make_engine(database)
+    with session_scope(engine) as session:
+        logged = session.scalars(select(Prediction)).all()
+    engine.dispose()
+    scored = [r for r in rows if not r["error"]]
+    assert sorted((p.conversation_id, p.turn_index) for p in logged) == sorted(
+        (r["conversation_id"], r["turn"]) for r in scored
+    )  # one prediction per turn, after a kill inside a call
+    by_turn = {(r["conversation_id"], r["turn"]): r for r in scored}
+    for prediction in logged:
+        row = by_turn[prediction.conversation_id, prediction.turn_index]
+        assert prediction.request_kind == RequestKind.BATCH and prediction.call_id is None
+        assert (prediction.label, prediction.speaker, prediction.text) == (row["label"], row["speaker"], row["text"])
+        assert (prediction.start_s, prediction.end_s) == pytest.approx((row["start_s"], row["end_s"]), abs=1e-3)
 
 
 def test_a_list_of_calls_names_roles_and_turns_bad_rows_into_error_rows(
@@ -222,10 +244,10 @@ def test_an_mp3_recording_is_scored_like_its_wav(
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (("--log-to-db",), "--log-to-db is not available with --calls"),
         (("--out", "turns.txt"), "unsupported output file turns.txt"),
+        (("--log-to-db",), "run `equipoise db upgrade` first"),
     ],
-    ids=["log-to-db", "output-format"],
+    ids=["output-format", "log-to-db-without-database"],
 )
 def test_the_command_reports_problems_of_its_arguments(
     tmp_path: Path, call_dir: Path, tiny_artifact: Path, arguments: tuple[str, ...], message: str
