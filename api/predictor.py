@@ -146,13 +146,9 @@ class Predictor:
             has_audio=audio is not None,
             audio=voice.stored,
             audio_seconds=len(audio) / SAMPLE_RATE if audio is not None else None,
-            label=answer.emotion,
-            label_index=prediction.emotion_index,
-            confidence=answer.confidence,
-            probabilities=[float(p) for p in prediction.emotion_probs],
-            sentiment=answer.sentiment,
             latency_ms=answer.latency_ms,
-            embedding=np.asarray(prediction.embedding, dtype="<f4").tobytes(),
+            embedding=prediction.embedding_bytes(),
+            **prediction.logged_fields(),
         )
 
     def _count(self, answer: UtterancePrediction, prediction: TurnPrediction) -> None:

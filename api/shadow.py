@@ -161,16 +161,11 @@ class ShadowScorer:
 def _record(
     live: UtterancePrediction, turn: TurnPrediction, version: str, latency_ms: float, created_at: datetime
 ) -> ShadowRecord:
-    probabilities = [float(p) for p in turn.emotion_probs]
     return ShadowRecord(
         id=uuid.uuid4(),
         created_at=created_at,
         live_prediction_id=live.prediction_id,
         model_version=version,
-        label=turn.emotion,
-        label_index=turn.emotion_index,
-        confidence=probabilities[turn.emotion_index],
-        probabilities=probabilities,
-        sentiment=turn.sentiment,
         latency_ms=latency_ms,
+        **turn.logged_fields(),
     )

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -67,6 +67,22 @@ class TurnPrediction:
     sentiment_probs: np.ndarray  # float32 [C_sentiment]
     embedding: np.ndarray  # float32 [D], the utterance encoder's output (what head retraining consumes)
     rescored: bool = False  # an int8 near tie re-encoded in fp32: `embedding` is then the fp32 one
+
+    def logged_fields(self) -> dict[str, Any]:
+        """The answer as every prediction log stores it (the predictions and shadow-predictions rows): label, its
+        index and probability, the probabilities as floats, and the sentiment."""
+        probabilities = [float(p) for p in self.emotion_probs]
+        return {
+            "label": self.emotion,
+            "label_index": self.emotion_index,
+            "confidence": probabilities[self.emotion_index],
+            "probabilities": probabilities,
+            "sentiment": self.sentiment,
+        }
+
+    def embedding_bytes(self) -> bytes:
+        """The embedding as stored: float32, little-endian."""
+        return np.asarray(self.embedding, dtype="<f4").tobytes()
 
 
 EmbeddedDialogue = tuple[np.ndarray, Sequence[str | None]]  # embeddings [T, D] and the T speakers

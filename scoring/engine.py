@@ -238,7 +238,6 @@ def logged_turn(
     span_s: tuple[float, float] | None = None,
 ) -> LoggedTurn:
     """A scored turn of a turn table or of a whole call as the predictions table needs it."""
-    probabilities = np.asarray(prediction.emotion_probs, dtype=np.float64)
     return LoggedTurn(
         conversation_id=conversation_id,
         turn=turn,
@@ -246,13 +245,9 @@ def logged_turn(
         text=text,
         audio_path=audio_path,
         audio_seconds=audio_seconds,
-        label=prediction.emotion,
-        label_index=prediction.emotion_index,
-        confidence=float(probabilities.max()),
-        probabilities=probabilities.tolist(),
-        sentiment=prediction.sentiment,
-        embedding=np.asarray(prediction.embedding, dtype="<f4").tobytes(),
+        embedding=prediction.embedding_bytes(),
         latency_ms=latency_ms,
         channel=channel,
         span_s=span_s,
+        **prediction.logged_fields(),
     )

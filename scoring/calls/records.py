@@ -12,8 +12,6 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
-import numpy as np
-
 from core.db.crud import CallTurn, PredictionRecord
 from core.db.models import ContextMode, RequestKind
 from model.runtime import TurnPrediction
@@ -52,7 +50,6 @@ def _record(
     created_at: datetime,
     latency_ms: float,
 ) -> PredictionRecord:
-    probabilities = [float(p) for p in prediction.emotion_probs]
     return PredictionRecord(
         id=turn_prediction_id(call_id, turn.turn),
         created_at=created_at,
@@ -65,13 +62,9 @@ def _record(
         text=turn.text,
         has_audio=True,
         audio_seconds=turn.end_s - turn.start_s,
-        label=prediction.emotion,
-        label_index=prediction.emotion_index,
-        confidence=probabilities[prediction.emotion_index],
-        probabilities=probabilities,
-        sentiment=prediction.sentiment,
         latency_ms=latency_ms,
-        embedding=np.asarray(prediction.embedding, dtype="<f4").tobytes(),
+        embedding=prediction.embedding_bytes(),
+        **prediction.logged_fields(),
         call=CallTurn(call_id, turn.start_s, turn.end_s),
     )
 
