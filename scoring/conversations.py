@@ -31,8 +31,8 @@ class Conversation:
 Item = Conversation | RowError
 
 
-def item_rows(item: Item) -> int:
-    """Output rows of an item: one per input record."""
+def item_records(item: Item) -> int:
+    """Input records of an item (its output rows, but for a multi-channel record's one row per channel)."""
     return len(item.turns) if isinstance(item, Conversation) else 1
 
 
@@ -85,7 +85,7 @@ def iter_chunks(plan: SourcePlan) -> Iterator[list[Item]]:
         if plan.is_done(item):
             continue
         chunk.append(item)
-        turns += item_rows(item)
+        turns += item_records(item)
         if turns >= plan.batch_turns:
             yield chunk
             chunk, turns = [], 0

@@ -126,6 +126,7 @@ class ScoredItem:
     rows: list[Row]
     error_kinds: list[str]
     logged: list[LoggedTurn]
+    input_records: int = 1  # the input records it covers (a multi-channel record gives a row per channel)
 
 
 class Engine(Protocol):
@@ -206,7 +207,7 @@ def _scored(
             kinds.append(turn.error.kind)
         elif latency_ms is not None:
             logged.append(_logged(turn, prediction, model, latency_ms))
-    return ScoredItem(conversation.conversation_id, None, rows, kinds, logged)
+    return ScoredItem(conversation.conversation_id, None, rows, kinds, logged, len(conversation.turns))
 
 
 def _logged(turn: PreparedTurn, prediction: TurnPrediction, model: ModelInfo, latency_ms: float) -> LoggedTurn:

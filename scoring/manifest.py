@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ class Commit:
     conversations: list[tuple[str, int]]  # conversation id, output rows
     records: list[int]  # unreadable input records, one error row each
     errors: dict[str, int]  # error rows by kind
+    input_records: int = 0  # input records covered (the conversations' and the unreadable ones)
 
     @property
     def rows(self) -> int:
@@ -40,12 +41,16 @@ class Commit:
             "conversations": self.conversations,
             "records": self.records,
             "errors": self.errors,
+            "input_records": self.input_records,
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Commit:
         conversations = [(str(cid), int(rows)) for cid, rows in data["conversations"]]
-        return cls(dict(data["positions"]), conversations, [int(r) for r in data["records"]], dict(data["errors"]))
+        records = [int(r) for r in data["records"]]
+        commit = cls(dict(data["positions"]), conversations, records, dict(data["errors"]))
+        # A manifest written before the count was kept: a row per input record, as it was then.
+        return replace(commit, input_records=int(data.get("input_records", commit.rows)))
 
 
 @dataclass
@@ -53,6 +58,7 @@ class Progress:
     """What the commits so far cover."""
 
     rows: int = 0
+    input_records: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     done_conversations: set[str] = field(default_factory=set)
     done_records: set[int] = field(default_factory=set)
@@ -65,6 +71,7 @@ class Progress:
 
     def add(self, commit: Commit) -> None:
         self.rows += commit.rows
+        self.input_records += commit.input_records
         self.errors.update(commit.errors)
         self.done_conversations.update(cid for cid, _ in commit.conversations)
         self.done_records.update(commit.records)

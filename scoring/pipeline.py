@@ -189,7 +189,7 @@ def _score(
         committer = _Committer(config, engine.model, sinks, manifest, progress, log)
         with tqdm(
             total=scan.records,
-            initial=progress.rows,
+            initial=progress.input_records,
             unit=" turns",
             desc="scoring",
             disable=_hidden(config),
@@ -199,7 +199,7 @@ def _score(
             for chunk in engine.score(_plan(config, scan, progress), _options(config, log)):
                 for item in chunk:
                     committer.add(item)
-                    bar.update(len(item.rows))
+                    bar.update(item.input_records)
                 committer.commit_if_due()
         committer.commit()
         complete_run(sinks, manifest)
@@ -259,7 +259,7 @@ class _Committer:
         self._records: list[int] = []
         self._errors: Counter[str] = Counter()
         self._logged: list[LoggedTurn] = []
-        self._rows = 0
+        self._rows = self._input_records = 0
         self._since = time.monotonic()
 
     def add(self, item: ScoredItem) -> None:
@@ -275,6 +275,7 @@ class _Committer:
         self._errors.update(item.error_kinds)
         self._logged.extend(item.logged)
         self._rows += len(item.rows)
+        self._input_records += item.input_records
 
     def commit_if_due(self) -> None:
         if self._rows >= self._config.commit_rows or time.monotonic() - self._since >= self._config.commit_seconds:
@@ -286,7 +287,7 @@ class _Committer:
         if self._log is not None:
             self._log.write(self._logged)
         positions = {name: sink.commit() for name, sink in self._sinks.items()}
-        commit = Commit(positions, self._conversations, self._records, dict(self._errors))
+        commit = Commit(positions, self._conversations, self._records, dict(self._errors), self._input_records)
         self._manifest.commit(commit)
         self._progress.add(commit)
         self._reset()

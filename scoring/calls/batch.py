@@ -203,7 +203,7 @@ def _commit(
     if SUMMARY in sinks:
         sinks[SUMMARY].append([call.summary])
     positions = {name: sink.commit() for name, sink in sinks.items()}
-    commit = Commit(positions, [(call.call_id, len(call.rows))], [], dict(Counter(call.error_kinds)))
+    commit = Commit(positions, [(call.call_id, len(call.rows))], [], dict(Counter(call.error_kinds)), 1)
     manifest.commit(commit)
     progress.add(commit)
 

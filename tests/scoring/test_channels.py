@@ -1,6 +1,7 @@
 """`equipoise score` on multi-channel audio: a row whose file has k channels is k output rows, one per channel, named
 by `--channels` (else channel-i), each scored as that channel sent alone as a mono turn in its place; silent
-channels are reported, the run resumes as any other, and `--log-to-db` logs each channel once."""
+channels are reported, the run resumes as any other, `--log-to-db` logs each channel once, and the progress bar
+counts input records."""
 
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ from sqlalchemy.orm import Session
 
 from core.db import migrate
 from core.db.models import Prediction
+from scoring.local import LocalEngine
+from scoring.manifest import manifest_path
+from scoring.pipeline import run_scoring
 from tests.channel_audio import SYNTHETIC_RATE, Recording, recording, speech_recording, synthetic_voices
-from tests.scoring.helpers import read_rows, run_score
+from tests.scoring.helpers import config, read_rows, run_score
 
 TOLERANCE = 1e-5
 OPENING = {"conversation_id": "call-1", "turn": 0, "speaker": "agent", "text": "Thank you for calling, how can I help?"}
@@ -178,3 +182,26 @@ def test_log_to_db_logs_each_channel_once(tmp_path: Path, tiny_artifact: Path) -
         (1, "agent", rows[1]["label"], True),
         (1, "customer", rows[2]["label"], True),
     ]
+
+
+def test_the_progress_bar_counts_input_records_when_channels_are_split(
+    tmp_path: Path, local_engine: LocalEngine, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Three input records, one of them stereo: four output rows, and the bar ends at 3/3, on a run resumed from a
+    commit after the stereo record too."""
+    stereo_call(tmp_path, recording(*synthetic_voices(), rate=SYNTHETIC_RATE))
+    stereo = {"conversation_id": "call-1", "turn": 1, "speaker": "call", "audio_path": "audio/call.wav"}
+    closing = {"conversation_id": "call-2", "turn": 0, "speaker": "agent", "text": "Goodbye."}
+    source = write_jsonl(tmp_path / "turns.jsonl", [OPENING, stereo, closing])
+    options = {"channel_names": ("agent", "customer"), "progress": True, "commit_rows": 1, "batch_turns": 1}
+    report = run_scoring(config(tmp_path, source, **options), local_engine)
+    assert report.rows == 4
+    assert "3/3" in capsys.readouterr().err.splitlines()[-1].split("\r")[-1]
+
+    manifest = manifest_path(tmp_path / "out.jsonl")
+    kept = manifest.read_text(encoding="utf-8").splitlines()[:2]  # the header and the commit of call-1
+    manifest.write_text("\n".join(kept) + "\n", encoding="utf-8")
+    resumed = run_scoring(config(tmp_path, source, **options), local_engine)
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert resumed.rows == 4 and any(line.startswith("scoring:  67%") and "2/3" in line for line in bar), bar
+    assert "3/3" in bar[-1]
