@@ -1,4 +1,11 @@
-"""Windows of logged predictions, read from the database in the shape the monitor needs."""
+"""Windows of logged predictions, read from the database in the shape the monitor needs.
+
+The monitor reads the turns the model saw text for. Its reference (the dev class mix, its covariance, the
+calibration record behind the label-shift estimate) describes the text path on MELD dev; an audio-only turn is
+served by the speech head under its own temperature, so reading its probabilities as the text path's would
+misstate both the mix and the posteriors (a voice-only client would look like drift). Audio-only turns are logged
+and open to feedback like any other, and not monitored.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +21,8 @@ from sqlalchemy.orm import Session
 from core.db.crud import newest_feedback_ids, newest_labels
 from core.db.models import Feedback, FeedbackKind, Prediction
 from monitoring.analysis import LabelledTurns
+
+MONITORED = Prediction.has_text.is_(True)
 
 
 @dataclass(frozen=True)
@@ -58,7 +67,10 @@ def _same_instant_tail(session: Session, model_version: str, last: Prediction) -
     """Rows logged at the same instant as the window's last row: a window never splits an instant, because
     the next window starts strictly after its end time."""
     query = select(Prediction).where(
-        Prediction.model_version == model_version, Prediction.created_at == last.created_at, Prediction.id > last.id
+        Prediction.model_version == model_version,
+        Prediction.created_at == last.created_at,
+        Prediction.id > last.id,
+        MONITORED,
     )
     return list(session.scalars(query.order_by(Prediction.id)))
 
@@ -79,7 +91,7 @@ def load_window(
     session: Session, model_version: str, names: Sequence[str], *, after: datetime | None, limit: int
 ) -> Window:
     """Up to `limit` predictions of `model_version` logged after `after`, oldest first, with feedback joined."""
-    query = select(Prediction).where(Prediction.model_version == model_version)
+    query = select(Prediction).where(Prediction.model_version == model_version, MONITORED)
     if after is not None:
         query = query.where(Prediction.created_at > after)
     rows = list(session.scalars(query.order_by(Prediction.created_at, Prediction.id).limit(limit)))
@@ -112,7 +124,9 @@ def load_labelled(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Served probabilities [N, C] and newest label (class index) [N] of the newest `limit` predictions of
     `model_version` logged up to `until` that carry a label in `names` (of `kind` when given), newest first."""
-    newest = newest_feedback_ids(Prediction.model_version == model_version, Prediction.created_at <= until, kind=kind)
+    newest = newest_feedback_ids(
+        Prediction.model_version == model_version, Prediction.created_at <= until, MONITORED, kind=kind
+    )
     rows = session.execute(
         select(Prediction.probabilities, Feedback.label)
         .join(newest, newest.c.prediction_id == Prediction.id)

@@ -40,6 +40,7 @@ from core.settings import MONITOR_BOOTSTRAP_REPLICATES
 from model.artifact import Calibration, ClassPrior, DataSource, ModelArtifact
 from monitoring.collapse import CollapseRules
 from monitoring.prior import ShiftModel, estimate_label_shift
+from monitoring.windows import MONITORED
 from retraining.graphs import EmotionHead, read_head, write_head
 from retraining.parity import HeadReference
 from retraining.queue import PermanentError
@@ -139,10 +140,11 @@ def recent_predictions(
     ctx: JobContext, version: str, names: tuple[str, ...], limit: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Served probabilities [N, C] (in the order of `names`) and conversation ids [N] of the newest `limit`
-    predictions of `version` (a turn logged without a conversation is its own)."""
+    predictions of `version` the monitor reads (with text: monitoring/windows.py; a turn logged without a
+    conversation is its own)."""
     query = (
         select(Prediction.id, Prediction.probabilities, Prediction.conversation_id)
-        .where(Prediction.model_version == version)
+        .where(Prediction.model_version == version, MONITORED)
         .order_by(Prediction.created_at.desc(), Prediction.id.desc())
         .limit(limit)
     )

@@ -52,7 +52,9 @@ def engine(database_url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
-def _window_rows(rng: np.random.Generator, start: datetime, shares: tuple[float, ...], confidence: float) -> list:
+def _window_rows(
+    rng: np.random.Generator, start: datetime, shares: tuple[float, ...], confidence: float, has_text: bool = True
+) -> list:
     """Predictions whose labels follow `shares`; a third carry a feedback label drawn from the probabilities."""
     rows: list = []
     for i, k in enumerate(rng.choice(len(NAMES), WINDOW, p=shares)):
@@ -63,8 +65,8 @@ def _window_rows(rng: np.random.Generator, start: datetime, shares: tuple[float,
             created_at=start + timedelta(milliseconds=i),
             model_version="v1",
             request_kind=RequestKind.UTTERANCE,
-            has_text=True,
-            has_audio=False,
+            has_text=has_text,
+            has_audio=not has_text,
             label=NAMES[k],
             label_index=int(k),
             confidence=confidence,
@@ -78,12 +80,14 @@ def _window_rows(rng: np.random.Generator, start: datetime, shares: tuple[float,
     return rows
 
 
-def _log(engine: Engine, windows: int, shares: tuple[float, ...], confidence: float, offset: int) -> None:
+def _log(
+    engine: Engine, windows: int, shares: tuple[float, ...], confidence: float, offset: int, has_text: bool = True
+) -> None:
     rng = np.random.default_rng(offset)
     base = datetime(2026, 1, 1, tzinfo=UTC)
     with session_scope(engine) as session:
         for w in range(windows):
-            session.add_all(_window_rows(rng, base + timedelta(minutes=offset + w), shares, confidence))
+            session.add_all(_window_rows(rng, base + timedelta(minutes=offset + w), shares, confidence, has_text))
 
 
 def _count(engine: Engine, model: type) -> int:
@@ -127,6 +131,18 @@ def test_stationary_then_collapsed_stream(engine: Engine, tmp_path: Path) -> Non
     _log(engine, 2, collapsed, confidence=0.4, offset=20)
     _monitor(engine, tmp_path)  # still collapsed, still cooling down: no second event after a restart
     assert _count(engine, CollapseEvent) == 1
+
+
+def test_audio_only_turns_are_not_monitored(engine: Engine, tmp_path: Path) -> None:
+    """Voice-only traffic served by the speech head, all neutral and unsure, between healthy text windows: the
+    monitor reads the text turns only (its reference is the text path's), so neither a window nor an alarm."""
+    _log(engine, 2, SHARES, confidence=0.8, offset=0)
+    _log(engine, 3, (1.0, 0, 0, 0, 0, 0, 0), confidence=0.3, offset=0, has_text=False)
+    _log(engine, 2, SHARES, confidence=0.8, offset=5)
+    _monitor(engine, tmp_path)
+    snapshots = _snapshots(engine)
+    assert [s.n_predictions for s in snapshots] == [WINDOW] * 4 and _count(engine, CollapseEvent) == 0
+    assert all(not s.drift_detected for s in snapshots)
 
 
 def test_minority_recall_is_measured_over_as_many_labelled_predictions_as_its_precision_needs(
