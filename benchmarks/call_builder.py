@@ -33,6 +33,7 @@ class Utterance:
     wave: np.ndarray  # 16 kHz, trimmed to its speech
     text: str
     emotion: str | None = None
+    source: str = ""  # the clip's file name, where it came from one
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,9 @@ def ravdess_held_out(data_dir: Path, seed: int = 0) -> list[Utterance]:
     female = [clips[i] for i in rng.permutation(len(clips)) if not int(clips[i].speaker) % 2]
     pairs = [clip for pair in zip(male, female, strict=False) for clip in pair]
     chosen = pairs + male[len(female) :] + female[len(male) :]
-    return [Utterance(trim_to_speech(decode_audio(clip.path)), clip.text, clip.emotion) for clip in chosen]
+    return [
+        Utterance(trim_to_speech(decode_audio(clip.path)), clip.text, clip.emotion, clip.path.name) for clip in chosen
+    ]
 
 
 def _pick(clips: list[Clip], rng: np.random.Generator) -> Clip:
