@@ -13,7 +13,8 @@ import io
 import json
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
 Row = Mapping[str, Any]
 FORMATS: Mapping[str, str] = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+OUTPUT, SUMMARY = "output", "summary"  # a run's sinks, by the names its manifest keeps their positions under
 
 
 class ResumeError(ValueError):
@@ -41,6 +43,24 @@ class Sink(Protocol):
     def finish(self) -> None: ...
     def cleanup(self) -> None: ...
     def close(self) -> None: ...
+
+
+@contextmanager
+def open_sinks(
+    paths: Sequence[Path],
+    schemas: tuple[pa.Schema, pa.Schema],
+    positions: Mapping[str, int] | None,
+) -> Iterator[dict[str, Sink]]:
+    """A run's sinks: its output (`paths[0]`) and, when given, its summary (`paths[1]`), with their `schemas`,
+    each cut back to its committed position; closed when the block ends."""
+    sinks: dict[str, Sink] = {}
+    try:
+        for name, path, schema in zip((OUTPUT, SUMMARY), paths, schemas, strict=False):
+            sinks[name] = open_sink(path, schema, (positions or {}).get(name))
+        yield sinks
+    finally:
+        for sink in sinks.values():
+            sink.close()
 
 
 def complete_run(sinks: Mapping[str, Sink], manifest: Manifest) -> None:

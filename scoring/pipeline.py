@@ -18,13 +18,20 @@ from scoring.conversations import DEFAULT_RUN_ROWS, InputScan, SourcePlan, scan_
 from scoring.engine import Engine, LoggedTurn, ModelInfo, ScoredItem, ScoringOptions
 from scoring.inputs import InputOptions
 from scoring.manifest import Commit, Manifest, Progress, manifest_path
-from scoring.output import Sink, cleanup_parts, complete_run, open_sink, output_format, prediction_schema
+from scoring.output import (
+    OUTPUT,
+    SUMMARY,
+    Sink,
+    cleanup_parts,
+    complete_run,
+    open_sinks,
+    output_format,
+    prediction_schema,
+)
 from scoring.summary import SUMMARY_SCHEMA, SummaryOptions, summarize
 
 if TYPE_CHECKING:
     from scoring.database import PredictionLog
-
-OUTPUT, SUMMARY = "output", "summary"
 
 
 @dataclass(frozen=True)
@@ -180,12 +187,8 @@ def _score(
     progress: Progress,
     log: PredictionLog | None,
 ) -> None:
-    positions = progress.positions or {}
-    schemas = {OUTPUT: prediction_schema(engine.model.emotions), SUMMARY: SUMMARY_SCHEMA}
-    sinks: dict[str, Sink] = {}
-    try:
-        for name, path in zip((OUTPUT, SUMMARY), _outputs(config), strict=False):
-            sinks[name] = open_sink(path, schemas[name], positions.get(name))
+    schemas = (prediction_schema(engine.model.emotions), SUMMARY_SCHEMA)
+    with open_sinks(_outputs(config), schemas, progress.positions) as sinks:
         committer = _Committer(config, engine.model, sinks, manifest, progress, log)
         with tqdm(
             total=scan.records,
@@ -203,9 +206,6 @@ def _score(
                 committer.commit_if_due()
         committer.commit()
         complete_run(sinks, manifest)
-    finally:
-        for sink in sinks.values():
-            sink.close()
 
 
 def _hidden(config: ScoreConfig) -> bool | None:

@@ -26,12 +26,10 @@ from scoring.calls.engines import CallEngine
 from scoring.calls.scorer import CALL_SUMMARY_SCHEMA, CallSpec, ScoredCall, turn_schema
 from scoring.calls.sources import CallJob, fingerprint, list_calls
 from scoring.manifest import Commit, Manifest, Progress, manifest_path
-from scoring.output import Sink, cleanup_parts, complete_run, open_sink, output_format
+from scoring.output import OUTPUT, SUMMARY, Sink, cleanup_parts, complete_run, open_sinks, output_format
 
 if TYPE_CHECKING:
     from scoring.database import PredictionLog
-
-OUTPUT, SUMMARY = "output", "summary"
 
 
 @dataclass(frozen=True)
@@ -148,13 +146,9 @@ def _score(
     log: PredictionLog | None,
 ) -> float:
     """Scores the calls not committed yet; returns the seconds of audio scored."""
-    positions = progress.positions or {}
-    schemas = {OUTPUT: turn_schema(engine.model.emotions), SUMMARY: CALL_SUMMARY_SCHEMA}
-    sinks: dict[str, Sink] = {}
+    schemas = (turn_schema(engine.model.emotions), CALL_SUMMARY_SCHEMA)
     todo = [job for job in jobs if job.call_id not in progress.done_conversations]
-    try:
-        for name, path in zip((OUTPUT, SUMMARY), config.outputs, strict=False):
-            sinks[name] = open_sink(path, schemas[name], positions.get(name))
+    with open_sinks(config.outputs, schemas, progress.positions) as sinks:
         with tqdm(
             total=len(jobs),
             initial=len(jobs) - len(todo),
@@ -165,9 +159,6 @@ def _score(
         ) as bar:
             audio_s = _score_calls(config, engine, todo, sinks, manifest, progress, bar, log)
         complete_run(sinks, manifest)
-    finally:
-        for sink in sinks.values():
-            sink.close()
     return audio_s
 
 
