@@ -8,8 +8,8 @@ by Triton's dynamic batcher (PyTriton) or by Ray Serve's `@serve.batch`. Each ru
 
 Both score a batch exactly as the service's micro-batcher does (`score_texts`: the artifact's tokenizer, the
 utterance encoder graph, the context graph over one-turn dialogues with bidirectional context, the calibrated
-softmax; `InferenceRuntime.classify`, in length-sorted buckets of `--bucket` utterances, the service's
-EQUIPOISE_BATCH_BUCKET_SIZE) and answer the emotion label and the emotion probabilities:
+softmax; `InferenceRuntime.classify`, length-sorted and cut by cost into calls of at most `--bucket` utterances,
+the service's EQUIPOISE_BATCH_BUCKET_SIZE) and answer the emotion label and the emotion probabilities:
 
 - Triton (`nvidia-pytriton`): model `equipoise` on the Open Inference Protocol, input `text` (BYTES [1]), outputs
   `emotion` (BYTES [1]) and `probabilities` (FP32 [C]); the bound Python function gets the batches that Triton's
@@ -57,8 +57,8 @@ SERVICE_BUCKET = Settings.model_fields["batch_bucket_size"].default  # utterance
 @dataclass(frozen=True)
 class PeerConfig:
     """One peer setting: the batch the batcher may form, how long it waits for it, ONNX Runtime threads per
-    model instance, the number of instances (Triton model instances, Ray replicas), and the length-sorted buckets
-    the runtime scores a batch in (the service's default, so that only the serving layers differ)."""
+    model instance, the number of instances (Triton model instances, Ray replicas), and the most utterances a call
+    the runtime cuts a batch into (the service's default, so that only the serving layers differ)."""
 
     max_batch_size: int = 32
     wait_ms: float = 0.5
@@ -245,7 +245,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--wait-ms", type=float, default=PeerConfig.wait_ms, help="batch wait after the first")
     parser.add_argument("--threads", type=int, default=PeerConfig.threads, help="ONNX Runtime threads per instance")
     parser.add_argument("--instances", type=int, default=PeerConfig.instances, help="model instances / replicas")
-    parser.add_argument("--bucket", type=int, default=SERVICE_BUCKET, help="utterances per ONNX Runtime call")
+    parser.add_argument("--bucket", type=int, default=SERVICE_BUCKET, help="most utterances per ONNX Runtime call")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="Ray: CPUs of the local cluster")
     parser.add_argument("--side-ports", type=int, nargs=2, default=(0, 0), help="Triton: gRPC and metrics ports")
     return parser.parse_args(argv)

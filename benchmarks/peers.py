@@ -628,7 +628,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--peers", type=lambda s: tuple(s.split(",")), default=(EQUIPOISE, *PEERS, FLOOR), help="servers to run"
     )
     parser.add_argument(
-        "--peer-bucket", type=int, default=SERVICE_BUCKET, help="peers' utterances per ONNX Runtime call"
+        "--peer-bucket", type=int, default=SERVICE_BUCKET, help="peers' most utterances per ONNX Runtime call"
     )
     parser.add_argument("--rounds", type=int, default=1, help="repeat the sequence of servers, interleaved, pooled")
     parser.add_argument("--no-batch", action="store_true", help="skip batch scoring")
@@ -690,8 +690,8 @@ def context_of(args: argparse.Namespace, argv: Sequence[str] | None, load_before
         "thread budget": f"{available_cores()} cores: instances x ONNX Runtime threads ≤ {available_cores()} for the "
         "peers; equipoise with its defaults (one model thread, intra-op threads 1 on ≤ 4 cores)",
         "runtime": "the same `InferenceRuntime.classify` everywhere (tokenizer, encoder graph, context graph over "
-        f"one-turn dialogues); peers score their batches in length-sorted buckets of {args.peer_bucket} "
-        "utterances per ONNX Runtime call (equipoise: EQUIPOISE_BATCH_BUCKET_SIZE)",
+        f"one-turn dialogues); peers score their batches length-sorted and cut by cost into calls of at most "
+        f"{args.peer_bucket} utterances (equipoise: EQUIPOISE_BATCH_BUCKET_SIZE)",
         "peers' extras off": "Triton without metrics, Ray Serve without access log and dashboard; equipoise keeps "
         "its access log, Prometheus metrics and prediction log",
     }

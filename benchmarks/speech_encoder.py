@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from core.settings import data_dir_or_exit, get_settings
+from core.settings import data_dir_or_exit
 from model.audio import SAMPLE_RATE, decode_audio
 from model.data.speech import read_clips, split_by_speaker
+from model.default_model import artifact_or_shipped
 from model.runtime import InferenceRuntime, UtteranceInput
 from training.evaluate import score_speech
 
@@ -90,10 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     data_dir = data_dir_or_exit(args.data_dir)
-    if args.model is None:
-        from model.default_model import shipped_artifact
-
-        args.model = shipped_artifact(get_settings().state_dir)
+    args.model = artifact_or_shipped(args.model)
     inputs = utterances(data_dir, args.seconds)
     runtimes = {
         f"{label} {precision}": InferenceRuntime.load(

@@ -210,15 +210,17 @@ class Settings(BaseSettings):
 
     # Micro-batching
     batch_max_size: int = Field(default=32, ge=1, le=1024)
-    # Bucket, wait and workers measured on 2 cores against the former 32 / 3 ms / 1 (docs/BENCHMARKS.md "Serving
-    # peers"): a micro-batch of mixed lengths padded as one cost 1.8x the model CPU per utterance of length-sorted
-    # buckets of 8, and the wait added its whole length to a lone request while batches form behind a busy model.
+    # Calls, wait and workers measured on 2 cores against the former 32 / 3 ms / 1 (docs/BENCHMARKS.md "Serving
+    # peers"): a micro-batch of mixed lengths padded as one call cost 1.8x the model CPU per utterance of
+    # length-sorted calls, and the wait added its whole length to a lone request while batches form behind a busy
+    # model. Within the limit below, the runtime cuts the sorted micro-batch where padding costs more than a call.
     batch_bucket_size: int = Field(
-        default=8,
+        default=32,
         ge=1,
         le=1024,
-        description="Utterances per ONNX Runtime call: a micro-batch is sorted by length and scored in buckets of "
-        "this many, so that short utterances are not padded to the longest.",
+        description="Most utterances per ONNX Runtime call: a micro-batch is sorted by length and cut into calls "
+        "of at most this many where the padding would cost more than another call, so that short utterances are "
+        "not padded to the longest.",
     )
     batch_max_wait_ms: float = Field(default=0.0, ge=0, le=1_000)
     batch_workers: int = Field(

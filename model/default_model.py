@@ -213,6 +213,15 @@ def assemble_speech(out_dir: Path, speech_dir: Path, version: str, source: Path 
     return artifact
 
 
+def artifact_or_shipped(model: Path | None) -> Path:
+    """`model`, or the shipped default assembled under the settings' state directory (a tool's `--model` default)."""
+    if model is not None:
+        return model
+    from core.settings import get_settings
+
+    return shipped_artifact(get_settings().state_dir)
+
+
 def shipped_artifact(state_dir: Path, source: Path = SHIPPED_DIR) -> Path:
     """The assembled default under `state_dir`, built on first use (about a minute on two CPU cores)."""
     version = read_release(source)["version"]

@@ -9,6 +9,7 @@ Utterances are grouped into length buckets so a batch pads little; `in_original_
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -212,16 +213,51 @@ def context_batch(dialogues: Sequence[tuple[np.ndarray, np.ndarray]], causal: bo
     return ContextBatch(embeddings, speakers, turn_mask, np.array(causal))
 
 
-def length_buckets(keys: Sequence[tuple[int, ...]] | Sequence[int], max_batch_size: int) -> list[np.ndarray]:
+def length_buckets(
+    keys: Sequence[tuple[int, ...]] | Sequence[int],
+    max_batch_size: int,
+    call_cost: float = 0.0,
+    weights: Sequence[float] | None = None,
+) -> list[np.ndarray]:
     """Split item indices into batches of at most max_batch_size, sorting by key (lengths) so each batch holds
-    items of similar length. The batches together are a permutation of range(len(keys))."""
+    items of similar length. The batches together are a permutation of range(len(keys)).
+
+    With `call_cost` 0 the sorted order is cut every max_batch_size items. Otherwise it is cut where the total cost
+    is least: a batch is padded to its longest key, so a short item beside a long one pays for the
+    long one, while every extra batch pays `call_cost`; `weights` price each key column (default 1 each)."""
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be at least 1, not {max_batch_size}")
+    if call_cost < 0:
+        raise ValueError(f"call_cost must be >= 0, not {call_cost}")
     if len(keys) == 0:
         return []
     columns = np.asarray(keys, dtype=np.int64).reshape(len(keys), -1)
     order = np.lexsort(columns.T[::-1])  # lexsort sorts by its last key first
-    return [order[start : start + max_batch_size] for start in range(0, len(order), max_batch_size)]
+    if call_cost == 0:
+        return [order[start : start + max_batch_size] for start in range(0, len(order), max_batch_size)]
+    prices = np.ones(columns.shape[1]) if weights is None else np.asarray(weights, dtype=np.float64)
+    if prices.shape != (columns.shape[1],) or (prices < 0).any():
+        raise ValueError(f"weights must be {columns.shape[1]} non-negative numbers, one per key column")
+    cuts = _cheapest_cuts(columns[order].astype(np.float64), prices, max_batch_size, call_cost)
+    return [order[start:end] for start, end in itertools.pairwise(cuts)]
+
+
+def _cheapest_cuts(sorted_keys: np.ndarray, weights: np.ndarray, max_batch_size: int, call_cost: float) -> list[int]:
+    """Batch boundaries over sorted keys minimising the summed cost (dynamic programming: the best cost of the
+    first j items is the best, over the last batch's start i, of the first i items' plus that batch's)."""
+    n = len(sorted_keys)
+    best, start_of = np.zeros(n + 1), np.zeros(n + 1, dtype=np.int64)
+    for end in range(1, n + 1):
+        starts = np.arange(max(0, end - max_batch_size), end)
+        # The longest key of each candidate batch starts..end-1: a running maximum from the end backwards.
+        longest = np.maximum.accumulate(sorted_keys[starts[0] : end][::-1], axis=0)[::-1]
+        totals = best[starts] + call_cost + (end - starts) * (longest @ weights)
+        pick = int(totals.argmin())
+        best[end], start_of[end] = totals[pick], starts[pick]
+    cuts = [n]
+    while cuts[-1] > 0:
+        cuts.append(int(start_of[cuts[-1]]))
+    return cuts[::-1]
 
 
 def in_original_order(buckets: Sequence[np.ndarray], results: Iterable[Sequence[T]]) -> list[T]:

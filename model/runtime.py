@@ -38,11 +38,20 @@ from model.preprocess import (
     in_original_order,
     length_buckets,
 )
+from model.text_path import NoTextPath, text_path_graph
 
 log = logging.getLogger(__name__)
 Device = Literal["auto", "cpu", "cuda"]
 CUDA_PROVIDER, CPU_PROVIDER = "CUDAExecutionProvider", "CPUExecutionProvider"
 DEFAULT_MAX_BATCH_SIZE = 32
+# The encoder's cost model for cutting a length-sorted batch into calls (model.preprocess.length_buckets), in the
+# time of one text token of one row: a call's fixed part, and a sample of audio. Measured on 2 CPU cores through
+# the text path and the Whisper branch (docs/BENCHMARKS.md "Encoder calls"): 1-2.5 ms a call, 0.21-0.25 ms a
+# token, 12 ms a second of audio.
+ENCODER_CALL_COST = 8.0
+AUDIO_SAMPLE_COST = 50 / 16_000
+TEXT_PATH_PROBE = ("Oh my God, you scared me!", "Fine.")
+TEXT_PATH_TOLERANCE = 1e-5  # the text path's embedding against the full graph's on a probe (the same nodes: ~0)
 
 
 class DeviceUnavailable(RuntimeError):
@@ -114,15 +123,56 @@ def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
     return options
 
 
-def open_session(path: Path, device: Device, options: ort.SessionOptions) -> ort.InferenceSession:
+def open_session(
+    source: Path | bytes, device: Device, options: ort.SessionOptions, name: str | None = None
+) -> ort.InferenceSession:
+    """A session on a graph file, or on a serialised graph (`name` then says what it is in messages)."""
     providers = select_providers(device)
-    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    name = name or (source.name if isinstance(source, Path) else "graph")
+    model = str(source) if isinstance(source, Path) else source
+    session = ort.InferenceSession(model, sess_options=options, providers=providers)
     # ONNX Runtime falls back to CPU when the CUDA libraries cannot be loaded: fine for "auto", not for "cuda".
     if device == "cuda" and CUDA_PROVIDER not in session.get_providers():
-        raise DeviceUnavailable(f"{path.name}: {CUDA_PROVIDER} failed to initialise (are CUDA and cuDNN installed?)")
+        raise DeviceUnavailable(f"{name}: {CUDA_PROVIDER} failed to initialise (are CUDA and cuDNN installed?)")
     if CUDA_PROVIDER in providers and CUDA_PROVIDER not in session.get_providers():
-        log.warning("%s: %s failed to initialise; running on CPU", path.name, CUDA_PROVIDER)
+        log.warning("%s: %s failed to initialise; running on CPU", name, CUDA_PROVIDER)
     return session
+
+
+@dataclass(frozen=True)
+class EncoderSessions:
+    """One encoder graph's session and, for late fusion, its text path's (model/text_path.py), which scores the
+    calls in which no utterance has audio without running the speech branch."""
+
+    full: ort.InferenceSession
+    text_only: ort.InferenceSession | None = None
+
+    @classmethod
+    def open(cls, artifact: ModelArtifact, path: Path, device: Device, options: ort.SessionOptions) -> EncoderSessions:
+        full = open_session(path, device, options)
+        if not artifact.late_fusion:
+            return cls(full)
+        try:
+            graph = text_path_graph(path, len(artifact.emotions))
+        except NoTextPath as error:
+            log.warning("%s: %s; every call runs the whole graph", path.name, error)
+            return cls(full)
+        return cls(full, open_session(graph, device, options, name=f"{path.name} (text path)"))
+
+    def embed(self, batch: EncoderBatch) -> np.ndarray:
+        session = self.full if self.text_only is None or batch.has_audio.any() else self.text_only
+        return session.run(["embedding"], batch.feeds())[0]
+
+    def checked(self, probe: EncoderBatch) -> EncoderSessions:
+        """These sessions, or the full graph's alone if the text path does not give its embedding on `probe`."""
+        if self.text_only is None:
+            return self
+        full = self.full.run(["embedding"], probe.feeds())[0]
+        worst = float(np.abs(self.text_only.run(["embedding"], probe.feeds())[0] - full).max())
+        if worst <= TEXT_PATH_TOLERANCE:
+            return self
+        log.warning("the encoder's text path is %.2e from the whole graph; every call runs the whole graph", worst)
+        return EncoderSessions(self.full)
 
 
 def softmax(logits: np.ndarray, temperature: float | np.ndarray = 1.0) -> np.ndarray:
@@ -140,8 +190,8 @@ def top_two_margin(probabilities: np.ndarray) -> np.ndarray:
     return top_two[..., 1] - top_two[..., 0]
 
 
-def _embed(encoder: ort.InferenceSession, batch: EncoderBatch) -> np.ndarray:
-    return encoder.run(["embedding"], batch.feeds())[0]
+def _sessions(encoder: ort.InferenceSession | EncoderSessions) -> EncoderSessions:
+    return encoder if isinstance(encoder, EncoderSessions) else EncoderSessions(encoder)
 
 
 def _check_margin(rescore_margin: float) -> None:
@@ -155,17 +205,22 @@ class InferenceRuntime:
     def __init__(
         self,
         artifact: ModelArtifact,
-        encoder: ort.InferenceSession,
+        encoder: ort.InferenceSession | EncoderSessions,
         context: ort.InferenceSession,
         *,
         precision: Precision = "fp32",
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-        fp32_encoder: ort.InferenceSession | None = None,
+        fp32_encoder: ort.InferenceSession | EncoderSessions | None = None,
         rescore_margin: float = 0.0,
+        call_cost: float = ENCODER_CALL_COST,
     ) -> None:
-        """`fp32_encoder` and `rescore_margin` (> 0) turn on near-tie re-scoring of an int8 `encoder`."""
+        """`fp32_encoder` and `rescore_margin` (> 0) turn on near-tie re-scoring of an int8 `encoder`. `call_cost`
+        is what an encoder call costs beside its rows (model.preprocess.length_buckets); 0 scores length-sorted
+        calls of `max_batch_size` whatever the padding."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, not {max_batch_size}")
+        if call_cost < 0:
+            raise ValueError(f"call_cost must be >= 0, not {call_cost}")
         _check_margin(rescore_margin)
         if rescore_margin > 0 and (precision != "int8" or fp32_encoder is None):
             raise ValueError("near-tie re-scoring needs an int8 encoder and the fp32 encoder beside it")
@@ -173,12 +228,18 @@ class InferenceRuntime:
         self.version: str = artifact.version
         self.emotions: LabelSet = artifact.emotions
         self.sentiments: LabelSet = artifact.sentiments
-        self.providers: Sequence[str] = tuple(encoder.get_providers())
+        self._encoder = _sessions(encoder)
+        self.providers: Sequence[str] = tuple(self._encoder.full.get_providers())
         self.precision: Precision = precision
         self.max_batch_size = max_batch_size
+        self.call_cost = call_cost
         self.preprocessor = Preprocessor.from_file(artifact.tokenizer_path, artifact.preprocessing)
-        self._encoder, self._context = encoder, context
-        self._fp32_encoder, self.rescore_margin = fp32_encoder, rescore_margin
+        self._context = context
+        self._fp32_encoder = _sessions(fp32_encoder) if fp32_encoder is not None else None
+        self.rescore_margin = rescore_margin
+        probe = collate(self.preprocessor.prepare(list(TEXT_PATH_PROBE), [None] * len(TEXT_PATH_PROBE)))
+        self._encoder = self._encoder.checked(probe)
+        self._fp32_encoder = self._fp32_encoder.checked(probe) if self._fp32_encoder is not None else None
 
     @classmethod
     def load(
@@ -199,11 +260,11 @@ class InferenceRuntime:
         rescoring = precision == "int8" and rescore_margin > 0
         return cls(
             artifact,
-            open_session(encoder_path, device, options),
+            EncoderSessions.open(artifact, encoder_path, device, options),
             open_session(artifact.context_path, device, options),
             precision=precision,
             max_batch_size=max_batch_size,
-            fp32_encoder=open_session(artifact.encoder_path, device, options) if rescoring else None,
+            fp32_encoder=EncoderSessions.open(artifact, artifact.encoder_path, device, options) if rescoring else None,
             rescore_margin=rescore_margin if rescoring else 0.0,
         )
 
@@ -218,16 +279,17 @@ class InferenceRuntime:
     def _prepare(self, utterances: Sequence[UtteranceInput]) -> list[PreparedUtterance]:
         return self.preprocessor.prepare([u.text for u in utterances], [u.audio for u in utterances])
 
-    def _encode_prepared(self, prepared: Sequence[PreparedUtterance], encoder: ort.InferenceSession) -> np.ndarray:
+    def _encode_prepared(self, prepared: Sequence[PreparedUtterance], encoder: EncoderSessions) -> np.ndarray:
         if not prepared:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
-        buckets = length_buckets([p.bucket_key for p in prepared], self.max_batch_size)
-        batches = (_embed(encoder, collate([prepared[i] for i in bucket])) for bucket in buckets)
+        keys = [p.bucket_key for p in prepared]  # (audio samples, tokens)
+        buckets = length_buckets(keys, self.max_batch_size, self.call_cost, (AUDIO_SAMPLE_COST, 1.0))
+        batches = (encoder.embed(collate([prepared[i] for i in bucket])) for bucket in buckets)
         return np.stack(in_original_order(buckets, batches))
 
     def encode_batch(self, batch: EncoderBatch) -> np.ndarray:
         """One call of this runtime's encoder on an already padded batch (benchmarks, callers that collate)."""
-        return _embed(self._encoder, batch)
+        return self._encoder.embed(batch)
 
     def classify_embeddings(self, dialogues: Sequence[EmbeddedDialogue], causal: bool) -> list[list[TurnPrediction]]:
         """Context head over dialogues of utterance embeddings; an empty dialogue gives an empty list."""

@@ -4,6 +4,7 @@ placeholders, batch-composition invariance, bucketing, causality, int8, device s
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 
 import numpy as np
@@ -298,6 +299,48 @@ def test_length_buckets_are_sorted_bounded_and_restorable() -> None:
     assert length_buckets([], 4) == []
     with pytest.raises(ValueError):
         length_buckets(keys, 0)
+
+
+def _batches_cost(
+    keys: list[tuple[int, int]], batches: list[list[int]], call: float, weights: tuple[float, ...]
+) -> float:
+    return sum(call + len(b) * sum(w * max(keys[i][c] for i in b) for c, w in enumerate(weights)) for b in batches)
+
+
+def test_batches_cut_by_cost_are_the_cheapest_contiguous_cut_of_the_sorted_order() -> None:
+    """Against every way of cutting the sorted order into batches of at most the limit (2^(n-1) cuts)."""
+    rng = np.random.default_rng(0)
+    weights = (0.25, 1.0)
+    for _ in range(40):
+        n, limit, call = int(rng.integers(1, 9)), int(rng.integers(1, 5)), float(rng.choice([0.5, 4.0, 30.0]))
+        keys = [(int(a), int(t)) for a, t in zip(rng.choice([1, 1, 1, 40], n), rng.integers(1, 60, n), strict=True)]
+        buckets = length_buckets(keys, limit, call, weights)
+        assert all(1 <= len(b) <= limit for b in buckets)
+        flat = np.concatenate(buckets).tolist()
+        assert sorted(flat) == list(range(n)) and [keys[i] for i in flat] == sorted(keys)
+        order = sorted(range(n), key=lambda i: keys[i])
+        cheapest = math.inf
+        for cuts in itertools.product([False, True], repeat=n - 1):
+            bounds = [0, *(i + 1 for i, cut in enumerate(cuts) if cut), n]
+            batches = [order[a:b] for a, b in itertools.pairwise(bounds)]
+            if all(len(b) <= limit for b in batches):
+                cheapest = min(cheapest, _batches_cost(keys, batches, call, weights))
+        got = _batches_cost(keys, [b.tolist() for b in buckets], call, weights)
+        assert got == pytest.approx(cheapest)
+
+
+def test_cut_by_cost_keeps_similar_lengths_together_and_pays_a_call_only_when_padding_costs_more() -> None:
+    short, long = [(1, 5)] * 6, [(1, 60)] * 2
+    assert [len(b) for b in length_buckets(short + long, 32, call_cost=8.0)] == [6, 2]  # 6 x 55 padded > 8
+    assert [len(b) for b in length_buckets(short + long, 32, call_cost=1000.0)] == [8]  # one call is cheaper
+    assert [len(b) for b in length_buckets([(1, 5)] * 10, 4, call_cost=8.0)] == [2, 4, 4]  # equal: the limit
+    audio = [(16_000, 5), (1, 5), (1, 6)]  # audio sorts last and is priced per sample
+    assert [sorted(b.tolist()) for b in length_buckets(audio, 8, 8.0, (50 / 16_000, 1.0))] == [[1, 2], [0]]
+    assert [len(b) for b in length_buckets(short + long, 3)] == [3, 3, 2]  # no call cost: every `limit` items
+    with pytest.raises(ValueError, match="call_cost"):
+        length_buckets(short, 4, call_cost=-1.0)
+    with pytest.raises(ValueError, match="weights"):
+        length_buckets(short, 4, call_cost=1.0, weights=(1.0,))
 
 
 def test_speaker_indices_follow_first_appearance_and_clip_to_the_cap() -> None:
