@@ -45,7 +45,9 @@ class ServiceState:
     redaction: Redaction  # what is redacted before anything is stored
 
 
-def get_state(request: Request) -> ServiceState:
+# Cheap dependencies are `async def`: FastAPI runs a plain `def` dependency on a worker thread, a hand-off that cost
+# more than the work on every request (docs/BENCHMARKS.md "Serving peers").
+async def get_state(request: Request) -> ServiceState:
     return request.app.state.service  # type: ignore[no-any-return]
 
 
@@ -72,7 +74,7 @@ PredictKey = Annotated[Principal, Depends(_predict_key)]
 AdminKey = Annotated[Principal, Depends(_admin_key)]
 
 
-def require_json(request: Request) -> None:
+async def require_json(request: Request) -> None:
     """415 instead of a confusing 422 when a JSON endpoint receives another media type."""
     media = media_type(request)
     if not is_json(media):
