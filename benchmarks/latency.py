@@ -27,7 +27,6 @@ status is 1 when a target is missed or a check fails. Figures and their reading:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import contextlib
 import dataclasses
@@ -49,7 +48,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from benchmarks.load import Job, Phase, PooledPhases, drive
+from benchmarks.load import Job, Phase, PooledPhases, drive, run_load
 from core.processes import Process, Service, answers, free_port, running_service, wait_for
 from core.settings import Settings, data_dir_or_exit
 
@@ -226,7 +225,7 @@ def run_level(level: Level, running: Service, jobs: Iterator[Job], plan: Plan, r
     """One phase of `level.clients` closed-loop clients against `running`, added to `level`."""
     before = CpuSample.take(running.process.popen.pid)
     name = f"{'eq' if level.server.logging is not None else 'bl'} {level.workload} c{level.clients}"
-    phase = asyncio.run(
+    phase = run_load(
         drive(
             running.url,
             jobs,
@@ -247,7 +246,7 @@ def run_level(level: Level, running: Service, jobs: Iterator[Job], plan: Plan, r
 
 
 def warm_up(running: Service, jobs: Iterator[Job], plan: Plan) -> None:
-    asyncio.run(
+    run_load(
         drive(
             running.url,
             jobs,

@@ -6,7 +6,7 @@
 The service runs as a subprocess on a free 127.0.0.1 port, on a new SQLite file in a temporary directory (or, with
 `--database-url postgresql+psycopg://...`, on a new database created on that server and dropped afterwards), with
 the batch queue limit lowered (`--queue-limit`, EQUIPOISE_BATCH_QUEUE_LIMIT) so that overload is reachable.
-Clients (asyncio, httpx, one keep-alive connection each) post real MELD utterances and whole dialogues (both
+Clients (aiohttp on uvloop, one keep-alive connection each) post real MELD utterances and whole dialogues (both
 context modes), in four phases, each bounded by a request count and a duration:
 
 1. warm-up, then sustained: `--clients` closed-loop clients (no more than the queue limit, so no request ought to
@@ -28,24 +28,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import itertools
+import json
 import os
 import platform
 import random
 import signal
-import ssl
 import sys
 import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import aiohttp
 import httpx
 import numpy as np
+import uvloop
 from tqdm import tqdm
 
 from core.processes import running_service
@@ -54,6 +57,8 @@ from core.settings import Settings, available_cores, data_dir_or_exit
 OVERLOADED = "overloaded"  # the last segment of the problem type of the service's 503 for a full queue
 REFUSAL_STATUSES = (429, 503)
 HEALTH_PROBE_INTERVAL_S = 0.25
+JSON_HEADERS = {"Content-Type": "application/json"}
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------------------------ workload
@@ -66,6 +71,11 @@ class Job:
     path: str
     body: dict[str, Any]
     utterances: int
+
+    @functools.cached_property
+    def payload(self) -> bytes:
+        """The body as sent, encoded once: jobs are sent in rotation, and the client's CPU shares the server's."""
+        return json.dumps(self.body).encode()
 
 
 def meld_jobs(
@@ -205,31 +215,39 @@ def prediction_ids(body: dict[str, Any]) -> tuple[str, ...]:
 AnswerIds = Callable[[dict[str, Any]], tuple[str, ...]]  # a 200 answer's body -> one id per utterance answered
 
 
-async def _send(client: httpx.AsyncClient, job: Job, read_ids: AnswerIds = prediction_ids) -> Outcome:
+async def _send(session: aiohttp.ClientSession, job: Job, read_ids: AnswerIds = prediction_ids) -> Outcome:
     started = time.perf_counter()
     try:
-        response = await client.post(job.path, json=job.body)
-    except httpx.HTTPError as error:
+        async with session.post(job.path, data=job.payload, headers=JSON_HEADERS) as response:
+            body = await response.read()
+    except (aiohttp.ClientError, TimeoutError) as error:
         return Outcome(0, time.perf_counter() - started, job.utterances, (), type(error).__name__, False, started)
     seconds = time.perf_counter() - started
     ids: tuple[str, ...] = ()
     problem = None
-    if response.status_code == 200:
-        ids = read_ids(response.json())
+    if response.status == 200:
+        ids = read_ids(json.loads(body))
     else:
         with contextlib.suppress(ValueError, AttributeError):
-            problem = str(response.json().get("type", "")).rsplit("/", 1)[-1] or None
-    retry_after = "retry-after" in response.headers
-    return Outcome(response.status_code, seconds, job.utterances, ids, problem, retry_after, started)
+            problem = str(json.loads(body).get("type", "")).rsplit("/", 1)[-1] or None
+    retry_after = "Retry-After" in response.headers
+    return Outcome(response.status, seconds, job.utterances, ids, problem, retry_after, started)
+
+
+async def _connect(session: aiohttp.ClientSession, path: str) -> None:
+    async with session.get(path) as response:
+        await response.read()
 
 
 async def _probe_health(url: str, phase: Phase, stop: asyncio.Event, path: str = "/healthz") -> None:
-    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+    async with aiohttp.ClientSession(base_url=url, timeout=aiohttp.ClientTimeout(total=10)) as session:
         while not stop.is_set():
             started = time.perf_counter()
             try:
-                ok = (await client.get(path)).status_code == 200
-            except httpx.HTTPError:
+                async with session.get(path) as response:
+                    await response.read()
+                    ok = response.status == 200
+            except (aiohttp.ClientError, TimeoutError):
                 ok = False
             if ok:
                 phase.health_s.append(time.perf_counter() - started)
@@ -257,40 +275,45 @@ async def drive(
     reads their answers, `health_path` is their health check (probed beside the load, as for equipoise)."""
     phase = Phase(name, clients, 0.0, [])
     async with contextlib.AsyncExitStack() as stack:
-        # A client per simulated caller, one keep-alive connection each, created and connected before the clock
-        # starts: creating a client costs the load generator tens of milliseconds of CPU (its TLS context), and
-        # one pool shared by hundreds of tasks would measure the pool's own queueing, not the service.
-        limits = httpx.Limits(max_connections=1)
-        tls = ssl.create_default_context()  # unused on http://, but each client would otherwise build its own
-        connections = [
+        # A session per simulated caller, one keep-alive connection each, connected before the clock starts: one
+        # pool shared by hundreds of tasks would measure the pool's own queueing, not the service.
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        sessions = [
             await stack.enter_async_context(
-                httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits, verify=tls)
+                aiohttp.ClientSession(base_url=url, timeout=timeout, connector=aiohttp.TCPConnector(limit=1))
             )
             for _ in range(clients)
         ]
-        await asyncio.gather(*(client.get(health_path) for client in connections))
+        await asyncio.gather(*(_connect(session, health_path) for session in sessions))
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + max_seconds
         sent = 0
         stop = asyncio.Event()
 
-        async def client_loop(client: httpx.AsyncClient) -> None:
+        async def client_loop(session: aiohttp.ClientSession) -> None:
             nonlocal sent
             while sent < max_requests and loop.time() < deadline:
                 sent += 1
-                phase.outcomes.append(await _send(client, next(jobs), read_ids))
+                phase.outcomes.append(await _send(session, next(jobs), read_ids))
                 bar.update()
 
         with tqdm(total=max_requests, desc=f"{name:>9}", unit="req", disable=not progress, file=sys.stderr) as bar:
             probe = asyncio.create_task(_probe_health(url, phase, stop, health_path))
             try:
-                await asyncio.gather(*(client_loop(client) for client in connections))
+                await asyncio.gather(*(client_loop(session) for session in sessions))
             finally:
                 stop.set()
                 await probe
     phase.seconds = loop.time() - started
     return phase
+
+
+def run_load(load: Coroutine[Any, Any, T]) -> T:
+    """Runs `load` (a `drive`) on uvloop: the load generator shares the cores it measures, and a cheaper event
+    loop leaves more of them to the server."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(load)
 
 
 def scrape_metrics(url: str) -> dict[str, float]:
@@ -364,7 +387,7 @@ def run_phases(url: str, jobs: Sequence[Job], plan: LoadPlan, alive: Callable[[]
     cycle = itertools.cycle(jobs)
 
     def phase(name: str, clients: int, requests: int, seconds: float) -> Phase:
-        return asyncio.run(
+        return run_load(
             drive(
                 url,
                 cycle,
