@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from core.settings import data_dir_or_exit
 from model.artifact import load_artifact
+from model.data import meld
 from model.default_model import artifact_or_shipped
 from model.runtime import (
     ENCODER_CALL_COST,
@@ -72,12 +73,6 @@ def runtime(model: Path, variant: Variant, limit: int) -> InferenceRuntime:
         max_batch_size=variant.calls_of or limit,
         call_cost=0.0 if variant.calls_of else ENCODER_CALL_COST,
     )
-
-
-def meld_texts(data_dir: Path) -> list[str]:
-    from model.data.meld import SPLITS, read_utterances
-
-    return [u.text for split in SPLITS for u in read_utterances(data_dir, split) if u.text.strip()]
 
 
 def measure(
@@ -127,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     data_dir = data_dir_or_exit(args.data_dir)
     args.model = artifact_or_shipped(args.model)
-    texts = meld_texts(data_dir)
+    texts = meld.texts(data_dir)
     runtimes = {v.name: runtime(args.model, v, args.limit) for v in variants(args.limit)}
     figures = {str(pool): measure(runtimes, texts, pool, args.utterances, args.rounds, args.seed) for pool in POOLS}
     print(f"{load_artifact(args.model).version}, one intra-op thread, {args.rounds} rounds of {args.utterances}")

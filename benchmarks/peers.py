@@ -17,9 +17,9 @@ In one run on one host, each server alone on the machine in turn (started, measu
 Workload: every non-blank MELD utterance (train, dev and test), shuffled, as text-only requests. Each server first
 answers `AGREEMENT_TEXTS` of them one at a time; its labels must equal and its probabilities match (within
 `AGREEMENT_TOLERANCE`) the runtime's own in this process, or the run fails. Then a warm-up, and at each
-`--concurrency` level closed-loop HTTP clients (benchmarks/load.py's `drive`: httpx, one keep-alive connection
-per client, in this process) for `--seconds` or `--requests`: utterances/s, p50 / p95 / p99 client-side latency,
-the server's CPU (its whole process tree: Triton's server and stubs, Ray's raylet, proxy and replicas) and the
+`--concurrency` level closed-loop HTTP clients (benchmarks/load.py's `drive`: aiohttp on uvloop, one keep-alive
+connection per client, in this process) for `--seconds` or `--requests`: utterances/s, p50 / p95 / p99 client-side
+latency, the server's CPU (its whole process tree: Triton's server and stubs, Ray's raylet, proxy and replicas) and the
 client's own CPU. Triton is spoken to in its Open Inference Protocol JSON over the same HTTP client.
 
 The verdict, read on equipoise's defaults: its concurrency-32 throughput above every peer setting's, its
@@ -31,7 +31,6 @@ Figures and method: docs/BENCHMARKS.md, "Serving peers".
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import dataclasses
 import itertools
@@ -56,7 +55,7 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmarks.latency import machine, machine_busy_seconds, start_baseline
-from benchmarks.load import Job, Phase, PooledPhases, drive, prediction_ids
+from benchmarks.load import Job, Phase, PooledPhases, drive, prediction_ids, run_load
 from benchmarks.peer_servers import (
     RAY_HEALTH_PATH,
     RAY_PATH,
@@ -295,9 +294,9 @@ def start(setting: Setting, model: Path, data_dir: Path, work: Path) -> Iterator
 
 def meld_texts(data_dir: Path, seed: int) -> list[str]:
     """Every non-blank MELD utterance text of every split, shuffled with `seed`."""
-    from model.data.meld import SPLITS, read_utterances
+    from model.data import meld
 
-    texts = [u.text for split in SPLITS for u in read_utterances(data_dir, split) if u.text.strip()]
+    texts = meld.texts(data_dir)
     random.Random(seed).shuffle(texts)
     return texts
 
@@ -345,7 +344,7 @@ def run_phase(
     name: str,
     progress: bool,
 ) -> Phase:
-    return asyncio.run(
+    return run_load(
         drive(
             running.url,
             jobs,
@@ -667,7 +666,7 @@ def settings_of(args: argparse.Namespace) -> list[Setting]:
 
 
 def versions() -> str:
-    names = ("onnxruntime", "nvidia-pytriton", "ray", "torch", "transformers", "httpx")
+    names = ("onnxruntime", "nvidia-pytriton", "ray", "torch", "transformers", "aiohttp", "uvloop")
     found = []
     for name in names:
         with contextlib.suppress(metadata.PackageNotFoundError):
@@ -685,10 +684,10 @@ def context_of(args: argparse.Namespace, argv: Sequence[str] | None, load_before
         "workload": "every non-blank MELD utterance (train, dev, test) as a text-only request, shuffled, in rotation; "
         f"per level ≤ {plan.seconds:g} s and ≤ {plan.requests:,} requests after a {plan.warmup_requests}-request "
         f"warm-up at c{max(plan.concurrency)}; {args.rounds} round(s)",
-        "client": "this process: asyncio + httpx, closed loop, one keep-alive connection per client (Triton in its "
+        "client": "this process: aiohttp on uvloop, closed loop, one keep-alive connection per client (Triton in its "
         "Open Inference Protocol JSON)",
         "thread budget": f"{available_cores()} cores: instances x ONNX Runtime threads ≤ {available_cores()} for the "
-        "peers; equipoise with its defaults (one model thread, intra-op threads 1 on ≤ 4 cores)",
+        "peers; equipoise with its defaults (on ≤ 4 cores two model threads, one intra-op thread each)",
         "runtime": "the same `InferenceRuntime.classify` everywhere (tokenizer, encoder graph, context graph over "
         f"one-turn dialogues); peers score their batches length-sorted and cut by cost into calls of at most "
         f"{args.peer_bucket} utterances (equipoise: EQUIPOISE_BATCH_BUCKET_SIZE)",

@@ -143,9 +143,9 @@ def check_parity(pipeline: EmotionPipeline, artifact_dir: Path, texts: Sequence[
 
 def meld_texts(data_dir: Path, count: int, split: str = "test") -> list[str]:
     """The first `count` non-blank MELD texts of `split`."""
-    from model.data.meld import read_utterances
+    from model.data import meld
 
-    return [u.text for u in read_utterances(data_dir, split) if u.text.strip()][:count]
+    return meld.texts(data_dir, (split,))[:count]
 
 
 # ------------------------------------------------------------------------------------------------ the server

@@ -11,7 +11,7 @@ from __future__ import annotations
 import codecs
 import csv
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
@@ -91,6 +91,11 @@ def read_utterances(data_dir: Path, split: str) -> list[Utterance]:
     path = Path(data_dir) / "meld" / f"{split}_sent_emo.csv"
     with path.open(encoding="utf-8", errors="equipoise-cp1252", newline="") as file:
         return [_utterance(split, row, number) for number, row in enumerate(csv.DictReader(file), start=1)]
+
+
+def texts(data_dir: Path, splits: Sequence[str] = SPLITS) -> list[str]:
+    """The non-blank utterance texts of `splits`, in split and file order: the workload of the serving benchmarks."""
+    return [u.text for split in splits for u in read_utterances(data_dir, split) if u.text.strip()]
 
 
 def group_dialogues(utterances: Iterable[Utterance]) -> list[Dialogue]:

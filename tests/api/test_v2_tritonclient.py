@@ -69,9 +69,9 @@ def client(server: Server) -> Iterator[triton.InferenceServerClient]:
 
 @pytest.fixture(scope="module")
 def meld_texts(data_dir: Path) -> list[str]:
-    from model.data.meld import read_utterances
+    from model.data import meld
 
-    return [u.text for u in read_utterances(data_dir, "test") if u.text.strip()][:MELD_TEXTS]
+    return meld.texts(data_dir, ("test",))[:MELD_TEXTS]
 
 
 def text_input(texts: list[str], name: str = "text", binary: bool = True) -> triton.InferInput:

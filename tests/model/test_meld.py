@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from model.data.meld import SPLITS, Utterance, group_dialogues, read_utterances, repair_text
+from model.data.meld import SPLITS, Utterance, group_dialogues, read_utterances, repair_text, texts
 from model.labels import EMOTIONS, SENTIMENTS
 
 COUNTS = {"train": (9989, 1038), "dev": (1109, 114), "test": (2610, 280)}
@@ -116,3 +116,15 @@ def test_dialogues_are_ordered_by_turn(utterances: dict[str, list[Utterance]]) -
 def test_unknown_split_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown MELD split"):
         read_utterances(tmp_path, "validation")
+
+
+def test_texts_are_the_non_blank_utterances_of_the_splits_in_order(tmp_path: Path) -> None:
+    header = "Sr No.,Utterance,Speaker,Emotion,Sentiment,Dialogue_ID,Utterance_ID,Season,Episode,StartTime,EndTime\n"
+    (tmp_path / "meld").mkdir()
+    for split, lines in {"dev": ["Hi.", "  "], "test": ["Bye."]}.items():
+        rows = "".join(
+            f'{n},"{text}",Joey,neutral,neutral,0,{n},1,1,"0:00:01,0","0:00:02,0"\n' for n, text in enumerate(lines)
+        )
+        (tmp_path / "meld" / f"{split}_sent_emo.csv").write_text(header + rows, encoding="utf-8")
+    assert texts(tmp_path, ("dev", "test")) == ["Hi.", "Bye."]
+    assert texts(tmp_path, ("test", "dev")) == ["Bye.", "Hi."]
