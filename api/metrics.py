@@ -28,6 +28,12 @@ class Metrics:
         self.batch_size = Histogram(
             "equipoise_batch_size_utterances", "Utterances per model call.", buckets=BATCH_BUCKETS, registry=r
         )
+        self.batch_seconds = Histogram(
+            "equipoise_batch_seconds",
+            "Wall seconds of a micro-batch on its model thread (scoring, and waiting for a core or the GIL).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge("equipoise_batch_queue_depth", "Requests waiting for the model.", registry=r)
         self.rejected = Counter(
             "equipoise_batch_rejected_total", "Requests refused because the queue was full.", registry=r

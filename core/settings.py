@@ -230,6 +230,12 @@ class Settings(BaseSettings):
         description="Model threads scoring micro-batches at once. Default: 2 on hosts of at most "
         f"{FEW_CORES} cores with more than one, else 1.",
     )
+    batch_fair_share: bool = Field(
+        default=True,
+        description="With several model threads, a thread freed while another scores gathers its share of the "
+        "requests in service (their recent peak divided by the threads) before it scores, or until a busy thread "
+        "finishes; off, it scores whatever is waiting at once (smaller batches, more model CPU per utterance).",
+    )
     # Measured throughput x acceptable wait: 5 micro-batches, about 2 s of work at the 84 utterances/s a 2-core
     # host served with half its CPU taken by other jobs, under 1 s when it has it alone (docs/BENCHMARKS.md).
     batch_queue_limit: int = Field(default=160, ge=1, description="Requests waiting for the model before 503.")

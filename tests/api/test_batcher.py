@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from api.batcher import MicroBatcher, ModelUnavailable, Overloaded, Scored
+from api.batcher import MicroBatcher, ModelUnavailable, Overloaded, RecentPeak, Scored
 from api.metrics import Metrics
 from api.reload import LoadedModel, ModelHolder
 from model.runtime import UtteranceInput
@@ -186,3 +186,74 @@ def test_each_model_thread_scores_a_batch_while_the_next_one_gathers(workers: in
     run(three_at_once, _holder(runtime), max_size=1, max_wait_s=0.0, workers=workers)
     assert len(runtime.calls) == 3
     assert runtime.peak == workers  # never more calls at once than model threads, and every thread used
+
+
+def _trickle(count: int, gap_s: float) -> Callable[[MicroBatcher], Awaitable[None]]:
+    """Four requests at once, then `count` more `gap_s` apart while the first four are scored."""
+
+    async def send(batcher: MicroBatcher) -> None:
+        first = [asyncio.ensure_future(batcher.score([turn(f"first {i}")], causal=False)) for i in range(4)]
+        later = []
+        for i in range(count):
+            await asyncio.sleep(gap_s)
+            later.append(asyncio.ensure_future(batcher.score([turn(f"later {i}")], causal=False)))
+        await asyncio.gather(*first, *later)
+
+    return send
+
+
+def test_a_freed_thread_gathers_its_fair_share_while_another_scores() -> None:
+    runtime = OverlapRecorder(delay_s=0.6)  # the first batch is still scored when the last request arrives
+    run(_trickle(4, 0.05), _holder(runtime), max_size=16, max_wait_s=0.0, workers=2)
+    # Taking what had arrived would give batches of 1; the second thread waits until it holds as many utterances
+    # as the first (the most in service, 8, halved) and scores them beside it.
+    assert [len(sizes) for sizes, _ in runtime.calls] == [4, 4]
+    assert runtime.peak == 2
+
+
+def test_without_the_fair_share_a_freed_thread_scores_what_is_waiting() -> None:
+    runtime = FakeRuntime(delay_s=0.6)
+    run(_trickle(4, 0.05), _holder(runtime), max_size=16, max_wait_s=0.0, workers=2, fair_share=False)
+    # The second thread takes the first late request alone; the three after it wait for the next free thread.
+    assert [len(sizes) for sizes, _ in runtime.calls] == [4, 1, 3]
+
+
+def test_the_gathering_wait_ends_when_the_busy_thread_finishes() -> None:
+    runtime = FakeRuntime(delay_s=0.3)
+
+    async def one_late(batcher: MicroBatcher) -> float:
+        started = time.perf_counter()
+        await _trickle(1, 0.05)(batcher)
+        return time.perf_counter() - started
+
+    seconds = run(one_late, _holder(runtime), max_size=16, max_wait_s=0.0, workers=2)
+    assert [len(sizes) for sizes, _ in runtime.calls] == [4, 1]  # its share (3) never came: scored once alone
+    assert seconds < 0.3 + 0.3 + 0.2  # scored when the first batch ended, not held any longer
+
+
+def test_a_lone_request_is_scored_at_once_with_several_threads() -> None:
+    runtime = FakeRuntime(delay_s=0.05)
+
+    async def timed(batcher: MicroBatcher) -> float:
+        await batcher.score([turn("warm")], causal=False)
+        started = time.perf_counter()
+        await batcher.score([turn("alone")], causal=False)
+        return time.perf_counter() - started
+
+    assert run(timed, _holder(runtime), max_size=16, max_wait_s=0.0, workers=2) < 0.05 + 0.1
+
+
+def test_a_past_peak_of_requests_in_service_fades_after_two_windows() -> None:
+    peak = RecentPeak(window_s=0.05)
+    peak.observe(30)
+    peak.observe(4)
+    assert peak.value == 30
+    time.sleep(0.06)
+    peak.observe(5)
+    assert peak.value == 30  # the window before still counts
+    time.sleep(0.06)
+    peak.observe(6)
+    assert peak.value == 6
+    time.sleep(0.12)
+    peak.observe(2)
+    assert peak.value == 2  # two windows without traffic: nothing of the old peak is left
