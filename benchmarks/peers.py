@@ -68,7 +68,15 @@ from benchmarks.peer_servers import (
     triton_answer,
     triton_body,
 )
-from core.processes import Process, Service, equipoise_environment, free_port, running_service, wait_for
+from core.processes import (
+    Process,
+    ProcessError,
+    Service,
+    equipoise_environment,
+    free_port,
+    running_service,
+    wait_for,
+)
 from core.settings import available_cores, data_dir_or_exit
 from model.runtime import InferenceRuntime
 
@@ -80,6 +88,7 @@ AGREEMENT_TEXTS = 8
 AGREEMENT_TOLERANCE = 1e-4  # the floor is PyTorch: benchmarks/pipeline_baseline.py's parity bound
 TIMEOUT_S = 120.0  # per request: the unbatched floor queues 32 clients' requests one after another
 START_TIMEOUT_S = 300.0
+START_ATTEMPTS = 2
 
 
 # ------------------------------------------------------------------------------------------------ what is measured
@@ -245,7 +254,24 @@ def scores(running: Service, protocol: Protocol) -> bool:
 
 @contextlib.contextmanager
 def peer_server(setting: Setting, model: Path, work: Path) -> Iterator[Service]:
-    """benchmarks/peer_servers.py for `setting` on a free loopback port; every process it started is ended after."""
+    """benchmarks/peer_servers.py for `setting` on a free loopback port, started again once if its start fails
+    (PyTriton's model load has failed on its handshake socket now and then); every process it started is ended
+    after."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        with _peer_process(setting, model, work) as running:
+            try:
+                wait_for(lambda: scores(running, PROTOCOLS[setting.peer]), START_TIMEOUT_S, f"{setting.name} to score")
+            except ProcessError as error:
+                if attempt == START_ATTEMPTS:
+                    raise
+                print(f"{setting.name}: start {attempt} failed, starting again: {error}", file=sys.stderr)
+                continue
+            yield running
+            return
+
+
+@contextlib.contextmanager
+def _peer_process(setting: Setting, model: Path, work: Path) -> Iterator[Service]:
     assert setting.config is not None
     port = free_port()
     command = [sys.executable, "-m", "benchmarks.peer_servers", setting.peer, "--artifact", str(model.resolve())]
@@ -257,7 +283,6 @@ def peer_server(setting: Setting, model: Path, work: Path) -> Iterator[Service]:
         popen = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
     running = Service(Process(setting.peer, popen, log_path), f"http://127.0.0.1:{port}")
     try:
-        wait_for(lambda: scores(running, PROTOCOLS[setting.peer]), START_TIMEOUT_S, f"{setting.name} to score", 0.5)
         yield running
     finally:
         children = {pid: _started_at(pid) for pid in descendants(popen.pid)[1:]}

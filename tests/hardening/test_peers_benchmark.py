@@ -5,11 +5,14 @@ test needs the `peers` extra (`make peers`) and skips with the reason otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from benchmarks import peers
 from benchmarks.load import Outcome, Phase
 from benchmarks.peer_servers import TRITON_STUB_ENV, PeerConfig
 from benchmarks.peers import (
@@ -30,6 +33,7 @@ from benchmarks.peers import (
     start,
 )
 from benchmarks.peers import Plan as PeersPlan
+from core.processes import ProcessError
 
 
 def test_the_default_grid_keeps_every_peer_within_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -115,3 +119,37 @@ def test_the_peers_answer_what_equipoise_answers_on_v1(tiny_artifact: Path, data
         with start(setting, tiny_artifact, data_dir, tmp_path) as running:
             answered[setting.peer] = agreement(running.url, PROTOCOLS[setting.peer], reference)
     assert all(worst <= AGREEMENT_TOLERANCE for worst in answered.values()), answered
+
+
+def _starts(monkeypatch: pytest.MonkeyPatch, failures: int) -> list[str]:
+    """Stands in for the peer process and its first scoring: the first `failures` starts die before they score."""
+    started: list[str] = []
+
+    @contextlib.contextmanager
+    def process(setting: Setting, model: Path, work: Path) -> Iterator[str]:
+        started.append(f"start {len(started) + 1}")
+        yield started[-1]
+
+    def scores(running: str, protocol: object) -> bool:
+        if int(running.split()[1]) <= failures:
+            raise ProcessError(f"the triton exited with 1 ({running})")
+        return True
+
+    monkeypatch.setattr(peers, "_peer_process", process)
+    monkeypatch.setattr(peers, "scores", scores)
+    return started
+
+
+def test_a_peer_whose_start_fails_is_started_once_more(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    started = _starts(monkeypatch, failures=1)
+    with peers.peer_server(Setting(TRITON, PeerConfig()), tmp_path, tmp_path) as running:
+        assert running == "start 2"
+    assert started == ["start 1", "start 2"]
+
+
+def test_a_peer_that_fails_to_start_twice_fails_the_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    started = _starts(monkeypatch, failures=2)
+    setting = Setting(TRITON, PeerConfig())
+    with pytest.raises(ProcessError, match="start 2"), peers.peer_server(setting, tmp_path, tmp_path):
+        pass
+    assert len(started) == peers.START_ATTEMPTS
