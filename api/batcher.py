@@ -174,12 +174,13 @@ class MicroBatcher:
             batch, carry = await self._collect(carry)
             self._metrics.queue_depth.set(self._queue.qsize())
             live = [request for request in batch if not request.future.done()]  # skip callers that left
-            self._scoring_now += sum(request.size for request in live)
-            task = asyncio.create_task(self._score_then_free(live))
+            size = sum(request.size for request in live)
+            self._scoring_now += size
+            task = asyncio.create_task(self._score_then_free(live, size))
             self._scoring.add(task)
             task.add_done_callback(self._scoring.discard)
 
-    async def _score_then_free(self, live: list[_Request]) -> None:
+    async def _score_then_free(self, live: list[_Request], size: int) -> None:
         try:
             if live:
                 await self._dispatch(live)
@@ -188,7 +189,7 @@ class MicroBatcher:
             for request in live:
                 _fail(request, error)
         finally:
-            self._scoring_now -= sum(request.size for request in live)
+            self._scoring_now -= size
             self._free.release()
             self._changed.set()
 

@@ -234,9 +234,10 @@ async def _send(session: aiohttp.ClientSession, job: Job, read_ids: AnswerIds = 
     return Outcome(response.status, seconds, job.utterances, ids, problem, retry_after, started)
 
 
-async def _connect(session: aiohttp.ClientSession, path: str) -> None:
+async def _get_status(session: aiohttp.ClientSession, path: str) -> int:
     async with session.get(path) as response:
         await response.read()
+        return response.status
 
 
 async def _probe_health(url: str, phase: Phase, stop: asyncio.Event, path: str = "/healthz") -> None:
@@ -244,9 +245,7 @@ async def _probe_health(url: str, phase: Phase, stop: asyncio.Event, path: str =
         while not stop.is_set():
             started = time.perf_counter()
             try:
-                async with session.get(path) as response:
-                    await response.read()
-                    ok = response.status == 200
+                ok = await _get_status(session, path) == 200
             except (aiohttp.ClientError, TimeoutError):
                 ok = False
             if ok:
@@ -284,7 +283,7 @@ async def drive(
             )
             for _ in range(clients)
         ]
-        await asyncio.gather(*(_connect(session, health_path) for session in sessions))
+        await asyncio.gather(*(_get_status(session, health_path) for session in sessions))
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + max_seconds
