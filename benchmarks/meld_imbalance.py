@@ -9,11 +9,17 @@ the plain-CE run of the same seed (the decoupling protocol of Kang et al. 2020),
 
     python -m benchmarks.meld_imbalance --backbone _meld_frozen --seeds 3 [--jobs 4] [--with-default]
 
+    python -m benchmarks.meld_imbalance --backbone _meld_ft2 --levers --seeds 3
+
+`--levers` measures the representation levers instead (`LEVERS`: earlier turns in the encoder input, a supervised
+contrastive term, distillation from the plain-CE seeds, each alone and with post-hoc adjustment) beside plain CE,
+plus the ensemble of the plain-CE seeds.
+
 Runs land in <runs>/<recipe>@<backbone>-seed<N>; a finished run is reused, so an interrupted benchmark continues
-where it stopped. `--with-default` also trains the candidates for the shipped default (`DEFAULT_CANDIDATES`: MELD +
-speech corpora, their own recipes, not put on the backbone) into <runs>/<recipe>-seed<N>.
-Results of every backbone measured are kept in docs/img/meld_imbalance_results.json and the
-document is rebuilt from all of them.
+where it stopped. `--with-default` also trains the candidates for the shipped default (`DEFAULT_CANDIDATES`: MELD
++ speech corpora, their own recipes, not put on the backbone) into <runs>/<recipe>-seed<N>. Results of every
+backbone measured are kept in docs/img/meld_imbalance_results.json (`--methods` adds rows measured on the same
+seeds and device to a backbone's table) and the document is rebuilt from all of them.
 """
 
 from __future__ import annotations
@@ -67,6 +73,25 @@ DEFAULT_CANDIDATES: tuple[tuple[str, str], ...] = (
 )
 # Stage-2 methods: their runs adopt the epochs of the plain-CE run of the same seed.
 DECOUPLED = ("meld_crt", "meld_tau_norm", "meld_posthoc")
+# Runs that need the plain-CE runs of every seed finished first: the stage-2 methods, the distilled students, and
+# the levers' post-hoc rows (they adopt the epochs of their lever's run, trained before them).
+AFTER_CE = (*DECOUPLED, "meld_distill", "meld_context_posthoc", "meld_supcon_posthoc", "meld_distill_posthoc")
+# The text model's representation levers (`--levers`), each beside plain CE and post-hoc adjustment trained in the
+# same invocation on the same machine; the ensemble row averages the plain-CE seeds' probabilities.
+LEVERS: tuple[tuple[str, str], ...] = (
+    ("plain cross-entropy (baseline)", "meld_ce"),
+    ("post-hoc logit adjustment", "meld_posthoc"),
+    ("earlier turns in the encoder input (64 tokens)", "meld_context"),
+    ("supervised contrastive term (SupCon)", "meld_supcon"),
+    ("distilled from the three plain-CE seeds", "meld_distill"),
+    ("earlier turns + post-hoc logit adjustment", "meld_context_posthoc"),
+    ("SupCon + post-hoc logit adjustment", "meld_supcon_posthoc"),
+    ("distilled + post-hoc logit adjustment", "meld_distill_posthoc"),
+)
+ENSEMBLES: tuple[tuple[str, str], ...] = (
+    ("ensemble of the plain-CE seeds (mean probabilities)", "ensemble_ce"),
+    ("the same + post-hoc logit adjustment (tau on dev)", "ensemble_ce_posthoc"),
+)
 
 # The anchors' class order (MELD_ANCHORS.md): Neu / Sur / Fear / Sad / Joy / Dis / Ang.
 ANCHOR_ORDER = ("neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger")
@@ -121,12 +146,16 @@ def method_recipe(name: str, backbone: str) -> Recipe:
     return Recipe.from_dict(table, where=f"{name} on {backbone}")
 
 
+def run_of(name: str, backbone: str, seed: int, runs_dir: Path) -> RunDir:
+    return RunDir.for_recipe(runs_dir, method_recipe(name, backbone).with_seed(seed))
+
+
 def run_one(name: str, backbone: str, seed: int, runs_dir: Path, data_dir: Path, cache_dir: Path) -> dict:
     """Train (or reuse) one method and seed; returns its MELD test report and training time."""
     from training.loop import train
 
     recipe = method_recipe(name, backbone).with_seed(seed)
-    run = RunDir.for_recipe(runs_dir, recipe)
+    run = run_of(name, backbone, seed, runs_dir)
     run.prepare(recipe)
     adopted = _adopt_backbone(run, recipe, runs_dir)
     start = time.perf_counter()
@@ -142,10 +171,10 @@ def run_methods(
     cache_dir: Path, jobs: int,
 ) -> list[MethodResult]:  # fmt: skip
     """Every (method, seed): first-stage methods in parallel, then the stage-2 methods that adopt their epochs."""
-    first = [(n, s) for _, n in methods if n not in DECOUPLED for s in seeds]
-    second = [(n, s) for _, n in methods if n in DECOUPLED for s in seeds]
-    if any(n in DECOUPLED for _, n in methods) and not any(n == "meld_ce" for n, _ in first):
-        first += [("meld_ce", s) for s in seeds]  # the donor of the stage-2 runs
+    first = [(n, s) for _, n in methods if n not in AFTER_CE for s in seeds]
+    second = [(n, s) for _, n in methods if n in AFTER_CE for s in seeds]
+    if second and not any(n == "meld_ce" for n, _ in first):
+        first += [("meld_ce", s) for s in seeds]  # the donor of the stage-2 runs, the distilled runs' teachers
     # The frozen text encoder's outputs are cached once, before the workers start reading the cache.
     done = {}
     if first:
@@ -203,12 +232,48 @@ def run_candidates(seeds: Sequence[int], runs_dir: Path, data_dir: Path, cache_d
             "methods": {r.recipe: r.to_dict() for r in results}}  # fmt: skip
 
 
+def ensemble_results(backbone: str, seeds: Sequence[int], runs_dir: Path, data_dir: Path, cache_dir: Path
+                     ) -> tuple[list[MethodResult], dict[str, list[float]]]:  # fmt: skip
+    """The plain-CE seeds as one ensemble (mean probabilities), and with post-hoc logit adjustment tuned on dev;
+    their MELD test results and dev macro F1."""
+    from training.ensemble import ensemble_probabilities
+    from training.finish import monitored_train_counts
+    from training.forward import report
+    from training.posthoc import apply_offset, logit_adjustment, tune_logit_adjustment
+    from training.session import build_session
+
+    recipe = method_recipe("meld_ce", backbone)
+    runs = [RunDir.for_recipe(runs_dir, recipe.with_seed(seed)) for seed in seeds]
+    s = build_session(recipe, runs[0], data_dir, cache_dir, device="cpu", progress=False)
+    logits = {}
+    for split in ("dev", "test"):
+        rows = s.tables[split].groups()["meld"]
+        probs = ensemble_probabilities(s, runs, split, (False,))[False][rows]
+        logits[split] = (probs.log(), s.tables[split].emotions[rows])
+    prior = monitored_train_counts(s)
+    tau = tune_logit_adjustment(*logits["dev"], prior).value
+    offsets = (np.zeros(len(prior)), logit_adjustment(prior, tau))
+
+    def scored(split: str, offset: np.ndarray) -> MetricsReport:
+        return report(s, logits[split][1], apply_offset(logits[split][0], offset))
+
+    plain, posthoc = (scored("test", offset) for offset in offsets)
+    dev = [scored("dev", offset).macro_f1 for offset in offsets]
+    (label, name), (label_posthoc, name_posthoc) = ENSEMBLES
+    results = [
+        MethodResult(label, name, [plain]),
+        MethodResult(f"{label_posthoc}, tau {tau:g}", name_posthoc, [posthoc]),
+    ]
+    return results, {name: [dev[0]], name_posthoc: [dev[1]]}
+
+
 # ---- the document ----------------------------------------------------------------------------------------------
 
 
 def _pm(values: Sequence[float]) -> str:
+    """Mean ± std in %; a single model (an ensemble) has no spread to show."""
     v = 100 * np.asarray(values, dtype=np.float64)
-    return f"{v.mean():.2f} ± {v.std():.2f}"
+    return f"{v.mean():.2f}" if len(v) == 1 else f"{v.mean():.2f} ± {v.std():.2f}"
 
 
 def results_table(results: Sequence[MethodResult]) -> list[str]:
@@ -217,7 +282,8 @@ def results_table(results: Sequence[MethodResult]) -> list[str]:
     for r in results:
         per_class = [_pm([rep[c].f1 for rep in r.reports]) for c in ANCHOR_ORDER]
         overall = [_pm([getattr(rep, m) for rep in r.reports]) for m in ("accuracy", "weighted_f1", "macro_f1")]
-        seconds = f"{np.mean(r.seconds):.0f}" + (" (+ CE backbone)" if r.shared_backbone else "")
+        seconds = f"{np.mean(r.seconds):.0f}" if r.seconds else "–"  # an ensemble trains nothing of its own
+        seconds += " (+ CE backbone)" if r.shared_backbone else ""
         lines.append("| " + " | ".join([r.label, f"`{r.recipe}`", *overall, *per_class, seconds]) + " |")
     return lines
 
@@ -276,6 +342,29 @@ def candidates_section(entry: dict) -> list[str]:
     ]
 
 
+def levers_section(key: str, entry: dict) -> list[str]:
+    """The representation levers of one backbone, measured side by side in one invocation."""
+    backbone = key.removeprefix("levers")
+    results = [MethodResult.from_dict(name, data) for name, data in entry["methods"].items()]
+    image = IMG_DIR / f"meld_levers_f1{backbone}.png"
+    plot_runs({r.label: r.reports for r in results}, image, title=f"MELD test per-class F1, levers ({backbone})")
+    dev = ", ".join(f"`{name}` {100 * np.mean(v):.2f}" for name, v in entry["dev_macro_f1"].items())
+    return [
+        f"## Representation levers on `{backbone}`",
+        "",
+        f"`python -m benchmarks.meld_imbalance --backbone {backbone} --levers --seeds {len(entry['seeds'])}` on "
+        f"{entry['device']}, every row trained in the same invocation. Each lever changes one thing of plain "
+        "cross-entropy (recipes `training/recipes/meld_*.toml`). The ensemble rows are one model each (the "
+        "plain-CE seeds together), so they have no spread. Mean MELD dev macro F1 per recipe (what selects): "
+        f"{dev}.",
+        "",
+        *results_table(results),
+        "",
+        f"![per-class F1 per lever, {backbone}]({image.relative_to(DOC.parent).as_posix()})",
+        "",
+    ]
+
+
 def write_document(everything: dict[str, dict]) -> None:
     lines = [
         "# Training results: imbalance-aware methods on MELD",
@@ -290,6 +379,8 @@ def write_document(everything: dict[str, dict]) -> None:
     for backbone, entry in everything.items():
         if backbone.startswith("_meld"):
             lines += backbone_section(backbone, entry)
+        elif backbone.startswith("levers"):
+            lines += levers_section(backbone, entry)
     if "default_candidates" in everything:
         lines += candidates_section(everything["default_candidates"])
     lines += [
@@ -303,13 +394,20 @@ def write_document(everything: dict[str, dict]) -> None:
     DOC.write_text("\n".join(lines), encoding="utf-8")
 
 
-def record(backbone: str, results: Sequence[MethodResult], seeds: Sequence[int], wall: float, jobs: int) -> dict:
+def record(key: str, results: Sequence[MethodResult], seeds: Sequence[int], wall: float, jobs: int,
+           **extra: object) -> dict:  # fmt: skip
+    """Store the results under `key` (a backbone, or "levers" + backbone). Methods measured earlier with the same
+    seeds on the same device are kept beside the new ones, so `--methods` adds rows instead of replacing the table."""
     everything = json.loads(RESULTS.read_text(encoding="utf-8")) if RESULTS.is_file() else {}
-    everything = {k: v for k, v in everything.items() if k.startswith("_meld") or k == "default_candidates"}
-    everything[backbone] = {
-        "seeds": list(seeds), "wall_seconds": wall, "jobs": jobs, "device": describe_device(),
-        "methods": {r.recipe: r.to_dict() for r in results},
-    }  # fmt: skip
+    kept = ("_meld", "levers", "default_candidates")
+    everything = {k: v for k, v in everything.items() if k.startswith(kept)}
+    entry = {"seeds": list(seeds), "wall_seconds": wall, "jobs": jobs, "device": describe_device(), **extra,
+             "methods": {r.recipe: r.to_dict() for r in results}}  # fmt: skip
+    earlier = everything.get(key, {})
+    if (earlier.get("seeds"), earlier.get("device")) == (entry["seeds"], entry["device"]):
+        for name in ("methods", *extra):
+            entry[name] = {**earlier.get(name, {}), **entry[name]}
+    everything[key] = entry
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(everything, indent=1), encoding="utf-8")
     return everything
@@ -334,15 +432,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=settings.state_dir / "benchmarks" / "meld_imbalance")
     parser.add_argument("--methods", nargs="*", help="recipe names (default: all)")
     parser.add_argument("--with-default", action="store_true", help="also train the default candidates")
+    parser.add_argument("--levers", action="store_true", help="the representation levers instead of the methods")
     args = parser.parse_args(argv)
     if settings.data_dir is None:
         parser.error("no data directory: set EQUIPOISE_DATA_DIR")
     seeds = list(range(args.seeds))
-    methods = [m for m in METHODS if not args.methods or m[1] in args.methods]
-    start = time.perf_counter()
-    results = run_methods(methods, args.backbone, seeds, args.runs, settings.data_dir, settings.state_dir / "cache",
-                          args.jobs)  # fmt: skip
-    everything = record(args.backbone, results, seeds, time.perf_counter() - start, args.jobs)
+    table = LEVERS if args.levers else METHODS
+    methods = [m for m in table if not args.methods or m[1] in args.methods]
+    start, cache = time.perf_counter(), settings.state_dir / "cache"
+    results = run_methods(methods, args.backbone, seeds, args.runs, settings.data_dir, cache, args.jobs)
+    if args.levers:
+        ensembles, dev = ensemble_results(args.backbone, seeds, args.runs, settings.data_dir, cache)
+        results += ensembles
+        dev |= {name: [meld_test_report(run_of(name, args.backbone, s, args.runs), "dev").macro_f1 for s in seeds]
+                for _, name in methods}  # fmt: skip
+        everything = record(f"levers{args.backbone}", results, seeds, time.perf_counter() - start, args.jobs,
+                            dev_macro_f1=dev)  # fmt: skip
+    else:
+        everything = record(args.backbone, results, seeds, time.perf_counter() - start, args.jobs)
     if args.with_default:
         everything["default_candidates"] = run_candidates(seeds, args.runs, settings.data_dir,
                                                           settings.state_dir / "cache")  # fmt: skip

@@ -108,6 +108,9 @@ class TextEncoder(nn.Module):
         for layer in self.bert.encoder.layer[self.num_layers - min(top_layers, self.num_layers) :]:
             layer.requires_grad_(True)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`pool_mask`: the tokens to pool when not all of them (the current turn of an input with earlier turns)."""
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return mean_pool(hidden, attention_mask)
+        return mean_pool(hidden, attention_mask if pool_mask is None else pool_mask)

@@ -6,7 +6,8 @@
   with the job's `fine_tuning` overrides. Tier 3 runs its loss, optimiser, warm-up + cosine schedule, gradient
   clipping, mixed precision (CUDA), context mode, modality dropout, sentiment weight, selection metric, patience
   and post-hoc step. A recipe that also needs another sampler than instance sampling, augmentation, a decoupled
-  stage or label-noise handling is refused: tier 3 does not run those.
+  stage, label-noise handling, a contrastive term, distillation or earlier turns in the text input is refused:
+  tier 3 does not run those.
 - Data: the job's dialogues (production feedback with the modalities its turns were stored with; MELD when the
   recipe trains on it), targets only on training turns, never on the gate's held-out ones; and the recipe's
   acted-speech clips (text + audio) from the base corpora, by their speaker-independent splits. The audio encoder
@@ -95,6 +96,9 @@ def tier3_recipe(champion: Recipe, config: FineTuning) -> Recipe:
         f"augmentation {champion.augment.method!r}": champion.augment.method != "none",
         f"decoupled stage {champion.decoupled.method!r}": champion.decoupled.method != "none",
         "label-noise handling": champion.noise.enabled,
+        "a contrastive term": champion.contrastive.weight > 0,
+        "distillation": bool(champion.distill.teachers),
+        "earlier turns in the text input": champion.context_input.tokens > 0,
     }
     if any(unsupported.values()):
         needs = ", ".join(name for name, used in unsupported.items() if used)

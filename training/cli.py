@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model.data.speech import MAPPING_NOTES
-from model.network import EmotionModel
 from training.recipe import Recipe, load_recipe
-from training.run import RunDir, RunError, includes_text, load_model_state
+from training.run import RunDir, RunError, servable_model
 
 if TYPE_CHECKING:
     from model.artifact import Calibration
@@ -55,17 +54,6 @@ def _final_lines(final: dict[str, Any], seconds: float) -> str:
     return "\n".join(lines)
 
 
-def load_trained_model(run: RunDir) -> tuple[Recipe, EmotionModel]:
-    """The final model of a finished run (the pretrained text encoder comes from its pinned package)."""
-    if not run.is_finished():
-        raise RunError(f"{run.path} is not a finished run (no model.pt / final.json)")
-    recipe = run.recipe()
-    state = run.load(run.final_model)
-    model = EmotionModel(recipe.model, pretrained_text=not includes_text(state))
-    load_model_state(model, state)
-    return recipe, model.eval()
-
-
 def recorded_calibration(final: dict[str, Any], emotions: Sequence[str]) -> Calibration | None:
     """The calibration record of a finished run (its final.json), None for runs finished before it existed."""
     from model.artifact import Calibration
@@ -79,7 +67,7 @@ def export_command(run_dir: Path, out_dir: Path, version: str | None = None) -> 
     from model.artifact import export_artifact
 
     run = RunDir(Path(run_dir))
-    recipe, model = load_trained_model(run)
+    recipe, model = servable_model(run)
     final = RunDir.read_json(run.final)
     test = RunDir.read_json(run.reports / "test.json")
     version = version or f"{recipe.name}-seed{recipe.train.seed}-{run.path.stat().st_mtime_ns // 10**9}"

@@ -20,6 +20,7 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from model.audio import SAMPLE_RATE, decode_audio
+from model.context_input import EncoderInput
 from model.data.meld import group_dialogues, read_utterances
 from model.data.speech import read_clips, split_by_speaker
 from model.labels import LabelSet
@@ -128,7 +129,9 @@ def frozen_layers(encoder: TextEncoder) -> int:
     return next((i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())), len(layers))
 
 
-def text_features(encoder: TextEncoder, tokenizer: Tokenizer, texts: Sequence[str], cache_dir: Path | None) -> Tensor:
+def text_features(
+    encoder: TextEncoder, tokenizer: Tokenizer, texts: Sequence[EncoderInput], cache_dir: Path | None
+) -> Tensor:
     """[N, H] pooled outputs of a frozen text encoder, computed once per (weights, tokenizer, max tokens, texts)
     and stored under `cache_dir/text/` (recomputed when `cache_dir` is None)."""
     table, index = _cached(encoder, tokenizer, texts, cache_dir, "pooled", lambda u: _encode(encoder, tokenizer, u))
@@ -138,22 +141,27 @@ def text_features(encoder: TextEncoder, tokenizer: Tokenizer, texts: Sequence[st
 @dataclass(frozen=True)
 class TextStates:
     """Token states of texts after the frozen bottom layers of the text encoder, ragged: text i is rows
-    offsets[i]:offsets[i + 1] of `states` (float16)."""
+    offsets[i]:offsets[i + 1] of `states` (float16), pooled from its token pool_starts[i] on."""
 
     states: Tensor  # [tokens, H]
     offsets: Tensor  # [texts + 1]
+    pool_starts: Tensor  # [texts] 0, or where the current turn starts in an input with earlier turns
     layer: int  # the first layer still to run
 
-    def padded(self, rows: Sequence[int]) -> tuple[Tensor, Tensor]:
-        """[N, L, H] float32 states and [N, L] attention mask of the given texts."""
+    def padded(self, rows: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+        """[N, L, H] float32 states, [N, L] attention mask and [N, L] pooling mask of the given texts."""
         lengths = (self.offsets[1:] - self.offsets[:-1])[list(rows)]
         out = torch.zeros(len(rows), int(lengths.max()), self.states.shape[1])
         for slot, row in enumerate(rows):
             out[slot, : lengths[slot]] = self.states[self.offsets[row] : self.offsets[row + 1]]
-        return out, (torch.arange(out.shape[1])[None] < lengths[:, None]).long()
+        position = torch.arange(out.shape[1])[None]
+        mask = (position < lengths[:, None]).long()
+        return out, mask, mask * (position >= self.pool_starts[list(rows)][:, None]).long()
 
 
-def text_states(encoder: TextEncoder, tokenizer: Tokenizer, texts: Sequence[str], cache_dir: Path | None) -> TextStates:
+def text_states(
+    encoder: TextEncoder, tokenizer: Tokenizer, texts: Sequence[EncoderInput], cache_dir: Path | None
+) -> TextStates:
     """Like `text_features` for a partly trainable encoder: the states entering its first trainable layer, so
     that training runs only the top layers (the encoder runs without dropout, so this is exact)."""
     layer = frozen_layers(encoder)
@@ -162,12 +170,13 @@ def text_states(encoder: TextEncoder, tokenizer: Tokenizer, texts: Sequence[str]
     )
     parts = [table["states"][table["offsets"][index[t]] : table["offsets"][index[t] + 1]] for t in texts]
     lengths = torch.tensor([0] + [len(p) for p in parts])
-    return TextStates(torch.cat(parts), lengths.cumsum(0), layer)
+    starts = table.get("pool_starts", torch.zeros(len(index), dtype=torch.long))  # caches of single turns lack it
+    return TextStates(torch.cat(parts), lengths.cumsum(0), starts[[index[t] for t in texts]], layer)
 
 
-def _cached(encoder: TextEncoder, tokenizer: Tokenizer, texts: Sequence[str], cache_dir: Path | None, kind: str,
-            compute: Callable[[list[str]], Any]) -> tuple[Any, dict[str, int]]:  # fmt: skip
-    unique = sorted(set(texts))
+def _cached(encoder: TextEncoder, tokenizer: Tokenizer, texts: Sequence[EncoderInput], cache_dir: Path | None,
+            kind: str, compute: Callable[[list], Any]) -> tuple[Any, dict[EncoderInput, int]]:  # fmt: skip
+    unique = sorted(set(texts), key=_input_order)
     max_tokens = (tokenizer.truncation or {}).get("max_length", 0)
     key = _sha256(module_sha256(encoder), tokenizer.to_str(), str(max_tokens), kind, json.dumps(unique))
     path = None if cache_dir is None else Path(cache_dir) / "text" / f"{key[:32]}.pt"
@@ -180,44 +189,57 @@ def _cached(encoder: TextEncoder, tokenizer: Tokenizer, texts: Sequence[str], ca
     return table, {text: i for i, text in enumerate(unique)}
 
 
+def _input_order(text: EncoderInput) -> tuple[str, ...]:
+    """Sort key: single texts in plain string order (the cache keys of runs without earlier turns), pairs after."""
+    return ("", text) if isinstance(text, str) else ("\uffff", *text)
+
+
 def _length_batches(
-    tokenizer: Tokenizer, texts: list[str], batch_size: int
-) -> Iterator[tuple[list[int], Tensor, Tensor]]:
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths, little padding
+    tokenizer: Tokenizer, texts: list[EncoderInput], batch_size: int
+) -> Iterator[tuple[list[int], Tensor, Tensor, Tensor]]:
+    size = [len(t) if isinstance(t, str) else len(t[0]) + len(t[1]) for t in texts]
+    order = sorted(range(len(texts)), key=size.__getitem__)  # similar lengths, little padding
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         yield rows, *tokenize(tokenizer, [texts[i] for i in rows])
 
 
 @torch.inference_mode()
-def _encode(encoder: TextEncoder, tokenizer: Tokenizer, texts: list[str], batch_size: int = 64) -> Tensor:
+def _encode(encoder: TextEncoder, tokenizer: Tokenizer, texts: list[EncoderInput], batch_size: int = 64) -> Tensor:
     was_training = encoder.training
     encoder.eval()
     out = torch.zeros(len(texts), encoder.hidden_size)
-    for rows, ids, mask in _length_batches(tokenizer, texts, batch_size):
-        out[rows] = encoder(ids, mask).float()
+    for rows, ids, mask, pool in _length_batches(tokenizer, texts, batch_size):
+        out[rows] = encoder(ids, mask, pool).float()
     encoder.train(was_training)
     return out
 
 
 @torch.inference_mode()
-def _states(encoder: TextEncoder, tokenizer: Tokenizer, texts: list[str], layer: int, batch_size: int = 64) -> dict:
+def _states(
+    encoder: TextEncoder, tokenizer: Tokenizer, texts: list[EncoderInput], layer: int, batch_size: int = 64
+) -> dict:
     was_training = encoder.training
     encoder.eval()
     parts: list[Tensor] = [torch.zeros(0)] * len(texts)
-    for rows, ids, mask in _length_batches(tokenizer, texts, batch_size):
+    pool_starts = torch.zeros(len(texts), dtype=torch.long)
+    for rows, ids, mask, pool in _length_batches(tokenizer, texts, batch_size):
         hidden = encoder.bert(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[layer]
         for slot, row in enumerate(rows):
             parts[row] = hidden[slot, : int(mask[slot].sum())].half()
+            pool_starts[row] = int(pool[slot].argmax())
     encoder.train(was_training)
     lengths = torch.tensor([0] + [len(p) for p in parts])
-    return {"states": torch.cat(parts), "offsets": lengths.cumsum(0)}
+    return {"states": torch.cat(parts), "offsets": lengths.cumsum(0), "pool_starts": pool_starts}
 
 
-def tokenize(tokenizer: Tokenizer, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+def tokenize(tokenizer: Tokenizer, texts: Sequence[EncoderInput]) -> tuple[Tensor, Tensor, Tensor]:
+    """Token ids, attention mask and pooling mask (the current turn's tokens: the second segment of a pair)."""
     encodings = tokenizer.encode_batch(list(texts))
     ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
-    return ids, torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
+    mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
+    second = torch.tensor([e.type_ids for e in encodings], dtype=torch.long) * mask
+    return ids, mask, torch.where(second.any(dim=1, keepdim=True), second, mask)
 
 
 def load_waveforms(paths: Sequence[Path | None], max_seconds: float, cache_dir: Path | None) -> list[np.ndarray | None]:
@@ -269,6 +291,7 @@ class Batch:
     text_states: Tensor | None  # [N, L, H] states entering the first trainable text layer
     input_ids: Tensor | None  # [N, L]
     attention_mask: Tensor | None  # [N, L], for text_states or input_ids
+    pool_mask: Tensor | None  # [N, L] the tokens the text encoder pools (the current turn's)
     audio: Tensor  # [A, S]
     audio_lengths: Tensor  # [A]
     audio_rows: Tensor  # [A] positions in the batch
@@ -292,8 +315,13 @@ TextSource = Tensor | TextStates | Tokenizer  # pooled features, bottom-layer st
 class Collator:
     """Builds `Batch`es from dialogue numbers of one table."""
 
-    def __init__(self, table: TurnTable, text: TextSource, waveforms: Sequence[np.ndarray | None]) -> None:
+    def __init__(
+        self, table: TurnTable, text: TextSource, waveforms: Sequence[np.ndarray | None],
+        inputs: Sequence[EncoderInput] | None = None,
+    ) -> None:  # fmt: skip
+        """`inputs`: the text encoder's input of each turn, when not the turn's own text (`TextSource` tokens)."""
         self.table, self.text, self.waveforms = table, text, waveforms
+        self.inputs = table.texts if inputs is None else inputs
 
     def __call__(
         self, dialogues: Sequence[int], labels: np.ndarray | None = None, draw: np.ndarray | None = None
@@ -325,13 +353,15 @@ class Collator:
         )
 
     def _text(self, rows: np.ndarray) -> dict[str, Tensor | None]:
-        out: dict[str, Tensor | None] = dict.fromkeys(("text_features", "text_states", "input_ids", "attention_mask"))
+        keys = ("text_features", "text_states", "input_ids", "attention_mask", "pool_mask")
+        out: dict[str, Tensor | None] = dict.fromkeys(keys)
         if isinstance(self.text, Tensor):
             out["text_features"] = self.text[rows]
         elif isinstance(self.text, TextStates):
-            out["text_states"], out["attention_mask"] = self.text.padded(rows.tolist())
+            out["text_states"], out["attention_mask"], out["pool_mask"] = self.text.padded(rows.tolist())
         else:
-            out["input_ids"], out["attention_mask"] = tokenize(self.text, [self.table.texts[r] for r in rows])
+            tokens = tokenize(self.text, [self.inputs[r] for r in rows])
+            out["input_ids"], out["attention_mask"], out["pool_mask"] = tokens
         return out
 
     def _audio(self, rows: np.ndarray) -> dict[str, Tensor]:

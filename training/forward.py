@@ -28,25 +28,27 @@ Recombine = Callable[[Tensor, Tensor, Batch], tuple[Tensor, Tensor]]
 
 
 def encode_text(text: TextEncoder, mask: Tensor, ids: Tensor | None = None, states: Tensor | None = None,
-                chunk: int = 32) -> Tensor:  # fmt: skip
-    """Pooled text of every row from token ids, or from `states` entering the first trainable layer; run in
-    chunks of similar length (a dialogue batch mixes 3- and 60-token turns)."""
+                pool: Tensor | None = None, chunk: int = 32) -> Tensor:  # fmt: skip
+    """Pooled text of every row from token ids, or from `states` entering the first trainable layer, pooled over
+    `pool` (default: every token); run in chunks of similar length (a dialogue batch mixes 3- and 60-token turns)."""
+    pool = mask if pool is None else pool
     lengths = mask.sum(dim=1)
     order = lengths.argsort()
     parts = []
     for rows in order.split(chunk):
         width = int(lengths[rows].max().clamp(min=1))
-        m = mask[rows, :width]
-        parts.append(text(ids[rows, :width], m) if states is None else top_layers(text, states[rows, :width], m))
+        m, p = mask[rows, :width], pool[rows, :width]
+        parts.append(text(ids[rows, :width], m, p) if states is None else top_layers(text, states[rows, :width], m, p))
     return torch.cat(parts)[order.argsort()]
 
 
-def top_layers(text: TextEncoder, states: Tensor, mask: Tensor) -> Tensor:
-    """The trainable top layers of the text encoder + its mean pooling, from cached bottom-layer states."""
+def top_layers(text: TextEncoder, states: Tensor, mask: Tensor, pool: Tensor | None = None) -> Tensor:
+    """The trainable top layers of the text encoder + its mean pooling (over `pool`, default every token), from
+    cached bottom-layer states."""
     allowed = create_bidirectional_mask(config=text.bert.config, inputs_embeds=states, attention_mask=mask)
     for layer in text.bert.encoder.layer[frozen_layers(text) :]:
         states = layer(states, allowed)
-    return mean_pool(states, mask)
+    return mean_pool(states, mask if pool is None else pool)
 
 
 def utterance_embeddings(model: EmotionModel, batch: Batch, recombine: Recombine | None = None) -> Tensor:
@@ -55,7 +57,7 @@ def utterance_embeddings(model: EmotionModel, batch: Batch, recombine: Recombine
     if batch.text_features is not None:
         text = batch.text_features
     else:
-        text = encode_text(encoder.text, batch.attention_mask, batch.input_ids, batch.text_states)
+        text = encode_text(encoder.text, batch.attention_mask, batch.input_ids, batch.text_states, batch.pool_mask)
     audio = text.new_zeros(len(text), encoder.audio.dim)
     if len(batch.audio_rows):
         audio = audio.index_put((batch.audio_rows,), encoder.audio(batch.audio, batch.audio_lengths).to(audio.dtype))

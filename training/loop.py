@@ -44,9 +44,10 @@ from training.augment import (
 )
 from training.common import one_hot
 from training.datasets import NO_LABEL, Batch, plan_epoch
+from training.ensemble import teacher_probabilities
 from training.finish import finish
 from training.forward import Recombine, contextual_features, dev_selection, predict, report, utterance_embeddings
-from training.losses import soft_cross_entropy
+from training.losses import distillation_term, soft_cross_entropy, supervised_contrastive
 from training.metrics import MetricsReport
 from training.noise import partition_noisy_labels, per_sample_loss
 from training.recipe import Recipe
@@ -215,8 +216,8 @@ class Targets(NamedTuple):
 
 
 def training_loss(s: Session, batch: Batch, rng: np.random.Generator, minority: Batch | None = None) -> Tensor:
-    """Emotion loss (the recipe's) + sentiment_weight x soft cross-entropy on rows with a sentiment label.
-    `minority` is BalanceMix's minority batch (`minority_batch`)."""
+    """Emotion loss (the recipe's, distilled when it has teachers) + the contrastive term + sentiment_weight x
+    soft cross-entropy on rows with a sentiment label. `minority` is BalanceMix's minority batch (`minority_batch`)."""
     aug, model = s.recipe.augment, s.model
     level = int(rng.choice(aug.levels)) if aug.levels else None
     targets = Targets.of(s, batch)
@@ -227,6 +228,7 @@ def training_loss(s: Session, batch: Batch, rng: np.random.Generator, minority: 
     causal = choose_causal(s.recipe.train.context, rng)
     features = contextual_features(model, batch, embeddings, causal)
     x, t = features[batch.draw], targets.take(batch.draw)
+    extra = contrastive_term(s, features, batch)
     if level == 1:  # mix contextual features of the drawn turns (manifold mixup's second level)
         mixed = mixup(x, batch.emotions[batch.draw], s.num_emotions, rng, aug.alpha)
         x, t = mixed.x, t.mixed(t.take(mixed.partner), mixed.lam)
@@ -236,10 +238,31 @@ def training_loss(s: Session, batch: Batch, rng: np.random.Generator, minority: 
         x, t = _smote(x, t, batch.emotions[batch.draw], rng, aug.smote_k, s.num_sentiments)
     emotion_logits, sentiment_logits = model.head.classify(x)
     loss = s.loss(emotion_logits, t.emotion, groups=t.corpus, sample_weight=t.weight)
+    loss = distilled(s, loss, emotion_logits, batch.rows[batch.draw], causal) + extra
     if t.has_sentiment.any():
         rows = t.has_sentiment
         loss = loss + s.recipe.train.sentiment_weight * soft_cross_entropy(sentiment_logits[rows], t.sentiment[rows])
     return loss
+
+
+def distilled(s: Session, loss: Tensor, logits: Tensor, rows: Tensor, causal: bool) -> Tensor:
+    """(1 − weight) x the recipe's loss + weight x the distillation term against the teachers (`Session.teachers`)
+    on these training rows; the recipe's loss alone without teachers."""
+    if s.teachers is None:
+        return loss
+    config = s.recipe.distill
+    soft = distillation_term(logits, s.teachers[causal][rows], config.temperature)
+    return (1 - config.weight) * loss + config.weight * soft
+
+
+def contrastive_term(s: Session, features: Tensor, batch: Batch) -> Tensor:
+    """The recipe's weight x SupCon over the classifier inputs of the drawn turns, each turn once (a turn the
+    sampler drew twice would be its own positive)."""
+    config = s.recipe.contrastive
+    if config.weight == 0:
+        return features.new_zeros(())
+    rows = torch.unique(batch.draw)
+    return config.weight * supervised_contrastive(features[rows], batch.emotions[rows], config.temperature)
 
 
 def dialogue_of_rows(batch: Batch) -> Tensor:
@@ -370,6 +393,8 @@ def train(
     if run.is_finished():
         return RunDir.read_json(run.final)
     session = build_session(recipe, run, data_dir, cache_dir, device, progress)
+    if recipe.distill.teachers:
+        session.teachers = teacher_probabilities(session)
     fit(session)
     return finish(session)
 

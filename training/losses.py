@@ -235,3 +235,32 @@ def build_loss(name: str, class_counts: ArrayLike, **params: object) -> Imbalanc
     if name not in _BUILDERS:
         raise ValueError(f"unknown loss {name!r}; expected one of {sorted(_BUILDERS)}")
     return _BUILDERS[name](class_counts, **params)
+
+
+# ---- terms beside the emotion loss ------------------------------------------------------------------------------
+
+
+def supervised_contrastive(features: Tensor, labels: Tensor, temperature: float) -> Tensor:
+    """SupCon, L_out form (Khosla et al. 2020, eq. 2): every row with at least one same-label row is an anchor,
+    and its loss is the mean over those positives p of −log(exp(z·z_p / τ) / Σ_{a ≠ anchor} exp(z·z_a / τ)),
+    with z the L2-normalised features. Anchors are averaged; rows alone in their class only serve as negatives,
+    and a batch without any anchor gives 0."""
+    z = F.normalize(features.float(), dim=1)
+    itself = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    similarity = (z @ z.T / temperature).masked_fill(itself, float("-inf"))
+    log_prob = similarity - torch.logsumexp(similarity, dim=1, keepdim=True)
+    positives = (labels[:, None] == labels[None, :]) & ~itself
+    count = positives.sum(dim=1)
+    anchors = count > 0
+    if not anchors.any():
+        return z.sum() * 0.0
+    summed = log_prob.masked_fill(~positives, 0.0).sum(dim=1)
+    return -(summed[anchors] / count[anchors]).mean()
+
+
+def distillation_term(student_logits: Tensor, teacher_probs: Tensor, temperature: float) -> Tensor:
+    """Hinton et al. (2015): T² · KL(teacher ‖ student) at temperature T, averaged over rows; `teacher_probs` are
+    the teachers' probabilities already softened at T. The T² keeps the gradient's scale independent of T."""
+    log_student = F.log_softmax(student_logits.float() / temperature, dim=1)
+    kl = (teacher_probs * (torch.log(teacher_probs.clamp(min=1e-12)) - log_student)).sum(dim=1)
+    return temperature**2 * kl.mean()

@@ -270,6 +270,52 @@ class NoiseConfig:
 
 
 @dataclass(frozen=True)
+class ContrastiveConfig:
+    """A supervised contrastive term (SupCon, training/losses.py `supervised_contrastive`) on the classifier inputs
+    of the step's drawn turns with their labels, added to the loss times `weight` (0: off). Khosla et al. train
+    through a projection head; here the term shapes the classifier inputs themselves."""
+
+    weight: float = 0.0
+    temperature: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(self.weight >= 0 and self.temperature > 0, "contrastive: weight >= 0 and temperature > 0")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation (Hinton et al. 2015) from finished runs: the emotion loss becomes (1 − weight) x the
+    recipe's loss + weight x `distillation_term` at `temperature`, against the teachers' softened probabilities
+    averaged over `teachers` (run directories: absolute, or names beside this run's own directory). Empty: off."""
+
+    teachers: tuple[str, ...] = ()
+    weight: float = 0.5
+    temperature: float = 2.0
+
+    def __post_init__(self) -> None:
+        _check(0 < self.weight <= 1 and self.temperature > 0, "distill: weight in (0, 1] and temperature > 0")
+
+
+@dataclass(frozen=True)
+class ContextInputConfig:
+    """Earlier turns of the dialogue in the text encoder's input, EmoBERTa style (model/context_input.py): a turn
+    is encoded as the pair (its earlier turns, itself), whole earlier turns kept newest first within `tokens` in
+    all, and the encoder pools the turn's own tokens. 0: off (each turn alone). Training only for now: export
+    refuses it, as serving builds single-turn inputs."""
+
+    tokens: int = 0  # at most model.max_tokens
+    turns: int = 8  # at most this many earlier turns
+
+    def __post_init__(self) -> None:
+        _check(self.tokens == 0 or self.tokens >= 16, "context_input.tokens: 0 (off) or at least 16")
+        _check(self.turns >= 1, "context_input.turns must be >= 1")
+
+
+# Sections added after runs existed: left out of `Recipe.to_dict` while off, so that earlier runs keep their digest.
+OPTIONAL_SECTIONS = ("contrastive", "distill", "context_input")
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     description: str = ""
@@ -283,12 +329,24 @@ class Recipe:
     decoupled: DecoupledConfig = field(default_factory=DecoupledConfig)
     posthoc: PosthocConfig = field(default_factory=PosthocConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    context_input: ContextInputConfig = field(default_factory=ContextInputConfig)
+
+    def __post_init__(self) -> None:
+        mixed = self.augment.method != "none"
+        _check(not (self.distill.teachers and mixed), "distill: teachers score real turns; set augment.method = none")
+        tokens, most = self.context_input.tokens, self.model.max_tokens
+        _check(tokens <= most, f"context_input.tokens ({tokens}) must not exceed model.max_tokens ({most})")
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["model"] = self.model.to_dict()
         for section in ("sampler", "loss"):  # flat, as written in a recipe file
             data[section] = {"name": data[section].name, **data[section].params}
+        for section in OPTIONAL_SECTIONS:
+            if data[section] == type(data[section])():
+                del data[section]
         return json.loads(json.dumps(_plain(data)))
 
     @classmethod
@@ -335,6 +393,9 @@ _SECTIONS: dict[str, type] = {
     "decoupled": DecoupledConfig,
     "posthoc": PosthocConfig,
     "noise": NoiseConfig,
+    "contrastive": ContrastiveConfig,
+    "distill": DistillConfig,
+    "context_input": ContextInputConfig,
 }
 
 

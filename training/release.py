@@ -53,10 +53,10 @@ RELEASE_SEED = 2  # the seed of the best MELD dev macro F1 among the recipe's th
 
 
 def release_from_run(run_dir: Path, into: Path, data_dir: Path, version: str) -> dict[str, Any]:
-    from training.cli import load_trained_model
+    from training.run import servable_model
 
     run = RunDir(Path(run_dir))
-    recipe, model = load_trained_model(run)
+    recipe, model = servable_model(run)
     return build_release(model, recipe, RunDir.read_json(run.final), into, data_dir, version)
 
 

@@ -178,6 +178,28 @@ def includes_text(state: dict[str, torch.Tensor]) -> bool:
     return any(k.startswith(TEXT_PREFIX) for k in state)
 
 
+def servable_model(run: RunDir) -> tuple[Recipe, EmotionModel]:
+    """`load_trained_model` for export: refused for a run whose text input the serving runtime cannot build."""
+    recipe, model = load_trained_model(run)
+    if recipe.context_input.tokens:
+        raise RunError(
+            f"{run.path} encodes earlier turns in the text input ([context_input]); serving builds single-turn "
+            "inputs, so it cannot be exported"
+        )
+    return recipe, model
+
+
+def load_trained_model(run: RunDir) -> tuple[Recipe, EmotionModel]:
+    """The final model of a finished run (the pretrained text encoder comes from its pinned package)."""
+    if not run.is_finished():
+        raise RunError(f"{run.path} is not a finished run (no model.pt / final.json)")
+    recipe = run.recipe()
+    state = run.load(run.final_model)
+    model = EmotionModel(recipe.model, pretrained_text=not includes_text(state))
+    load_model_state(model, state)
+    return recipe, model.eval()
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with _temporary(path) as tmp:

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 
+from model.context_input import EncoderInput, context_inputs
 from model.network import EmotionModel
 from model.text_encoder import load_tokenizer
 from training.common import class_counts
@@ -27,7 +29,7 @@ from training.datasets import (
 )
 from training.datasets import text_features as cached_text_features
 from training.losses import ImbalanceLoss
-from training.recipe import OptimConfig, Recipe, make_loss, make_sampler
+from training.recipe import ContextInputConfig, OptimConfig, Recipe, make_loss, make_sampler
 from training.run import RunDir, load_model_state, model_state
 from training.samplers import ClassShareSampler, DevF1Sampler
 
@@ -65,6 +67,8 @@ class Session:
     scaler: torch.amp.GradScaler
     state: LoopState
     progress: bool = True
+    # distillation's teachers, {causal: [training turns, C]} (training/ensemble.py)
+    teachers: dict[bool, torch.Tensor] | None = None
 
     @property
     def amp(self) -> bool:
@@ -151,15 +155,23 @@ def _collators(model: EmotionModel, tables: dict[str, TurnTable], recipe: Recipe
     frozen = frozen_layers(text)
     collators = {}
     for split, table in tables.items():
+        inputs = encoder_inputs(table, recipe.context_input, tokenizer)
         if frozen == text.num_layers:
-            source: TextSource = cached_text_features(text, tokenizer, table.texts, cache_dir)
+            source: TextSource = cached_text_features(text, tokenizer, inputs, cache_dir)
         elif frozen > 0:
-            source = text_states(text, tokenizer, table.texts, cache_dir)
+            source = text_states(text, tokenizer, inputs, cache_dir)
         else:
             source = tokenizer
         waves = load_waveforms(table.audio, recipe.data.max_audio_seconds, cache_dir)
-        collators[split] = Collator(table, source, waves)
+        collators[split] = Collator(table, source, waves, inputs)
     return collators
+
+
+def encoder_inputs(table: TurnTable, config: ContextInputConfig, tokenizer: Tokenizer) -> Sequence[EncoderInput]:
+    """Each turn's text, or with `[context_input]` on, the turn with its earlier turns (model/context_input.py)."""
+    if not config.tokens:
+        return table.texts
+    return context_inputs(table.texts, table.speakers, table.starts, tokenizer, config.tokens, config.turns)
 
 
 def build_optimizer(model: EmotionModel, lr: float, text_lr: float, weight_decay: float) -> torch.optim.Optimizer:

@@ -122,6 +122,10 @@ def test_the_recipe_takes_the_jobs_overrides_and_refuses_stages_tier3_does_not_r
     assert recipe.optim.grad_clip == shipped.optim.grad_clip and recipe.data == shipped.data  # the rest is kept
     with pytest.raises(PermanentError, match="sampler 'class_balanced'"):
         tier3_recipe(load_recipe("meld_balanced_sampling"), FineTuning())
+    for lever, refusal in (("meld_supcon", "contrastive"), ("meld_distill", "distillation"),
+                           ("meld_context", "earlier turns")):  # fmt: skip
+        with pytest.raises(PermanentError, match=refusal):
+            tier3_recipe(load_recipe(lever), FineTuning())
     with pytest.raises(PermanentError, match="invalid fine-tuning settings"):
         tier3_recipe(shipped, FineTuning(loss="no-such-loss"))
 

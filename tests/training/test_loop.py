@@ -187,15 +187,18 @@ def test_text_encoded_in_chunks_of_similar_length_is_the_text_encoder_output() -
 def test_cached_bottom_layer_states_give_the_full_encoder_output(tmp_path: Path) -> None:
     model = EmotionModel(ModelConfig.tiny(text_trainable_layers=1)).eval()
     tokenizer = load_tokenizer(max_length=16)
-    texts = ["Oh my God!", "What?", "You're not gonna believe this, Ross."]
+    texts = ["Oh my God!", "What?", ("speaker 1: Oh my God!", "speaker 2: You're not gonna believe this, Ross.")]
     states = text_states(model.encoder.text, tokenizer, texts, tmp_path)
     assert states.layer == 1
-    padded, mask = states.padded([0, 1, 2])
-    ids, id_mask = tokenize(tokenizer, texts)
+    padded, mask, pool = states.padded([0, 1, 2])
+    ids, id_mask, id_pool = tokenize(tokenizer, texts)
+    assert pool.tolist() == id_pool[:, : pool.shape[1]].tolist() and pool[2, 0] == 0 and pool[0, 0] == 1
     with torch.no_grad():
-        expected = model.encoder.text(ids, id_mask)
-        actual = encode_text(model.encoder.text, mask, states=padded)
+        expected = model.encoder.text(ids, id_mask, id_pool)
+        actual = encode_text(model.encoder.text, mask, states=padded, pool=pool)
+        whole = model.encoder.text(ids, id_mask)
     torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-3)  # states are stored as float16
+    assert not torch.allclose(expected[2], whole[2], atol=1e-3)  # a pair pools its current turn only
 
 
 def test_text_features_are_cached_per_encoder_weights(tmp_path: Path) -> None:
