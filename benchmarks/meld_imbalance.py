@@ -283,7 +283,7 @@ def results_table(results: Sequence[MethodResult]) -> list[str]:
         per_class = [_pm([rep[c].f1 for rep in r.reports]) for c in ANCHOR_ORDER]
         overall = [_pm([getattr(rep, m) for rep in r.reports]) for m in ("accuracy", "weighted_f1", "macro_f1")]
         seconds = f"{np.mean(r.seconds):.0f}" if r.seconds else "–"  # an ensemble trains nothing of its own
-        seconds += " (+ CE backbone)" if r.shared_backbone else ""
+        seconds += " (+ the run it adopts)" if r.shared_backbone else ""
         lines.append("| " + " | ".join([r.label, f"`{r.recipe}`", *overall, *per_class, seconds]) + " |")
     return lines
 

@@ -40,7 +40,16 @@ def _grouped_bars(
     ax.set_xticks(x, labels, rotation=30, ha="right")
     ax.set_ylim(0, 1)
     ax.grid(axis="y", alpha=0.3)
-    ax.figure.legend(loc="outside lower center", ncols=min(len(series), 3), fontsize="small")
+    _legend_below(ax.figure, list(series))
+
+
+def _legend_below(fig: Figure, names: Sequence[str]) -> None:
+    """As many columns as the longest name allows in the figure's width (about 14 small characters per inch);
+    the figure grows by the legend's rows so the axes keep their height."""
+    columns = max(1, min(3, len(names), int(fig.get_figwidth() * 14 // (max(map(len, names)) + 6))))
+    rows = -(-len(names) // columns)
+    fig.set_figheight(fig.get_figheight() + 0.22 * rows)
+    fig.legend(loc="outside lower center", ncols=columns, fontsize="small")
 
 
 def plot_per_class(report: MetricsReport, path: str | Path, title: str | None = None) -> Path:
