@@ -1,23 +1,27 @@
 """MELD imbalance benchmark: one backbone, every imbalance method, several seeds -> docs/TRAINING_RESULTS.md.
 
 A backbone is a recipe holding the model, data and optimiser (training/recipes/_meld_frozen.toml: frozen
-all-MiniLM-L6-v2 with pooled outputs cached once; _meld_ft2.toml: its top two layers fine-tuned), always with the
-product's fusion layer, dialogue-context transformer and heads, trained on MELD text with dialogue context
-(comparable with MELD_ANCHORS.md). Each method is one recipe that changes only its method sections and is put on
-the chosen backbone. Methods that only change the stage after the epochs (cRT, tau-norm, post-hoc) start from
-the plain-CE run of the same seed (the decoupling protocol of Kang et al. 2020), so they cost seconds, not a run.
+all-MiniLM-L6-v2 with pooled outputs cached once; _meld_ft2.toml: its top two layers fine-tuned; _meld_ft6.toml:
+all six), always with the product's fusion layer, dialogue-context transformer and heads, trained on MELD text
+with dialogue context (comparable with MELD_ANCHORS.md). Each method is one recipe that changes only its method
+sections and is put on the chosen backbone. Methods that only change the stage after the epochs (cRT, tau-norm,
+post-hoc) start from the plain-CE run of the same seed (the decoupling protocol of Kang et al. 2020), so they cost
+seconds, not a run.
 
-    python -m benchmarks.meld_imbalance --backbone _meld_frozen --seeds 3 [--jobs 4] [--with-default]
+    python -m benchmarks.meld_imbalance --backbone _meld_frozen --seeds 3 [--jobs 4] [--with-default [NAME ...]]
 
     python -m benchmarks.meld_imbalance --backbone _meld_ft2 --levers --seeds 3
+    python -m benchmarks.meld_imbalance --backbone _meld_ft6 --levers --seeds 3 --methods meld_ce meld_posthoc \
+        --with-default default_ft6
 
 `--levers` measures the representation levers instead (`LEVERS`: earlier turns in the encoder input, a supervised
 contrastive term, distillation from the plain-CE seeds, each alone and with post-hoc adjustment) beside plain CE,
 plus the ensemble of the plain-CE seeds.
 
 Runs land in <runs>/<recipe>@<backbone>-seed<N>; a finished run is reused, so an interrupted benchmark continues
-where it stopped. `--with-default` also trains the candidates for the shipped default (`DEFAULT_CANDIDATES`: MELD
-+ speech corpora, their own recipes, not put on the backbone) into <runs>/<recipe>-seed<N>. Results of every
+where it stopped. `--with-default` also trains the candidates for the shipped default (`DEFAULT_CANDIDATES`, or
+the ones named: MELD + speech corpora, their own recipes, not put on the backbone) into <runs>/<recipe>-seed<N>;
+each candidate keeps the seeds and device it was measured with. Results of every
 backbone measured are kept in docs/img/meld_imbalance_results.json (`--methods` adds rows measured on the same
 seeds and device to a backbone's table) and the document is rebuilt from all of them.
 """
@@ -49,6 +53,7 @@ RESULTS = IMG_DIR / "meld_imbalance_results.json"
 BACKBONES: dict[str, str] = {
     "_meld_frozen": "frozen all-MiniLM-L6-v2 (pooled outputs cached once)",
     "_meld_ft2": "all-MiniLM-L6-v2 with its top 2 of 6 layers fine-tuned (states below them cached once)",
+    "_meld_ft6": "all-MiniLM-L6-v2 with all 6 layers fine-tuned (the whole encoder runs in every epoch)",
 }
 
 METHODS: tuple[tuple[str, str], ...] = (
@@ -65,11 +70,12 @@ METHODS: tuple[tuple[str, str], ...] = (
     ("tau-norm (decoupled)", "meld_tau_norm"),
     ("post-hoc logit adjustment", "meld_posthoc"),
 )
-# Candidates for the shipped default, chosen by mean MELD dev macro F1 (training/recipes/default_la.toml trains as
-# default.toml does).
+# Candidates for the shipped default, chosen by mean MELD dev macro F1 (training/recipes/default_la.toml is the
+# recipe of the 1.x releases on the top-2 backbone).
 DEFAULT_CANDIDATES: tuple[tuple[str, str], ...] = (
-    ("logit-adjusted loss", "default_la"),
-    ("CE + post-hoc logit adjustment + bias tuning", "default_ce_posthoc"),
+    ("logit-adjusted loss (pooled prior), top 2 layers", "default_la"),
+    ("CE + post-hoc logit adjustment + bias tuning, top 2 layers", "default_ce_posthoc"),
+    ("logit-adjusted loss (per-corpus prior), all 6 layers", "default_ft6"),
 )
 # Stage-2 methods: their runs adopt the epochs of the plain-CE run of the same seed.
 DECOUPLED = ("meld_crt", "meld_tau_norm", "meld_posthoc")
@@ -160,10 +166,19 @@ def run_one(name: str, backbone: str, seed: int, runs_dir: Path, data_dir: Path,
     adopted = _adopt_backbone(run, recipe, runs_dir)
     start = time.perf_counter()
     final = train(recipe, run, data_dir, cache_dir, progress=False)
-    seconds = final.get("train_seconds", 0.0) if not adopted else time.perf_counter() - start
+    seconds = final.get("train_seconds", 0.0) if not adopted else _stage_seconds(run, time.perf_counter() - start)
     report = meld_test_report(run)
     print(f"{recipe.name} seed {seed}: macro F1 {report.macro_f1:.4f} ({seconds:.0f} s)", flush=True)
     return {"report": report.to_dict(), "seconds": seconds, "adopted": adopted}
+
+
+def _stage_seconds(run: RunDir, measured: float) -> float:
+    """An adopting run's own cost (its stage after the adopted epochs), kept in the run directory the first time,
+    so that a later invocation reusing the finished run reports what it cost rather than the time to read it."""
+    record = run.path / "stage_seconds"
+    if not record.is_file():
+        record.write_text(f"{measured}\n", encoding="utf-8")
+    return float(record.read_text(encoding="utf-8"))
 
 
 def run_methods(
@@ -213,23 +228,32 @@ def meld_test_report(run: RunDir, split: str = "test") -> MetricsReport:
     return MetricsReport.from_dict(test["meld"]["bidirectional"]["emotion"])
 
 
-def run_candidates(seeds: Sequence[int], runs_dir: Path, data_dir: Path, cache_dir: Path) -> dict:
-    """Train (or reuse) every default candidate and seed, one after the other; their entry of the results file."""
+def run_candidates(names: Sequence[str], seeds: Sequence[int], runs_dir: Path, data_dir: Path, cache_dir: Path,
+                   earlier: dict | None) -> dict:  # fmt: skip
+    """Train (or reuse) the named default candidates and seeds, one after the other; the results file's entry, with
+    the candidates measured earlier kept beside them (each records its own device and seeds)."""
     from training.loop import train
 
-    results, dev = [], {}
+    entry = earlier or {"methods": {}, "dev_macro_f1": {}}
     for label, name in DEFAULT_CANDIDATES:
-        result = MethodResult(label, name)
+        if name not in names:
+            continue
+        result, dev = MethodResult(label, name), []
         for seed in seeds:
             recipe = load_recipe(name).with_seed(seed)
             run = RunDir.for_recipe(runs_dir, recipe)
             final = train(recipe, run, data_dir, cache_dir, progress=False)
             result.reports.append(meld_test_report(run))
             result.seconds.append(final.get("train_seconds", 0.0))
-            dev.setdefault(name, []).append(meld_test_report(run, "dev").macro_f1)
-        results.append(result)
-    return {"seeds": list(seeds), "device": describe_device(), "dev_macro_f1": dev,
-            "methods": {r.recipe: r.to_dict() for r in results}}  # fmt: skip
+            dev.append(meld_test_report(run, "dev").macro_f1)
+        entry = with_candidate(entry, result, dev, seeds, describe_device())
+    return entry
+
+
+def with_candidate(entry: dict, result: MethodResult, dev: list[float], seeds: Sequence[int], device: str) -> dict:
+    """The candidates' entry with `result` added or replaced; the others keep the seeds and device they had."""
+    methods = {**entry["methods"], result.recipe: {**result.to_dict(), "device": device, "seeds": list(seeds)}}
+    return {**entry, "methods": methods, "dev_macro_f1": {**entry["dev_macro_f1"], result.recipe: dev}}
 
 
 def ensemble_results(backbone: str, seeds: Sequence[int], runs_dir: Path, data_dir: Path, cache_dir: Path
@@ -329,13 +353,17 @@ def candidates_section(entry: dict) -> list[str]:
     """Candidates for the shipped default: MELD + speech corpora, selected by mean MELD dev macro F1."""
     results = [MethodResult.from_dict(name, data) for name, data in entry["methods"].items()]
     dev = ", ".join(f"`{name}` {100 * np.mean(v):.2f}" for name, v in entry["dev_macro_f1"].items())
+    where = "; ".join(
+        f"`{name}`: {len(data.get('seeds', entry.get('seeds', [])))} seeds on {data.get('device', entry.get('device'))}"
+        for name, data in entry["methods"].items()
+    )
     return [
         "## Candidates for the default model (MELD + RAVDESS / TESS / EmoDB)",
         "",
-        f"Backbone `_meld_ft2`, trained on MELD text dialogues and the three acted-speech corpora together "
-        f"(speaker-independent splits), {len(entry['seeds'])} seeds, on {entry['device']}. Mean MELD dev macro "
-        f"F1: {dev}; the higher one became `training/recipes/default.toml` (seed of the best dev macro F1 "
-        "shipped). MELD test below; speech-corpus results are in the model card (model/default/MODEL_CARD.md).",
+        "Each candidate is trained on MELD text dialogues and the three acted-speech corpora together "
+        f"(speaker-independent splits; {where}). Mean MELD dev macro F1: {dev}; the highest one is "
+        "`training/recipes/default.toml` (seed of the best dev macro F1 shipped). MELD test below; speech-corpus "
+        "results are in the model card (model/default/MODEL_CARD.md).",
         "",
         *results_table(results),
         "",
@@ -431,7 +459,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="runs trained in parallel processes")
     parser.add_argument("--runs", type=Path, default=settings.state_dir / "benchmarks" / "meld_imbalance")
     parser.add_argument("--methods", nargs="*", help="recipe names (default: all)")
-    parser.add_argument("--with-default", action="store_true", help="also train the default candidates")
+    parser.add_argument("--with-default", nargs="*", metavar="CANDIDATE",
+                        help="also train these default candidates (none named: all of DEFAULT_CANDIDATES)")  # fmt: skip
     parser.add_argument("--levers", action="store_true", help="the representation levers instead of the methods")
     args = parser.parse_args(argv)
     if settings.data_dir is None:
@@ -450,9 +479,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                             dev_macro_f1=dev)  # fmt: skip
     else:
         everything = record(args.backbone, results, seeds, time.perf_counter() - start, args.jobs)
-    if args.with_default:
-        everything["default_candidates"] = run_candidates(seeds, args.runs, settings.data_dir,
-                                                          settings.state_dir / "cache")  # fmt: skip
+    if args.with_default is not None:
+        names = args.with_default or [name for _, name in DEFAULT_CANDIDATES]
+        everything["default_candidates"] = run_candidates(names, seeds, args.runs, settings.data_dir, cache,
+                                                          everything.get("default_candidates"))  # fmt: skip
         RESULTS.write_text(json.dumps(everything, indent=1), encoding="utf-8")
     wall = time.perf_counter() - start
     write_document(everything)

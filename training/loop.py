@@ -341,6 +341,11 @@ def fit(s: Session) -> None:
             tqdm.write(_epoch_line(s, epoch, stats, dev_report))
 
 
+def _epochs_remain(s: Session) -> bool:
+    """False once the run has trained its last epoch or stopped early (an adopted run, a resumed finished fit)."""
+    return s.state.epoch < s.recipe.optim.epochs and not s.state.stopped_early
+
+
 def _track_best(s: Session, epoch: int, score: float) -> None:
     state, patience = s.state, s.recipe.train.patience
     if score > state.best + 1e-9:
@@ -393,7 +398,7 @@ def train(
     if run.is_finished():
         return RunDir.read_json(run.final)
     session = build_session(recipe, run, data_dir, cache_dir, device, progress)
-    if recipe.distill.teachers:
+    if recipe.distill.teachers and _epochs_remain(session):
         session.teachers = teacher_probabilities(session)
     fit(session)
     return finish(session)

@@ -100,6 +100,23 @@ def test_a_student_learns_from_its_teachers_averaged_probabilities(data_dir: Pat
     assert 0 <= final["test"]["meld"]["macro_f1"] <= 1
 
 
+def test_a_student_with_no_epochs_left_does_not_read_its_teachers(data_dir: Path, tmp_path: Path) -> None:
+    """A run whose epochs are done (adopted, or resumed after its last epoch) only finishes: its teachers' outputs
+    would be unused, so they are not computed and a teacher removed since then does not matter."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    train_tiny(tiny_recipe(train={"patience": 0}), tmp_path / "teacher", data_dir, cache)
+    recipe = tiny_recipe(distill={"teachers": [str(tmp_path / "teacher")]})
+    train_tiny(recipe, tmp_path / "student", data_dir, cache)
+    RunDir(tmp_path / "student").final.unlink()
+    shutil.rmtree(tmp_path / "teacher")
+    final = train_tiny(recipe, tmp_path / "student", data_dir, cache)
+    assert 0 <= final["test"]["meld"]["macro_f1"] <= 1
+    with pytest.raises(RecipeError, match="not finished"):  # with epochs to run, the missing teacher is refused
+        train_tiny(recipe, tmp_path / "another", data_dir, cache)
+
+
 def test_the_contrastive_term_trains_through_the_recipe(data_dir: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     plain = train_tiny(tiny_recipe(), tmp_path / "plain", data_dir, cache)
@@ -143,3 +160,31 @@ def test_the_benchmark_adds_rows_measured_on_the_same_seeds_and_device(
     assert merged["levers_meld_ft2"]["dev_macro_f1"] == {"meld_ce": [0.5], "meld_supcon": [0.4]}
     replaced = bench.record("levers_meld_ft2", [second], [0, 1], 1.0, 1)  # other seeds: a new table
     assert list(replaced["levers_meld_ft2"]["methods"]) == ["meld_supcon"]
+
+
+def test_a_default_candidate_is_added_beside_the_earlier_ones_each_with_its_own_device() -> None:
+    import benchmarks.meld_imbalance as bench
+
+    labels = ("neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear")
+    report = compute_metrics(np.arange(7), np.array([0, 1, 2, 3, 4, 5, 0]), labels)
+    earlier_result = bench.MethodResult("old", "default_la", [report], [1.0])
+    earlier = {"seeds": [0], "device": "one GPU", "dev_macro_f1": {"default_la": [0.4]},
+               "methods": {"default_la": earlier_result.to_dict()}}  # fmt: skip
+    new = bench.MethodResult("new", "default_ft6", [report, report], [2.0, 2.0])
+    entry = bench.with_candidate(earlier, new, [0.5, 0.6], [0, 1], "a CPU")
+    assert list(entry["methods"]) == ["default_la", "default_ft6"]
+    assert entry["dev_macro_f1"] == {"default_la": [0.4], "default_ft6": [0.5, 0.6]}
+    text = "\n".join(bench.candidates_section(entry))
+    assert "`default_la`: 1 seeds on one GPU" in text and "`default_ft6`: 2 seeds on a CPU" in text
+    again = bench.with_candidate(entry, bench.MethodResult("new", "default_ft6", [report], [3.0]), [0.7], [0], "x")
+    assert again["dev_macro_f1"]["default_ft6"] == [0.7]
+    assert again["methods"]["default_la"] == entry["methods"]["default_la"]
+
+
+def test_a_reused_adopting_run_reports_the_cost_of_its_first_completion(tmp_path: Path) -> None:
+    import benchmarks.meld_imbalance as bench
+
+    run = RunDir(tmp_path / "posthoc")
+    run.path.mkdir()
+    assert bench._stage_seconds(run, 24.0) == 24.0
+    assert bench._stage_seconds(run, 0.001) == 24.0  # a later invocation only read the finished run
