@@ -377,12 +377,14 @@ def levers_section(key: str, entry: dict) -> list[str]:
     image = IMG_DIR / f"meld_levers_f1{backbone}.png"
     plot_runs({r.label: r.reports for r in results}, image, title=f"MELD test per-class F1, levers ({backbone})")
     dev = ", ".join(f"`{name}` {100 * np.mean(v):.2f}" for name, v in entry["dev_macro_f1"].items())
+    trained = [name for _, name in LEVERS if name in entry["methods"]]
+    methods = "" if len(trained) == len(LEVERS) else f" --methods {' '.join(trained)}"
     return [
         f"## Representation levers on `{backbone}`",
         "",
-        f"`python -m benchmarks.meld_imbalance --backbone {backbone} --levers --seeds {len(entry['seeds'])}` on "
-        f"{entry['device']}, every row trained in the same invocation. Each lever changes one thing of plain "
-        "cross-entropy (recipes `training/recipes/meld_*.toml`). The ensemble rows are one model each (the "
+        f"`python -m benchmarks.meld_imbalance --backbone {backbone} --levers --seeds {len(entry['seeds'])}"
+        f"{methods}` on {entry['device']}, every row on the same machine and seeds. Each lever changes one thing "
+        "of plain cross-entropy (recipes `training/recipes/meld_*.toml`). The ensemble rows are one model each (the "
         "plain-CE seeds together), so they have no spread. Mean MELD dev macro F1 per recipe (what selects): "
         f"{dev}.",
         "",
