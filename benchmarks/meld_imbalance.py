@@ -20,7 +20,7 @@ plus the ensemble of the plain-CE seeds.
 
 Runs land in <runs>/<recipe>@<backbone>-seed<N>; a finished run is reused, so an interrupted benchmark continues
 where it stopped. `--with-default` also trains the candidates for the shipped default (`DEFAULT_CANDIDATES`, or
-the ones named: MELD + speech corpora, their own recipes, not put on the backbone) into <runs>/<recipe>-seed<N>;
+the ones named: their own recipes and data, not put on the backbone) into <runs>/<recipe>-seed<N>;
 each candidate keeps the seeds and device it was measured with. Results of every
 backbone measured are kept in docs/img/meld_imbalance_results.json (`--methods` adds rows measured on the same
 seeds and device to a backbone's table) and the document is rebuilt from all of them.
@@ -350,20 +350,20 @@ def backbone_section(backbone: str, entry: dict) -> list[str]:
 
 
 def candidates_section(entry: dict) -> list[str]:
-    """Candidates for the shipped default: MELD + speech corpora, selected by mean MELD dev macro F1."""
+    """Candidates for the shipped default's text model, selected by mean MELD dev macro F1."""
     results = [MethodResult.from_dict(name, data) for name, data in entry["methods"].items()]
     dev = ", ".join(f"`{name}` {100 * np.mean(v):.2f}" for name, v in entry["dev_macro_f1"].items())
     where = "; ".join(
-        f"`{name}`: {len(data.get('seeds', entry.get('seeds', [])))} seeds on {data.get('device', entry.get('device'))}"
-        for name, data in entry["methods"].items()
+        f"`{name}`: {len(data['seeds'])} seeds on {data['device']}" for name, data in entry["methods"].items()
     )
     return [
-        "## Candidates for the default model (MELD + RAVDESS / TESS / EmoDB)",
+        "## Candidates for the default model",
         "",
-        "Each candidate is trained on MELD text dialogues and the three acted-speech corpora together "
-        f"(speaker-independent splits; {where}). Mean MELD dev macro F1: {dev}; the highest one is "
-        "`training/recipes/default.toml` (seed of the best dev macro F1 shipped). MELD test below; speech-corpus "
-        "results are in the model card (model/default/MODEL_CARD.md).",
+        "Each candidate is its own recipe (`training/recipes/<name>.toml`: data, loss, backbone; those with "
+        "`speech` also train on RAVDESS / TESS / EmoDB, speaker-independent splits). Where each was measured: "
+        f"{where}. Mean MELD dev macro F1: {dev}; compared on one device, the highest becomes "
+        "`training/recipes/default.toml` (the seed of the best dev macro F1 shipped). MELD test below; "
+        "speech-corpus results are in the model card (model/default/MODEL_CARD.md).",
         "",
         *results_table(results),
         "",

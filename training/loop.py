@@ -322,9 +322,8 @@ def fit(s: Session) -> None:
     """Epochs until the recipe's count or early stopping; a checkpoint after each."""
     train = s.recipe.train
     s.run.truncate_metrics(s.state.epoch)
-    for epoch in range(s.state.epoch, s.recipe.optim.epochs):
-        if s.state.stopped_early:
-            break
+    while _epochs_remain(s):
+        epoch = s.state.epoch
         stats = train_epoch(s, epoch)
         if s.recipe.noise.enabled and epoch + 1 >= s.recipe.noise.warmup_epochs:
             s.state.labels, stats["noise"] = relabel(s)

@@ -168,8 +168,7 @@ def test_a_default_candidate_is_added_beside_the_earlier_ones_each_with_its_own_
     labels = ("neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear")
     report = compute_metrics(np.arange(7), np.array([0, 1, 2, 3, 4, 5, 0]), labels)
     earlier_result = bench.MethodResult("old", "default_la", [report], [1.0])
-    earlier = {"seeds": [0], "device": "one GPU", "dev_macro_f1": {"default_la": [0.4]},
-               "methods": {"default_la": earlier_result.to_dict()}}  # fmt: skip
+    earlier = bench.with_candidate({"methods": {}, "dev_macro_f1": {}}, earlier_result, [0.4], [0], "one GPU")
     new = bench.MethodResult("new", "default_ft6", [report, report], [2.0, 2.0])
     entry = bench.with_candidate(earlier, new, [0.5, 0.6], [0, 1], "a CPU")
     assert list(entry["methods"]) == ["default_la", "default_ft6"]
