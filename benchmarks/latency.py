@@ -9,7 +9,9 @@ with another:
 - `equipoise serve` with prediction logging on (EQUIPOISE_LOG_PREDICTIONS=true, SQLite in a temporary directory),
   and the same with logging off, once per ONNX Runtime intra-op thread count of `--intra-op-threads`;
 - the baseline (benchmarks/pipeline_baseline.py): the same model in PyTorch through a transformers pipeline, one
-  request at a time, no batching.
+  request at a time, no batching;
+- with `--reference-model DIR` (say the previous release), equipoise serving that model too, logging on, once per
+  thread count: a new release's speed is read against the old one's in the same run.
 
 Against each: a warm-up, then closed-loop clients (one keep-alive connection each, benchmarks/load.py's
 `drive`) at each `--concurrency` level posting MELD test utterances as text-only requests to
@@ -72,20 +74,24 @@ class Targets:
     speedup: float = 2.0  # equipoise c-max throughput / baseline's
     logging_cost: float = 0.10  # 1 - throughput(logging on) / throughput(logging off), at c-max
     audio_p50_ms: float = 40.0
+    of_reference: float = 0.60  # c-max throughput / the reference model's (both logging on)
 
 
 @dataclass(frozen=True)
 class Server:
-    """One configuration to start: the baseline, or equipoise with logging on or off and a thread count."""
+    """One configuration to start: the baseline, or equipoise with logging on or off and a thread count, serving
+    `--model` or, where `reference` names it, the reference model."""
 
     logging: bool | None = None  # None: the baseline
     threads: int = 0
+    reference: Path | None = None
 
     @property
     def name(self) -> str:
         if self.logging is None:
             return BASELINE
-        return f"equipoise, logging {'on' if self.logging else 'off'}, ORT threads {self.threads or 'auto'}"
+        served = f"reference {self.reference.name}" if self.reference else "equipoise"
+        return f"{served}, logging {'on' if self.logging else 'off'}, ORT threads {self.threads or 'auto'}"
 
 
 @dataclass
@@ -303,7 +309,7 @@ def run_all(
             if server.logging is None:
                 started = start_baseline(model, data_dir, Path(work))
             else:
-                started = start_equipoise(server, model, Path(work), extra or {})
+                started = start_equipoise(server, server.reference or model, Path(work), extra or {})
             with started as running:
                 measure(running, server, workloads, plan, results)
     return results
@@ -349,7 +355,8 @@ def _ratio(numerator: Level | None, denominator: Level | None) -> float | None:
 
 
 def checks_for(results: Results, threads: int, top: int, targets: Targets) -> list[Check]:
-    """The four targets for equipoise with `threads` ORT threads (logging on: the production default)."""
+    """The targets for equipoise with `threads` ORT threads (logging on: the production default); against the
+    reference model's throughput when one was measured."""
     on, off = Server(True, threads), Server(False, threads)
     c1 = results.find(on, "text", 1)
     p50 = c1.latency_ms(50) if c1 else None
@@ -358,7 +365,14 @@ def checks_for(results: Results, threads: int, top: int, targets: Targets) -> li
     audio = results.find(on, "text+audio", 1)
     audio_p50 = audio.latency_ms(50) if audio else None
     label = f"ORT threads {threads or 'auto'}"
-    return [
+    reference = next((lv for lv in results.levels.values() if _is_reference_top(lv, threads, top)), None)
+    against = [] if reference is None else [
+        _check(
+            f"{label}: c{top} throughput ≥ {targets.of_reference:.0%} of {reference.server.name}",
+            _ratio(results.find(on, "text", top), reference), "{:.0%}", targets.of_reference, True,
+        )
+    ]  # fmt: skip
+    return against + [
         _check(f"{label}: text p50 at concurrency 1 ≤ {targets.c1_p50_ms:g} ms", p50, "{:.1f} ms", targets.c1_p50_ms),
         _check(
             f"{label}: c{top} throughput ≥ {targets.speedup:g}× baseline", speedup, "{:.2f}×", targets.speedup, True
@@ -375,6 +389,11 @@ def checks_for(results: Results, threads: int, top: int, targets: Targets) -> li
     ]
 
 
+def _is_reference_top(level: Level, threads: int, top: int) -> bool:
+    server = level.server
+    return bool(server.reference) and server.threads == threads and level.workload == "text" and level.clients == top
+
+
 def _check(name: str, value: float | None, shape: str, bound: float, at_least: bool = False) -> Check:
     if value is None:
         return Check(name, "not measured", None)
@@ -382,9 +401,10 @@ def _check(name: str, value: float | None, shape: str, bound: float, at_least: b
 
 
 def agreement(results: Results) -> float | None:
-    """The largest probability difference between any equipoise server's answers and the baseline's."""
+    """The largest probability difference between any equipoise server of `--model` and the baseline (the same
+    model); the reference model's answers are its own."""
     reference = results.answers.get(Server())
-    others = [a for s, a in results.answers.items() if s.logging is not None]
+    others = [a for s, a in results.answers.items() if s.logging is not None and s.reference is None]
     if reference is None or not others:
         return None
     return max(float(np.abs(answers - reference).max()) for answers in others)
@@ -471,6 +491,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup-requests", type=int, default=Plan.warmup_requests)
     parser.add_argument("--rounds", type=int, default=1, help="repeat the sequence of servers, interleaved")
     parser.add_argument("--no-baseline", action="store_true", help="equipoise only")
+    parser.add_argument("--reference-model", type=Path, default=None, help="also serve this artifact (logging on)")
     parser.add_argument("--batch-max-wait-ms", type=float, default=None, help="EQUIPOISE_BATCH_MAX_WAIT_MS (3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of throughput and latency here")
@@ -481,7 +502,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def servers_of(args: argparse.Namespace) -> list[Server]:
     equipoise = [Server(logging, threads) for threads in args.intra_op_threads for logging in (True, False)]
-    return equipoise + ([] if args.no_baseline else [Server()])
+    reference = [Server(True, threads, args.reference_model) for threads in args.intra_op_threads]
+    return equipoise + (reference if args.reference_model else []) + ([] if args.no_baseline else [Server()])
 
 
 def machine() -> str:
@@ -517,7 +539,8 @@ def context_of(
         "machine": machine(),
         "software": versions(),
         "load average (1 min)": f"{load_before:.2f} before the run, {os.getloadavg()[0]:.2f} after; per level below",
-        "model": f"{args.model.name}, fp32, CPU",
+        "model": f"{args.model.name}, fp32, CPU"
+        + (f"; reference {args.reference_model.name}, fp32, CPU" if args.reference_model else ""),
         "equipoise": f"production defaults otherwise: micro-batching (max 32, wait {wait:g} ms), access log (info), "
         "SQLite log in a temporary directory when logging is on, auth off on loopback",
         "baseline": "transformers.Pipeline over the PyTorch EmotionModel, torch's default threads, one request at a "

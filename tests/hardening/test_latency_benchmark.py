@@ -143,3 +143,20 @@ def test_the_report_shows_the_figures_and_one_line_per_target() -> None:
     verdicts = [line for line in report.splitlines() if line.startswith(("- PASS", "- FAIL"))]
     assert len(verdicts) == 4
     assert sum(line.startswith("- FAIL") for line in verdicts) == 2
+
+
+def test_a_reference_model_is_read_against_at_the_top_level_and_kept_out_of_the_agreement() -> None:
+    """`--reference-model`: the new release's c32 throughput as a share of the old one's; the old model answers
+    differently, so it is not held to the baseline's probabilities."""
+    results = _results()
+    old = Server(True, 1, Path("/models/equipoise-default-1.0.1"))
+    results.levels[(old, "text", 32)] = _level(old, "text", 32, _phase([40.0] * 120, seconds=1.0, clients=32))
+    results.answers[old] = np.full((2, 7), 0.5)
+    checks = {c.name.split(": ", 1)[1]: c for c in checks_for(results, 1, 32, Targets())}
+    share = checks["c32 throughput ≥ 60% of reference equipoise-default-1.0.1, logging on, ORT threads 1"]
+    assert share.value == "75%" and share.passed is True  # 90 / 120 utt/s
+    report = render(results, list(checks.values()), {"machine": "test"}, [1])
+    assert "differ by ≤ 3.0e-05" in report
+    slower = Targets(of_reference=0.8)
+    assert not next(c for c in checks_for(results, 1, 32, slower) if "reference" in c.name).passed
+    assert all("reference" not in c.name for c in checks_for(_results(), 1, 32, Targets()))
