@@ -9,6 +9,7 @@ post-hoc) start from the plain-CE run of the same seed (the decoupling protocol 
 seconds, not a run.
 
     python -m benchmarks.meld_imbalance --backbone _meld_frozen --seeds 3 [--jobs 4] [--with-default [NAME ...]]
+    python -m benchmarks.meld_imbalance --with-default default_la default_text_posthoc --candidates-only
 
     python -m benchmarks.meld_imbalance --backbone _meld_ft2 --levers --seeds 3
     python -m benchmarks.meld_imbalance --backbone _meld_ft6 --levers --seeds 3 --methods meld_ce meld_posthoc \
@@ -21,9 +22,9 @@ plus the ensemble of the plain-CE seeds.
 Runs land in <runs>/<recipe>@<backbone>-seed<N>; a finished run is reused, so an interrupted benchmark continues
 where it stopped. `--with-default` also trains the candidates for the shipped default (`DEFAULT_CANDIDATES`, or
 the ones named: their own recipes and data, not put on the backbone) into <runs>/<recipe>-seed<N>;
-each candidate keeps the seeds and device it was measured with. Results of every
-backbone measured are kept in docs/img/meld_imbalance_results.json (`--methods` adds rows measured on the same
-seeds and device to a backbone's table) and the document is rebuilt from all of them.
+each candidate keeps the seeds and device it was measured with, and `--candidates-only` trains nothing else.
+Results of every backbone measured are kept in docs/img/meld_imbalance_results.json (`--methods` adds rows measured
+on the same seeds and device to a backbone's table) and the document is rebuilt from all of them.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import platform
 import time
 import tomllib
 from collections.abc import Sequence
@@ -76,6 +76,7 @@ DEFAULT_CANDIDATES: tuple[tuple[str, str], ...] = (
     ("logit-adjusted loss (pooled prior), top 2 layers", "default_la"),
     ("CE + post-hoc logit adjustment + bias tuning, top 2 layers", "default_ce_posthoc"),
     ("logit-adjusted loss (per-corpus prior), all 6 layers", "default_ft6"),
+    ("MELD text only, CE + post-hoc logit adjustment, top 2 layers", "default_text_posthoc"),
 )
 # Stage-2 methods: their runs adopt the epochs of the plain-CE run of the same seed.
 DECOUPLED = ("meld_crt", "meld_tau_norm", "meld_posthoc")
@@ -246,7 +247,7 @@ def run_candidates(names: Sequence[str], seeds: Sequence[int], runs_dir: Path, d
             result.reports.append(meld_test_report(run))
             result.seconds.append(final.get("train_seconds", 0.0))
             dev.append(meld_test_report(run, "dev").macro_f1)
-        entry = with_candidate(entry, result, dev, seeds, describe_device())
+        entry = with_candidate(entry, result, dev, seeds, benchmark_device())
     return entry
 
 
@@ -431,7 +432,7 @@ def record(key: str, results: Sequence[MethodResult], seeds: Sequence[int], wall
     everything = json.loads(RESULTS.read_text(encoding="utf-8")) if RESULTS.is_file() else {}
     kept = ("_meld", "levers", "default_candidates")
     everything = {k: v for k, v in everything.items() if k.startswith(kept)}
-    entry = {"seeds": list(seeds), "wall_seconds": wall, "jobs": jobs, "device": describe_device(), **extra,
+    entry = {"seeds": list(seeds), "wall_seconds": wall, "jobs": jobs, "device": benchmark_device(), **extra,
              "methods": {r.recipe: r.to_dict() for r in results}}  # fmt: skip
     earlier = everything.get(key, {})
     if (earlier.get("seeds"), earlier.get("device")) == (entry["seeds"], entry["device"]):
@@ -443,12 +444,11 @@ def record(key: str, results: Sequence[MethodResult], seeds: Sequence[int], wall
     return everything
 
 
-def describe_device() -> str:
-    import torch
+def benchmark_device() -> str:
+    """Where this invocation trains (the recipes train with mixed precision on CUDA)."""
+    from training.session import describe_device, resolve_device
 
-    if torch.cuda.is_available():
-        return f"one {torch.cuda.get_device_name(0)} (CUDA, mixed precision)"
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return describe_device(resolve_device("auto"), amp=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -464,23 +464,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--with-default", nargs="*", metavar="CANDIDATE",
                         help="also train these default candidates (none named: all of DEFAULT_CANDIDATES)")  # fmt: skip
     parser.add_argument("--levers", action="store_true", help="the representation levers instead of the methods")
+    parser.add_argument("--candidates-only", action="store_true",
+                        help="with --with-default: train no method, keep every table as recorded")  # fmt: skip
     args = parser.parse_args(argv)
     if settings.data_dir is None:
         parser.error("no data directory: set EQUIPOISE_DATA_DIR")
-    seeds = list(range(args.seeds))
-    table = LEVERS if args.levers else METHODS
-    methods = [m for m in table if not args.methods or m[1] in args.methods]
-    start, cache = time.perf_counter(), settings.state_dir / "cache"
-    results = run_methods(methods, args.backbone, seeds, args.runs, settings.data_dir, cache, args.jobs)
-    if args.levers:
-        ensembles, dev = ensemble_results(args.backbone, seeds, args.runs, settings.data_dir, cache)
-        results += ensembles
-        dev |= {name: [meld_test_report(run_of(name, args.backbone, s, args.runs), "dev").macro_f1 for s in seeds]
-                for _, name in methods}  # fmt: skip
-        everything = record(f"levers{args.backbone}", results, seeds, time.perf_counter() - start, args.jobs,
-                            dev_macro_f1=dev)  # fmt: skip
+    if args.candidates_only and args.with_default is None:
+        parser.error("--candidates-only records default candidates: name them with --with-default")
+    seeds, start, cache = list(range(args.seeds)), time.perf_counter(), settings.state_dir / "cache"
+    if args.candidates_only:
+        everything = json.loads(RESULTS.read_text(encoding="utf-8")) if RESULTS.is_file() else {}
     else:
-        everything = record(args.backbone, results, seeds, time.perf_counter() - start, args.jobs)
+        everything = measure_methods(args, seeds, settings.data_dir, cache, start)
     if args.with_default is not None:
         names = args.with_default or [name for _, name in DEFAULT_CANDIDATES]
         everything["default_candidates"] = run_candidates(names, seeds, args.runs, settings.data_dir, cache,
@@ -490,6 +485,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_document(everything)
     print(f"wrote {DOC} ({wall / 60:.1f} min)")
     return 0
+
+
+def measure_methods(args: argparse.Namespace, seeds: list[int], data_dir: Path, cache: Path, start: float) -> dict:
+    """Train (or reuse) the methods or levers on the backbone and record their table."""
+    table = LEVERS if args.levers else METHODS
+    methods = [m for m in table if not args.methods or m[1] in args.methods]
+    results = run_methods(methods, args.backbone, seeds, args.runs, data_dir, cache, args.jobs)
+    if not args.levers:
+        return record(args.backbone, results, seeds, time.perf_counter() - start, args.jobs)
+    ensembles, dev = ensemble_results(args.backbone, seeds, args.runs, data_dir, cache)
+    dev |= {name: [meld_test_report(run_of(name, args.backbone, s, args.runs), "dev").macro_f1 for s in seeds]
+            for _, name in methods}  # fmt: skip
+    return record(f"levers{args.backbone}", results + ensembles, seeds, time.perf_counter() - start, args.jobs,
+                  dev_macro_f1=dev)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from model.labels import DEFAULT_MINORITY
 from model.quantize import ActivationRanges
 from model.runtime import InferenceRuntime, TurnPrediction, UtteranceInput
 from training.channel import CHANNELS
-from training.metrics import MetricsReport, compute_metrics
+from training.metrics import MetricsReport, compute_metrics, conversation_intervals
 
 if TYPE_CHECKING:
     from training.calibration import CalibrationFit
@@ -85,8 +85,8 @@ def evaluate_artifact(
     precision: str = "fp32",
     lines: Sequence[str] = ("clean",),
 ) -> dict[str, Any]:
-    """{"meld_test": report, "audio_only": {corpus: report}, "audio_only_<line>": ... for every other line} as
-    dicts (training/metrics.py MetricsReport)."""
+    """{"meld_test": report, "meld_test_intervals": its 95% intervals over dialogues, "audio_only": {corpus: report},
+    "audio_only_<line>": ... for every other line} as dicts (training/metrics.py)."""
     runtime = InferenceRuntime.load(artifact_dir, device="cpu", precision=precision)  # type: ignore[arg-type]
     emotions = runtime.emotions.names
     audio = {
@@ -95,7 +95,9 @@ def evaluate_artifact(
         }
         for line in lines
     }
-    return {"meld_test": score_meld(runtime, data_dir).report(emotions).to_dict(), **audio}
+    meld = score_meld(runtime, data_dir)
+    spread = conversation_intervals(meld.labels, meld.predicted, meld.conversations, emotions)
+    return {"meld_test": meld.report(emotions).to_dict(), "meld_test_intervals": spread, **audio}
 
 
 @dataclass(frozen=True)

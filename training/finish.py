@@ -47,6 +47,7 @@ def finish(s: Session) -> dict[str, Any]:
         "epochs_run": s.state.epoch,
         "stopped_early": s.state.stopped_early,
         "train_seconds": round(s.state.train_seconds, 1),
+        "device": s.described_device,
         "temperature": temperature,
         "calibration": fit.calibration.to_dict(s.recipe.model.emotions),
         "decoupled": decoupled,

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from core.resampling import turn_weights
 from training.common import ArrayLike, to_numpy
 
 ECE_BINS = 15
@@ -121,6 +122,43 @@ def per_class_scores(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
 def macro_f1(y_true: ArrayLike, y_pred: ArrayLike, num_classes: int) -> float:
     """Unweighted mean of the per-class F1 over all `num_classes` classes (the fast path used when tuning)."""
     return float(per_class_scores(confusion_matrix(y_true, y_pred, num_classes))[2].mean())
+
+
+def resampled_f1(
+    y_true: np.ndarray, y_pred: np.ndarray, weights: np.ndarray, classes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class F1 and support [R, len(classes)] of every resample: row r of `weights` [R, N] says how often each
+    sample was drawn (core/resampling.py), so no rows are copied."""
+    is_true = (y_true[:, None] == classes).astype(np.float64)
+    is_predicted = (y_pred[:, None] == classes).astype(np.float64)
+    support, guessed, hits = weights @ is_true, weights @ is_predicted, weights @ (is_true * is_predicted)
+    f1 = np.divide(2 * hits, support + guessed, out=np.zeros_like(hits), where=support + guessed > 0)
+    return f1, support
+
+
+def conversation_intervals(
+    y_true: ArrayLike,
+    y_pred: ArrayLike,
+    conversations: Sequence[object] | np.ndarray,
+    labels: Sequence[str],
+    replicates: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """95% percentile intervals of weighted F1, macro F1 (over all `labels`, as `compute_metrics`) and each class's
+    F1, from the bootstrap over conversations (turns of one conversation are not independent)."""
+    t, p = to_numpy(y_true).astype(np.int64), to_numpy(y_pred).astype(np.int64)
+    f1, support = resampled_f1(t, p, turn_weights(conversations, replicates, seed), np.arange(len(labels)))
+
+    def interval(values: np.ndarray) -> list[float]:
+        return [round(float(q), 4) for q in np.quantile(values, [0.025, 0.975])]
+
+    return {
+        "replicates": replicates,
+        "unit": "conversation",
+        "weighted_f1": interval((f1 * support).sum(axis=1) / support.sum(axis=1)),
+        "macro_f1": interval(f1.mean(axis=1)),
+        "f1": {name: interval(f1[:, i]) for i, name in enumerate(labels)},
+    }
 
 
 def expected_calibration_error(probs: ArrayLike, y_true: ArrayLike, n_bins: int = ECE_BINS) -> float:

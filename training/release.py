@@ -57,7 +57,20 @@ def release_from_run(run_dir: Path, into: Path, data_dir: Path, version: str) ->
 
     run = RunDir(Path(run_dir))
     recipe, model = servable_model(run)
-    return build_release(model, recipe, RunDir.read_json(run.final), into, data_dir, version)
+    final = RunDir.read_json(run.final)
+    return build_release(model, recipe, {**final, "device": trained_on(run, final)}, into, data_dir, version)
+
+
+# Releases made before runs recorded their device (1.0.x, 1.1.0) were all trained so.
+EARLIER_RELEASES_DEVICE = "one NVIDIA H100 (CUDA, mixed precision)"
+
+
+def trained_on(run: RunDir, final: dict[str, Any]) -> str:
+    """The device `final.json` records; a run from before it did, trained by a CPU-only torch build, said so."""
+    if "device" in final:
+        return final["device"]
+    torch_build = RunDir.read_json(run.config)["versions"]["torch"]
+    return "a CPU (torch built for CPU only)" if torch_build.endswith("+cpu") else "a device the run did not record"
 
 
 def build_release(
@@ -86,7 +99,10 @@ def build_release(
             "seed": recipe.train.seed,
             "delta_sha256": sha256_file(into / DELTA_FILE),
             "int8_ranges_sha256": sha256_file(into / RANGES_FILE),
-            "training": {k: final[k] for k in ("best_epoch", "best_dev", "epochs_run", "train_seconds")},
+            "training": {
+                **{k: final[k] for k in ("best_epoch", "best_dev", "epochs_run", "train_seconds", "device")},
+                "posthoc": final.get("posthoc", {}),
+            },
         }
         release |= calibrated(uncalibrated, Path(work) / "artifact", data_dir, version)
     return write_release(into, recipe, release)
@@ -219,9 +235,6 @@ LINE_NAMES = {"clean": "16 kHz", "mulaw": "8 kHz mu-law", "alaw": "8 kHz A-law",
 
 def model_card(recipe: Recipe, release: dict[str, Any], speech: dict[str, Any] | None = None) -> str:
     """The card of `release`; `speech` is its speech head's record (speech.json), when it has one."""
-    mapping = "\n".join(
-        f"- {c}: {label} -> {note}" for c in recipe.data.speech for label, note in MAPPING_NOTES[c].items()
-    )
     metrics = release["metrics"]
     meld = MetricsReport.from_dict(metrics["meld_test"])
     return f"""# Model card: {release["version"]}
@@ -241,30 +254,22 @@ fixed probe set.
 ## Training
 
 Recipe `{recipe.name}` (training/recipes/default.toml), seed {release["seed"]}: {recipe.description}. Trained on
-one NVIDIA H100 with mixed precision in {release["training"]["train_seconds"]:.0f} s; best epoch
+{release["training"].get("device", EARLIER_RELEASES_DEVICE)} in {release["training"]["train_seconds"]:.0f} s; best epoch
 {release["training"]["best_epoch"] + 1} of {release["training"]["epochs_run"]} by MELD dev macro F1
-({100 * release["training"]["best_dev"]["macro_f1"]:.2f}). Selection among the candidates and the benchmark of
-every imbalance method: docs/TRAINING_RESULTS.md.
+({100 * release["training"]["best_dev"]["macro_f1"]:.2f}){_posthoc_text(release["training"])}. Selection among the
+candidates and the benchmark of every imbalance method: docs/TRAINING_RESULTS.md.
 
-Data and licences (read from the data directory, never shipped):
-- MELD (Friends TV-series dialogues; text; GPL-3.0), train split; dev for selection and calibration.
-- RAVDESS (CC BY-NC-SA 4.0), TESS (CC BY-NC-ND 4.0), EmoDB (German; free for research): acted speech of
-  lexically neutral sentences, split by speaker (held-out speakers never seen in training).
-{_licence_text(release)}
-Label mapping of the speech corpora onto the MELD label set:
-{mapping}
-
-{_speech_text(release)}## Calibration
+{_data_text(recipe, release, speech)}{_speech_text(release)}## Calibration
 
 {_calibration_text(release)}
 ## Results (measured through the serving runtime, ONNX fp32 on CPU)
 
 {chr(10).join(metrics_table(metrics))}
 
-F1 per class in %. Audio-only rows give the clip without its transcript; macro F1 averages all seven classes,
-so a corpus without a class (EmoDB has no surprise) counts it as 0. The int8 encoder alone agrees with the
-fp32 one on {100 * metrics["int8_label_agreement_meld_dev"]:.2f}% of MELD dev labels (its activations are smoothed
-with ranges measured on MELD train, model/quantize.py). The service's int8 mode re-scores near ties (top two
+{_meld_intervals(metrics)}F1 per class in %. Audio-only rows give the clip without its transcript; macro F1 averages
+all seven classes, so a corpus without a class (EmoDB has no surprise) counts it as 0. The int8 encoder alone agrees
+with the fp32 one on {100 * metrics["int8_label_agreement_meld_dev"]:.2f}% of MELD dev labels (its activations are
+smoothed with ranges measured on MELD train, model/quantize.py). The service's int8 mode re-scores near ties (top two
 emotions closer than {metrics["int8_rescore_margin"]:g}) with the fp32 encoder and agrees on
 {100 * metrics["int8_rescored_label_agreement_meld_dev"]:.2f}%.
 
@@ -273,15 +278,68 @@ emotions closer than {metrics["int8_rescore_margin"]:g}) with the fp32 encoder a
 For monitoring the emotional course of support conversations in aggregate (escalation, class mix over time),
 with human review of individual decisions. Not for decisions about individual people. Known limits:
 - The text side learned English TV-series dialogue (MELD), not call-centre speech; expect a domain shift.
-- The audio side learned acted emotions of a few dozen speakers (mostly English, some German); spontaneous
-  telephone speech differs (channel, noise, subtlety). No call-centre data was used.
 - Minority classes stay hard: fear and disgust F1 on MELD are far below the majority classes (table above).
-- From audio alone it {_audio_blind_spots(metrics)}.
 - The int8 mode is faster but changes {100 - 100 * metrics["int8_rescored_label_agreement_meld_dev"]:.1f}% of the
   labels on MELD dev ({100 - 100 * metrics["int8_label_agreement_meld_dev"]:.1f}% without near-tie re-scoring;
   docs/BENCHMARKS.md); the service serves fp32 unless `EQUIPOISE_PRECISION=int8`.
+{_audio_limits(recipe, metrics, speech)}"""
+
+
+def _audio_limits(recipe: Recipe, metrics: dict[str, Any], speech: dict[str, Any] | None) -> str:
+    if not recipe.data.speech and speech is None:
+        return (
+            "- Text only: its audio path was never trained, so audio sent to it is not recognised; serve it to\n"
+            "  text, or serve the release with the speech head.\n"
+        )
+    return f"""- The audio side learned acted emotions of a few dozen speakers (mostly English, some German);
+  spontaneous telephone speech differs (channel, noise, subtlety). No call-centre data was used.
+- From audio alone it {_audio_blind_spots(metrics)}.
 - RAVDESS "calm" is mapped to neutral and EmoDB "boredom" to neutral, so those states are not distinguished.
 """
+
+
+def _posthoc_text(training: dict[str, Any]) -> str:
+    tau = training.get("posthoc", {}).get("logit_adjustment_tau")
+    if tau is None:
+        return ""
+    return f", then post-hoc logit adjustment (tau {tau:g}, tuned on MELD dev) folded into the emotion bias"
+
+
+def _data_text(recipe: Recipe, release: dict[str, Any], speech: dict[str, Any] | None) -> str:
+    """Which data trained which part, their licences, and how the speech corpora's labels map onto MELD's."""
+    corpora = list(recipe.data.speech) or (list(speech["data"]["corpora"]) if speech else [])
+    if not corpora:
+        return "Data (read from the data directory, never shipped): MELD (Friends TV-series dialogues; text; " \
+            "GPL-3.0), train split; dev for selection and calibration.\n\n"  # fmt: skip
+    trained = "the text model and the audio path together" if recipe.data.speech else "the audio head only"
+    mapping = "\n".join(f"- {c}: {label} -> {note}" for c in corpora for label, note in MAPPING_NOTES[c].items())
+    return f"""Data and licences (read from the data directory, never shipped):
+- MELD (Friends TV-series dialogues; text; GPL-3.0), train split; dev for selection and calibration.
+- RAVDESS (CC BY-NC-SA 4.0), TESS (CC BY-NC-ND 4.0), EmoDB (German; free for research): acted speech of
+  lexically neutral sentences, split by speaker (held-out speakers never seen in training); they train
+  {trained}.
+{_licence_text(release)}
+Label mapping of the speech corpora onto the MELD label set:
+{mapping}
+
+"""
+
+
+def _meld_intervals(metrics: dict[str, Any]) -> str:
+    spread = metrics.get("meld_test_intervals")
+    if spread is None:
+        return ""
+    meld = MetricsReport.from_dict(metrics["meld_test"])
+
+    def cell(value: float, bounds: list[float]) -> str:
+        return f"{100 * value:.2f} [{100 * bounds[0]:.2f}, {100 * bounds[1]:.2f}]"
+
+    classes = ", ".join(f"{c} {cell(meld[c].f1, spread['f1'][c])}" for c in meld.labels)
+    return (
+        f"MELD test with 95% intervals ({spread['replicates']:,} bootstrap resamples of whole dialogues): weighted F1 "
+        f"{cell(meld.weighted_f1, spread['weighted_f1'])}, macro F1 {cell(meld.macro_f1, spread['macro_f1'])}; "
+        f"F1 {classes}.\n\n"
+    )
 
 
 def _calibration_text(release: dict[str, Any]) -> str:
@@ -324,7 +382,8 @@ def _licence_text(release: dict[str, Any]) -> str:
   Whisper encoder (MIT) are unaffected. For commercial use, serve the text release
   ("""
         + release["speech"]["text_release"]
-        + """, same text weights) or retrain the head on licensed audio
+        + (", same text weights" if release["recipe"]["data"]["speech"] else ", same text weights, to text only")
+        + """) or retrain the head on licensed audio
   (`python -m training.speech`, docs/SPEECH.md).
 """
     )
@@ -394,9 +453,14 @@ def side_by_side(committed: dict[str, Any], rebuilt: dict[str, Any]) -> str:
 
 
 def rebuild(runs_dir: Path, data_dir: Path, cache_dir: Path, out: Path) -> str:
-    """Train the default recipe with the released seed, build its release into `out`, compare with the card."""
+    """Train the default recipe with the released seed, build its release into `out` (with the committed speech
+    head fused late, as shipped), compare with the card."""
     from training.cli import train_command
 
+    shipped = read_release(SHIPPED_DIR)
+    version = shipped["version"] + "-rebuilt"
     run = train_command("default", runs_dir, data_dir, cache_dir, seed=RELEASE_SEED)
-    release = release_from_run(run.path, out, data_dir, version=read_release()["version"] + "-rebuilt")
-    return side_by_side(read_release(SHIPPED_DIR)["metrics"], release["metrics"])
+    release = release_from_run(run.path, out, data_dir, version=version)
+    if "speech" in shipped:
+        release = speech_release(SHIPPED_DIR / SPEECH_DIR, out, data_dir, version, source=out)
+    return side_by_side(shipped["metrics"], release["metrics"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import platform
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,11 @@ class Session:
         return self.device.type == "cuda" and self.recipe.train.amp
 
     @property
+    def described_device(self) -> str:
+        """Where the run trains, as a model card says it: "one NVIDIA H100 80GB HBM3 (CUDA, mixed precision)"."""
+        return describe_device(self.device, self.amp)
+
+    @property
     def num_emotions(self) -> int:
         return len(self.recipe.model.emotions)
 
@@ -91,6 +97,13 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but CUDA is not available")
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def describe_device(device: torch.device, amp: bool) -> str:
+    if device.type == "cuda":
+        return f"one {torch.cuda.get_device_name(device)} (CUDA{', mixed precision' if amp else ''})"
+    threads = torch.get_num_threads()
+    return f"{platform.processor() or platform.machine()} CPU, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def seed_everything(seed: int, *salt: int) -> np.random.Generator:

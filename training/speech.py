@@ -30,6 +30,7 @@ from core.settings import data_dir_or_exit
 from model.data.meld import group_dialogues, read_utterances
 from model.data.speech import EMOTION_MAP, Clip, split_by_speaker, split_by_text
 from model.labels import EMOTIONS
+from training.metrics import resampled_f1
 from training.speech_features import PHONE_VARIANTS, load_features
 
 LINES = ("clean", *PHONE_VARIANTS)
@@ -111,12 +112,7 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
 def macro_f1(truth: np.ndarray, predicted: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """Macro F1 over the classes present in `truth`; with weights [R, N] (resample multiplicities) one per row."""
     w = np.ones((1, len(truth))) if weights is None else weights
-    classes = np.unique(truth)
-    is_true = (truth[:, None] == classes).astype(float)
-    is_predicted = (predicted[:, None] == classes).astype(float)
-    support, guessed, hits = w @ is_true, w @ is_predicted, w @ (is_true * is_predicted)
-    f1 = np.divide(2 * hits, support + guessed, out=np.zeros_like(hits), where=support + guessed > 0)
-    return f1.mean(axis=1)
+    return resampled_f1(truth, predicted, w, np.unique(truth))[0].mean(axis=1)
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,11 @@ from training.metrics import (
     MetricsReport,
     compute_metrics,
     confusion_matrix,
+    conversation_intervals,
     expected_calibration_error,
     macro_f1,
     minority_classes,
+    resampled_f1,
 )
 
 LABELS = ("neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear")
@@ -104,3 +106,31 @@ def test_minority_classes_default_rule_on_meld_counts():
     from tests.training.synthetic import MELD_TRAIN_COUNTS
 
     assert minority_classes(MELD_TRAIN_COUNTS, LABELS) == ("sadness", "disgust", "fear")
+
+
+def test_a_resample_scores_as_its_turns_repeated() -> None:
+    """Row r of the weights counts how often each turn was drawn: the F1 of that row equals compute_metrics on the
+    turns copied that many times."""
+    from core.resampling import turn_weights
+
+    y_true, y_pred = _random_case(4, (), ())
+    conversations = np.arange(300) // 6
+    weights = turn_weights(conversations, 3, seed=1)
+    f1, support = resampled_f1(y_true, y_pred, weights, np.arange(7))
+    for r in range(3):
+        copies = weights[r].astype(int)
+        expected = compute_metrics(np.repeat(y_true, copies), np.repeat(y_pred, copies), LABELS)
+        np.testing.assert_allclose(f1[r], [m.f1 for m in expected.per_class])
+        np.testing.assert_allclose(support[r], [m.support for m in expected.per_class])
+
+
+def test_conversation_intervals_resample_whole_conversations() -> None:
+    y_true, y_pred = _random_case(5, (), ())
+    report = compute_metrics(y_true, y_pred, LABELS)
+    spread = conversation_intervals(y_true, y_pred, np.arange(300) // 6, LABELS, replicates=500)
+    for key in ("weighted_f1", "macro_f1"):
+        low, high = spread[key]
+        assert low < getattr(report, key) < high
+    assert set(spread["f1"]) == set(LABELS) and spread["unit"] == "conversation"
+    one = conversation_intervals(y_true, y_pred, np.zeros(300), LABELS, replicates=50)
+    assert one["macro_f1"] == [round(report.macro_f1, 4)] * 2  # a single conversation: every draw is the same
