@@ -362,9 +362,9 @@ def candidates_section(entry: dict) -> list[str]:
         "",
         "Each candidate is its own recipe (`training/recipes/<name>.toml`: data, loss, backbone; those with "
         "`speech` also train on RAVDESS / TESS / EmoDB, speaker-independent splits). Where each was measured: "
-        f"{where}. Mean MELD dev macro F1: {dev}; compared on one device, the highest becomes "
-        "`training/recipes/default.toml` (the seed of the best dev macro F1 shipped). MELD test below; "
-        "speech-corpus results are in the model card (model/default/MODEL_CARD.md).",
+        f"{where}. Mean MELD dev macro F1: {dev}; compared on one device, the highest is the release candidate "
+        "(its best dev seed; docs/TRAINING.md says which shipped as `training/recipes/default.toml`, and why). "
+        "MELD test below; speech-corpus results are in the model card (model/default/MODEL_CARD.md).",
         "",
         *results_table(results),
         "",
