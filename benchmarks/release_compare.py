@@ -25,7 +25,7 @@ from core.settings import data_dir_or_exit
 from model.default_model import read_release, shipped_artifact
 from model.runtime import InferenceRuntime
 from training.evaluate import Scored, score_meld
-from training.metrics import resampled_f1
+from training.metrics import headline_f1, resampled_f1
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -43,11 +43,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def interval(values: np.ndarray) -> list[float]:
     return [float(q) for q in np.quantile(values, [0.025, 0.975])]
-
-
-def headline(f1: np.ndarray, support: np.ndarray) -> dict[str, np.ndarray]:
-    """[R] weighted and macro F1 of every resample from its per-class F1 and support [R, C]."""
-    return {"weighted_f1": (f1 * support).sum(axis=1) / support.sum(axis=1), "macro_f1": f1.mean(axis=1)}
 
 
 def compare(baseline: Scored, candidate: Scored, labels: Sequence[str], replicates: int, seed: int) -> dict[str, Any]:
@@ -74,7 +69,7 @@ def _figures(
     point: tuple[np.ndarray, np.ndarray], spread: tuple[np.ndarray, np.ndarray], labels: Sequence[str]
 ) -> dict:
     """Weighted F1 weighs the per-class F1 (or its difference) by the baseline's support, the same in both."""
-    at, over = headline(*point), headline(*spread)
+    at, over = headline_f1(*point), headline_f1(*spread)
     figures = {key: {"estimate": float(at[key][0]), "interval": interval(over[key])} for key in at}
     figures["f1"] = {
         name: {"estimate": float(point[0][0, i]), "interval": interval(spread[0][:, i])}

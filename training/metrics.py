@@ -136,6 +136,11 @@ def resampled_f1(
     return f1, support
 
 
+def headline_f1(f1: np.ndarray, support: np.ndarray) -> dict[str, np.ndarray]:
+    """[R] weighted and macro F1 (over all classes, as `compute_metrics`) from per-class F1 and support [R, C]."""
+    return {"weighted_f1": (f1 * support).sum(axis=1) / support.sum(axis=1), "macro_f1": f1.mean(axis=1)}
+
+
 def conversation_intervals(
     y_true: ArrayLike,
     y_pred: ArrayLike,
@@ -152,11 +157,11 @@ def conversation_intervals(
     def interval(values: np.ndarray) -> list[float]:
         return [round(float(q), 4) for q in np.quantile(values, [0.025, 0.975])]
 
+    headline = {key: interval(values) for key, values in headline_f1(f1, support).items()}
     return {
         "replicates": replicates,
         "unit": "conversation",
-        "weighted_f1": interval((f1 * support).sum(axis=1) / support.sum(axis=1)),
-        "macro_f1": interval(f1.mean(axis=1)),
+        **headline,
         "f1": {name: interval(f1[:, i]) for i, name in enumerate(labels)},
     }
 
