@@ -62,7 +62,7 @@ def assert_same_predictions(rows: list[dict[str, Any]], expected: list[dict[str,
             if row[column] is None:
                 assert other[column] is None
             else:
-                assert abs(other[column] - row[column]) <= atol, (key, column)
+                assert abs(other[column] - row[column]) <= atol, (key, column, other[column], row[column])
 
 
 def score_command(
