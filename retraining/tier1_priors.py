@@ -13,13 +13,20 @@ correction is applied only when it is warranted:
   and the job ends without a candidate (feedback labels and tier 2 are the remedy).
 
 What the correction is for. The base model's calibrated posteriors are moved from the training prior to the
-estimated one, p_new(y | x) proportional to p(y | x) * pi_new / pi_train, which in raw logits is the offset
-T_bcts * log(pi_new / pi_train) added to the emotion head's bias (T_bcts: the BCTS temperature). The served
-decision rule keeps its relation to the prior it is calibrated for. A balanced decision rule (argmax of
-p(y | x) / pi_y, which logit-adjusted training approximates) is invariant to pure label shift for per-class
-recall: tier 1 does not restore recall, it serves accuracy and calibration (fewer false alarms on the classes that
-became rare, probabilities that match the new mix). Because it trades some recall of the classes that became rare
-for precision, the gate, which requires a minority-recall gain, promotes it only when the minority classes grew.
+estimated one, p_new(y | x) proportional to p(y | x) * r_y with r = pi_new / pi_train, and the served decision
+rule keeps its relation to the prior. BCTS writes the posteriors as log p(y | x) = z_y / T + b_y + const (z: raw
+logits, T: the BCTS temperature), so the served rule, argmax z, is argmax log p(y | x) - b_y: b is the penalty the
+model puts on each class against its calibrated belief. Its log-prior part, b = beta * log pi_train + rest, is the
+rule's prior exponent: beta = 0 for the Bayes (accuracy) rule of plain cross-entropy, 1 for the balanced rule
+argmax p(y | x) / pi_y, in between for logit adjustment with tau < T (Menon et al. 2021: beta = tau / T, post-hoc
+or in the loss) and for reweighting. Keeping beta under the new prior gives
+- the raw-logit offset T * (1 - beta) * log r added to the emotion head's bias, and
+- the BCTS biases b + beta * log r, so the candidate's posteriors are the base's times r.
+beta is read off the calibration record (`prior_exponent`), so it holds for every way the model was trained. A
+balanced rule (beta = 1) is invariant to pure label shift for per-class recall and gets no offset; for beta < 1
+the correction serves accuracy and calibration (fewer false alarms on the classes that became rare, probabilities
+that match the new mix) and trades some recall of the classes that became rare for precision, so the gate, which
+requires a minority-recall gain, promotes it only when the minority classes grew.
 
 Never the served probabilities as if they were calibrated, and never a prior guessed from outside the artifact:
 an artifact without a calibration record is refused.
@@ -37,7 +44,7 @@ from sqlalchemy import select
 from core.db.models import Prediction
 from core.db.session import session_scope
 from core.settings import MONITOR_BOOTSTRAP_REPLICATES
-from model.artifact import Calibration, ClassPrior, DataSource, ModelArtifact
+from model.artifact import Calibration, ClassPrior, DataSource
 from monitoring.collapse import CollapseRules
 from monitoring.prior import ShiftModel, estimate_label_shift
 from monitoring.windows import MONITORED
@@ -61,7 +68,9 @@ class PriorCorrection:
     upper: list[float]
     significant: bool
     mix_p_value: float | None
-    offset: list[float]  # added to the emotion head's bias (raw-logit units, centred)
+    prior_exponent: float  # beta of the base's decision rule (`prior_exponent`)
+    log_ratio: list[float]  # log(new / train), clipped to +-max_log_ratio; zero unless significant
+    offset: list[float]  # added to the emotion head's bias: T * (1 - beta) * log_ratio (raw-logit units, centred)
     samples: int
     conversations: int
     replicates: int
@@ -90,7 +99,10 @@ def correction(
     estimate = estimate_label_shift(served, conversations, model, names, (), replicates=replicates, seed=seed)
     new_prior = np.array([interval.estimate for interval in estimate.prior])
     log_ratio = np.clip(np.log(new_prior.clip(1e-6)) - np.log(model.source_prior), -max_log_ratio, max_log_ratio)
-    offset = calibration.posterior.temperature * log_ratio if estimate.shift_significant else np.zeros(len(names))
+    if not estimate.shift_significant:
+        log_ratio = np.zeros(len(names))
+    beta = prior_exponent(calibration)
+    offset = calibration.posterior.temperature * (1 - beta) * log_ratio
     return PriorCorrection(
         train_prior=model.source_prior.tolist(),
         new_prior=new_prior.tolist(),
@@ -98,11 +110,27 @@ def correction(
         upper=[interval.upper for interval in estimate.prior],
         significant=estimate.shift_significant,
         mix_p_value=estimate.mix_p_value,
+        prior_exponent=beta,
+        log_ratio=log_ratio.tolist(),
         offset=(offset - offset.mean()).tolist(),
         samples=len(served),
         conversations=estimate.conversations,
         replicates=replicates,
     )
+
+
+def prior_exponent(calibration: Calibration) -> float:
+    """beta, the prior exponent of the served decision rule: the least-squares slope of the BCTS biases (expressed
+    for the training prior) on the log training prior, clipped to [0, 1]; 0 when the training prior is uniform
+    (there is no prior to follow)."""
+    assert calibration.training_prior is not None and calibration.posterior is not None
+    log_prior = np.log(np.asarray(calibration.training_prior.shares, dtype=np.float64).clip(1e-6))
+    biases = np.asarray(calibration.posterior.biases, dtype=np.float64)
+    centred = log_prior - log_prior.mean()
+    spread = float(centred @ centred)
+    if spread < 1e-12:
+        return 0.0
+    return float(np.clip(centred @ (biases - biases.mean()) / spread, 0.0, 1.0))
 
 
 def refusal(found: PriorCorrection, names: tuple[str, ...], mix_alpha: float = CollapseRules.mix_alpha) -> str | None:
@@ -121,19 +149,28 @@ def refusal(found: PriorCorrection, names: tuple[str, ...], mix_alpha: float = C
     return None
 
 
-def corrected_calibration(base: ModelArtifact, found: PriorCorrection, version: str) -> Calibration:
-    """The candidate's calibration record: its posteriors are the base's corrected to the new prior, so the prior
-    they assume is the estimated one; its dev confusion is no longer the base's (its decision rule moved), so the
-    dev reference is dropped and the monitor falls back to the rules for artifacts without one."""
-    calibration = base.calibration
-    assert calibration.training_prior is not None
+def corrected_calibration(
+    calibration: Calibration, found: PriorCorrection, base_version: str, version: str
+) -> Calibration:
+    """The candidate's calibration record: its posteriors are the base's corrected to the new prior (the BCTS
+    biases move by beta * log r, the rest of r is in the served logits), so the prior they assume is the estimated
+    one; its dev confusion is no longer the base's (its decision rule moved), so the dev reference is dropped and
+    the monitor falls back to the rules for artifacts without one."""
+    assert calibration.training_prior is not None and calibration.posterior is not None
+    shift = found.prior_exponent * np.asarray(found.log_ratio)
+    biases = np.asarray(calibration.posterior.biases) + shift - shift.mean()
     source = DataSource(
-        f"MLLS estimate over recent traffic of {base.version} (tier 1 of {version})",
+        f"MLLS estimate over recent traffic of {base_version} (tier 1 of {version})",
         calibration.training_prior.source.modalities,
         found.samples,
         found.conversations,
     )
-    return replace(calibration, training_prior=ClassPrior(tuple(found.new_prior), source), dev_reference=None)
+    return replace(
+        calibration,
+        training_prior=ClassPrior(tuple(found.new_prior), source),
+        posterior=replace(calibration.posterior, biases=tuple(biases.tolist())),
+        dev_reference=None,
+    )
 
 
 def recent_predictions(
@@ -191,13 +228,18 @@ def build(ctx: JobContext, inputs: TierInputs) -> Draft:
         + ", ".join(
             f"{n} {old:.3f}->{new:.3f}" for n, old, new in zip(names, found.train_prior, found.new_prior, strict=True)
         )
+        + f"; decision rule's prior exponent {found.prior_exponent:.2f}"
     )
     head = corrected_head(inputs.base.context_path, found.offset)
     return Draft(
         graphs=head_graphs(inputs.base, directory / "context.onnx"),
         reference=HeadReference(inputs.base, head),
-        recipe={"tier": 1, "method": "MLLS prior correction on BCTS posteriors (Saerens 2002; Alexandari 2020)"}
+        recipe={
+            "tier": 1,
+            "method": "MLLS prior correction on BCTS posteriors (Saerens 2002; Alexandari 2020), keeping the decision "
+            "rule's prior exponent",
+        }
         | asdict(found),
         class_prior=dict(zip(names, found.new_prior, strict=True)),
-        calibration=corrected_calibration(inputs.base, found, inputs.version),
+        calibration=corrected_calibration(inputs.base.calibration, found, inputs.base.version, inputs.version),
     )

@@ -154,11 +154,13 @@ def test_tier1_corrects_the_priors_from_unlabelled_predictions(
     recipe = registry.get(job.candidate_version).recipe
     assert recipe["significant"] and np.abs(np.array(recipe["new_prior"]) - new_prior).max() < 0.03
     assert all(lo <= p <= hi for lo, p, hi in zip(recipe["lower"], new_prior, recipe["upper"], strict=True))
-    # The correction is a bias change inside the served context graph: T_bcts * log(new / train), centred.
+    # The correction is a bias change inside the served context graph: T_bcts * (1 - beta) * log(new / train),
+    # centred; this record's BCTS biases are zero, so beta is 0 (a Bayes rule: the whole ratio).
     candidate = load_artifact(registry.get(job.candidate_version).artifact_path)
     offset = read_head(candidate.context_path).bias - read_head(base.context_path).bias
     assert base.calibration.posterior is not None and base.calibration.training_prior is not None
     recorded = np.array(base.calibration.training_prior.shares)
+    assert recipe["prior_exponent"] == 0.0
     expected = base.calibration.posterior.temperature * np.log(np.array(recipe["new_prior"]) / recorded)
     assert offset == pytest.approx(expected - expected.mean(), abs=0.02)
     probe = [(embeddings[:5].astype(np.float32), np.zeros(5, np.int64), True)]
