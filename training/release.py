@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 HEADLINE = ("accuracy", "weighted_f1", "macro_f1")
 # Calibration fields of releases made before the calibration record (replaced by "calibration").
 LEGACY_CALIBRATION_FIELDS = ("calibration_temperature", "estimation_weights")
-RELEASE_SEED = 2  # the seed of the best MELD dev macro F1 among the recipe's three (docs/TRAINING_RESULTS.md)
+RELEASE_SEED = 1  # the seed of the best MELD dev macro F1 among the recipe's three (docs/TRAINING_RESULTS.md)
 
 
 def release_from_run(run_dir: Path, into: Path, data_dir: Path, version: str) -> dict[str, Any]:

@@ -44,7 +44,10 @@ class SpeechRecipe:
     augmented: int = 2  # PhoneChain draws per clip
     seed: int = 0
     c_grid: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1)
-    fusion_grid: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(21))
+    # steps of 0.01 where the neutral-audio cost is steep (up to 0.2), then 0.05
+    fusion_grid: tuple[float, ...] = tuple(round(0.01 * k, 2) for k in range(20)) + tuple(
+        round(0.05 * k, 2) for k in range(4, 21)
+    )
     text_floor: float = 0.01  # neutral audio may cost dev macro F1 at most this much
     fusion_lines: tuple[str, ...] = ("clean", "mulaw")  # the rule must hold on each
     replicates: int = 2000

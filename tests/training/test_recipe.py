@@ -36,13 +36,14 @@ def test_the_benchmark_recipes_share_one_backbone() -> None:
     assert load_recipe("meld_ldam_drw").optim.lr_drop_epoch > 0
 
 
-def test_the_default_recipe_keeps_the_pooled_prior_it_was_trained_with() -> None:
-    """Recipes default to each corpus's own prior; the shipped default says `pooled` so that it still
-    reproduces its weights, and its candidate twin `default_la` trains the same."""
-    default = load_recipe("default")
-    assert default.loss.params["prior"] == "pooled"
-    assert load_recipe("default_la").training_digest() == default.training_digest()
+def test_the_earlier_default_keeps_the_pooled_prior_it_was_trained_with() -> None:
+    """Recipes default to each corpus's own prior; `default_la`, the text model of 1.0.x and 1.1.0, says `pooled`
+    so that it still reproduces those weights. The shipped default trains as its candidate twin."""
+    assert load_recipe("default_la").loss.params["prior"] == "pooled"
     assert load_recipe("meld_logit_adjusted").loss.params.get("prior", "per_corpus") == "per_corpus"
+    default = load_recipe("default")
+    assert load_recipe("default_text_posthoc").training_digest() == default.training_digest()
+    assert not default.data.speech and default.posthoc.logit_adjustment == "tune"
 
 
 def test_unknown_top_level_key_is_refused_naming_it_and_the_allowed_keys(tmp_path: Path) -> None:
