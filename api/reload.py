@@ -40,6 +40,7 @@ class Runtime(Protocol):
     providers: Sequence[str]
     precision: str  # "fp32" or "int8"
     rescore_margin: float  # int8 near ties re-scored in fp32 below this top-two gap; 0 when off
+    hears_audio: bool  # False for a model trained on text alone: a turn with audio alone is refused
 
     def classify(
         self,
@@ -94,18 +95,20 @@ def log_load(version: str, runtime: Runtime, role: str) -> None:
     log.info("loaded model %s (%s): provider %s, precision %s", version, role, providers, runtime.precision)
 
 
-def probe_dialogue() -> list[UtteranceInput]:
-    """Text only, audio only and both: every path through the encoder."""
+def probe_dialogue(hears_audio: bool = True) -> list[UtteranceInput]:
+    """Text only, audio only and both: every path through the encoder (a model trained on text alone is not
+    asked to score audio alone, which it refuses)."""
     tone = (0.1 * np.sin(2 * np.pi * 220 * np.arange(8000) / 16000)).astype(np.float32)
+    audio_only = [UtteranceInput(text=None, audio=tone, speaker="agent")] if hears_audio else []
     return [
         UtteranceInput(text="Hello, I am calling about my bill.", audio=None, speaker="customer"),
-        UtteranceInput(text=None, audio=tone, speaker="agent"),
+        *audio_only,
         UtteranceInput(text="Thank you, that is great.", audio=tone, speaker="customer"),
     ]
 
 
 def probe(runtime: Runtime) -> None:
-    dialogue = probe_dialogue()
+    dialogue = probe_dialogue(runtime.hears_audio)
     for causal in (False, True):
         (turns,) = runtime.classify([dialogue], causal)
         if len(turns) != len(dialogue):

@@ -475,6 +475,14 @@ def derive_artifact(
     )
 
 
+def hears_audio(config: ModelConfig, recipe: Mapping[str, Any] | None) -> bool:
+    """Whether audio trained the network's audio path: a late-fused speech head (fitted on speech) or a recipe
+    with speech corpora. Without a recipe nothing says otherwise, and the audio path is served."""
+    if recipe is None or config.fusion == "late":
+        return True
+    return bool(recipe.get("data", {}).get("speech"))
+
+
 def export_artifact(
     model: EmotionModel,
     out_dir: Path | str,
@@ -507,6 +515,7 @@ def export_artifact(
         sample_rate=config.sample_rate,
         max_audio_seconds=max_audio_seconds,
         max_speakers=config.max_speakers,
+        hears_audio=hears_audio(config, recipe),
     )
     with tempfile.TemporaryDirectory(prefix="equipoise-export-") as work:
         graphs = export_model(model, Path(work), check=check)

@@ -32,6 +32,10 @@ class PreprocessError(ValueError):
     """An input cannot be turned into graph inputs (malformed audio, mismatched lengths); the message says why."""
 
 
+class DeafModelError(PreprocessError):
+    """A turn with audio and no text sent to a model that was trained on text alone."""
+
+
 @dataclass(frozen=True)
 class PreprocessingConfig:
     """The pre-processing parameters an artifact was trained with (its config.json "preprocessing")."""
@@ -40,6 +44,9 @@ class PreprocessingConfig:
     sample_rate: int = 16000
     max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS
     max_speakers: int = 8
+    # False for a model no audio ever trained (a text-only recipe): its audio path holds its initial weights, so
+    # a clip is dropped beside text and a turn with audio alone is refused (`DeafModelError`).
+    hears_audio: bool = True
 
     def __post_init__(self) -> None:
         if self.max_tokens < 2 or self.sample_rate < 1 or self.max_speakers < 1:
@@ -61,6 +68,7 @@ class PreprocessingConfig:
             sample_rate=int(data["sample_rate"]),
             max_audio_seconds=float(data["max_audio_seconds"]),
             max_speakers=int(data["max_speakers"]),
+            hears_audio=bool(data.get("hears_audio", True)),  # artifacts before the key all heard
         )
 
 
@@ -158,10 +166,17 @@ class Preprocessor:
     def prepare(self, texts: Sequence[str | None], audios: Sequence[np.ndarray | None]) -> list[PreparedUtterance]:
         if len(texts) != len(audios):
             raise PreprocessError(f"{len(texts)} texts but {len(audios)} audio entries")
-        return [
-            PreparedUtterance(ids, has_text, *self.waveform(audio))
-            for (ids, has_text), audio in zip(self.tokenize(texts), audios, strict=True)
-        ]
+        tokens = self.tokenize(texts)
+        waves = [self.waveform(audio) for audio in audios]
+        if not self.config.hears_audio:
+            pairs = enumerate(zip(tokens, waves, strict=True))
+            if unheard := [i for i, ((_, has_text), (_, has_audio)) in pairs if has_audio and not has_text]:
+                raise DeafModelError(
+                    f"this model was trained on text alone and does not recognise audio: utterance {unheard[0]} "
+                    f"(of {len(texts)}) has audio and no text"
+                )
+            waves = [(_EMPTY_AUDIO, False)] * len(waves)  # every clip is beside text: scored as the text alone
+        return [PreparedUtterance(ids, has_text, *wave) for (ids, has_text), wave in zip(tokens, waves, strict=True)]
 
     def speaker_indices(self, speakers: Sequence[str | None]) -> np.ndarray:
         return speaker_indices(speakers, self.config.max_speakers)

@@ -237,6 +237,7 @@ class InferenceRuntime:
         self._context = context
         self._fp32_encoder = _sessions(fp32_encoder) if fp32_encoder is not None else None
         self.rescore_margin = rescore_margin
+        self.hears_audio = artifact.preprocessing.hears_audio  # False: audio never trained it (model/preprocess.py)
         probe = collate(self.preprocessor.prepare(list(TEXT_PATH_PROBE), [None] * len(TEXT_PATH_PROBE)))
         self._encoder = self._encoder.checked(probe)
         self._fp32_encoder = self._fp32_encoder.checked(probe) if self._fp32_encoder is not None else None

@@ -38,6 +38,7 @@ class ModelInfo:
     sentiments: tuple[str, ...]
     sha256: str | None = None  # the artifact's
     precision: str = "fp32"
+    hears_audio: bool = True  # False: trained on text alone, a turn with audio and no text is an error row
 
     @classmethod
     def of(cls, runtime: Runtime) -> ModelInfo:
@@ -48,6 +49,7 @@ class ModelInfo:
             runtime.sentiments.names,
             getattr(artifact, "sha256", None),
             encoding(getattr(runtime, "precision", "fp32"), getattr(runtime, "rescore_margin", 0.0)),
+            getattr(runtime, "hears_audio", True),
         )
 
 

@@ -28,6 +28,7 @@ TEXT_TOO_LONG = "text_too_long"
 DUPLICATE_TURN = "duplicate_turn"
 CONVERSATION_TOO_LONG = "conversation_too_long"
 SILENT_CHANNEL = "silent_channel"
+AUDIO_NOT_HEARD = "audio_not_heard"  # audio and no text for a model trained on text alone
 # Audio decoding adds the codes of model.audio: audio_too_large, audio_too_long, audio_too_many_channels,
 # audio_empty, audio_undecodable; channel splitting those of model.channels: channel_names_mismatch,
 # text_channel_unknown.
@@ -52,6 +53,7 @@ class InputOptions:
     max_channels: int
     silence_dbfs: float
     channel_names: tuple[str, ...] | None = None  # speakers of the channels of multi-channel audio
+    hears_audio: bool = True  # the model's (model/preprocess.py): False refuses audio with no text
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +111,17 @@ def prepare_turn(row: TurnRow, options: InputOptions) -> list[PreparedTurn]:
         voices = split_channels(turn.text, audio, turn.speaker, options.channel_names, options.silence_dbfs)
     except ChannelError as error:
         return [PreparedTurn(row, None, TurnError(error.code, f"{turn.audio_path}: {error.message}"))]
-    return [_voice(row, voice, options.silence_dbfs) for voice in voices]
+    prepared = [_voice(row, voice, options.silence_dbfs) for voice in voices]
+    return prepared if options.hears_audio else [_unheard(turn) for turn in prepared]
+
+
+def _unheard(turn: PreparedTurn) -> PreparedTurn:
+    """An error row for audio with no text, when the model was trained on text alone (it would refuse it)."""
+    utterance = turn.utterance
+    if utterance is None or utterance.audio is None or is_present(utterance.text):
+        return turn
+    message = "the model was trained on text alone and does not recognise audio; the turn has no text"
+    return PreparedTurn(turn.source, None, TurnError(AUDIO_NOT_HEARD, message), turn.channel, turn.channel_speaker)
 
 
 def _voice(row: TurnRow, voice: ChannelTurn, silence_dbfs: float) -> PreparedTurn:

@@ -199,7 +199,7 @@ def _score(
             dynamic_ncols=True,
             smoothing=0.05,
         ) as bar:
-            for chunk in engine.score(_plan(config, scan, progress), _options(config, log)):
+            for chunk in engine.score(_plan(config, scan, progress), _options(config, log, engine.model)):
                 for item in chunk:
                     committer.add(item)
                     bar.update(item.input_records)
@@ -224,7 +224,7 @@ def _plan(config: ScoreConfig, scan: InputScan, progress: Progress) -> SourcePla
     )
 
 
-def _options(config: ScoreConfig, log: PredictionLog | None) -> ScoringOptions:
+def _options(config: ScoreConfig, log: PredictionLog | None, model: ModelInfo) -> ScoringOptions:
     inputs = InputOptions(
         config.audio_dir,
         config.max_text_chars,
@@ -234,6 +234,7 @@ def _options(config: ScoreConfig, log: PredictionLog | None) -> ScoringOptions:
         config.max_audio_channels,
         config.channel_silence_dbfs,
         config.channel_names,
+        model.hears_audio,
     )
     return ScoringOptions(causal=config.causal, inputs=inputs, keep_logged=log is not None)
 

@@ -288,8 +288,9 @@ with human review of individual decisions. Not for decisions about individual pe
 def _audio_limits(recipe: Recipe, metrics: dict[str, Any], speech: dict[str, Any] | None) -> str:
     if not recipe.data.speech and speech is None:
         return (
-            "- Text only: its audio path was never trained, so audio sent to it is not recognised; serve it to\n"
-            "  text, or serve the release with the speech head.\n"
+            "- Text only: its audio path was never trained, so the artifact says it does not hear audio: a clip\n"
+            "  beside text is dropped and audio with no text is refused. Serve the release with the speech head\n"
+            "  for audio.\n"
         )
     return f"""- The audio side learned acted emotions of a few dozen speakers (mostly English, some German);
   spontaneous telephone speech differs (channel, noise, subtlety). No call-centre data was used.

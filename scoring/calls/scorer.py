@@ -13,13 +13,14 @@ import pyarrow as pa
 
 from model.audio import AudioError
 from model.channels import ChannelError
+from model.preprocess import DeafModelError
 from model.runtime import TurnPrediction
 from model.speech_to_text import SpeechToText
 from scoring.calls.emotion import CallEmotions
 from scoring.calls.pipeline import CallOptions, CallResult, Turn, process_call
 from scoring.calls.sources import CallJob
 from scoring.engine import LoggedTurn, ModelInfo, Row, Runtime, RuntimeSpec, logged_turn, output_row
-from scoring.inputs import AUDIO_NOT_FOUND, AUDIO_UNREADABLE, TurnError
+from scoring.inputs import AUDIO_NOT_FOUND, AUDIO_NOT_HEARD, AUDIO_UNREADABLE, TurnError
 from scoring.output import prediction_schema
 from scoring.summary import SUMMARY_SCHEMA, summarize
 
@@ -88,6 +89,8 @@ class CallScorer:
             result = process_call(job.path, job.roles, stt=self.stt, options=self.spec.options, emotions=emotions)
         except (AudioError, ChannelError) as error:
             return self._failed(job, TurnError(error.code, f"{job.path}: {error}"))
+        except DeafModelError as error:  # a turn without words, for a model trained on text alone
+            return self._failed(job, TurnError(AUDIO_NOT_HEARD, f"{job.path}: {error}"))
         except FileNotFoundError:
             return self._failed(job, TurnError(AUDIO_NOT_FOUND, f"{job.path}: no such file"))
         except OSError as error:

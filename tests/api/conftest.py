@@ -59,6 +59,7 @@ class FakeRuntime:
     providers: tuple[str, ...] = ("FakeExecutionProvider",)
     precision: str = "fp32"
     rescore_margin: float = 0.0
+    hears_audio: bool = True
     delay_s: float = 0.0
     poison: float = 1.0  # multiplies the probabilities: NaN or 2.0 make a model the probe must refuse
     calls: list[tuple[list[int], bool]] = field(default_factory=list)
