@@ -18,7 +18,7 @@ from model.artifact import CONTEXT_FILE, ENCODER_FILE, ModelArtifact, derive_art
 from model.audio import decode_audio
 from model.data.meld import group_dialogues, read_utterances
 from model.data.speech import read_clips, split_by_speaker
-from model.default_model import shipped_artifact
+from model.default_model import read_release, shipped_artifact
 from model.delta import load_weights, save_weights
 from model.labels import EMOTIONS
 from model.network import EmotionModel, ModelConfig
@@ -110,7 +110,8 @@ def test_the_shipped_release_assembled_without_weights_starts_from_its_delta(tmp
     assert bare.weights_path is None
     start = champion_weights(bare)
     assert start.weights_source.startswith("the shipped release") and start.parity <= PARITY
-    assert start.recipe.name == "default" and start.recipe.data.speech == ("ravdess", "tess", "emodb")
+    released = read_release()["recipe"]  # the run's recipe, default.toml under its candidate name
+    assert start.recipe.name == released["name"] and start.recipe.data == load_recipe("default").data
     assert champion_weights(assembled).recipe == start.recipe  # the recipe in the weights file is the release's
 
 
