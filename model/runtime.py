@@ -237,7 +237,6 @@ class InferenceRuntime:
         self._context = context
         self._fp32_encoder = _sessions(fp32_encoder) if fp32_encoder is not None else None
         self.rescore_margin = rescore_margin
-        self.hears_audio = artifact.preprocessing.hears_audio  # False: audio never trained it (model/preprocess.py)
         probe = collate(self.preprocessor.prepare(list(TEXT_PATH_PROBE), [None] * len(TEXT_PATH_PROBE)))
         self._encoder = self._encoder.checked(probe)
         self._fp32_encoder = self._fp32_encoder.checked(probe) if self._fp32_encoder is not None else None
@@ -268,6 +267,11 @@ class InferenceRuntime:
             fp32_encoder=EncoderSessions.open(artifact, artifact.encoder_path, device, options) if rescoring else None,
             rescore_margin=rescore_margin if rescoring else 0.0,
         )
+
+    @property
+    def hears_audio(self) -> bool:
+        """False when audio never trained the model (model/preprocess.py): audio alone is refused."""
+        return self.artifact.preprocessing.hears_audio
 
     @property
     def embed_dim(self) -> int:
