@@ -19,7 +19,9 @@ changing. A window is suspicious when any of these holds:
   conversations) lies under it. It is computed on prior-corrected posteriors while label shift explains the
   served mix, else on the posteriors as calibrated (the correction's premise no longer holds).
 
-The floor is a fraction of the champion's own minority recall on its dev set, never below the absolute floor.
+The floor is a fraction of the champion's own minority recall on its dev set: the detector watches the model
+change, and a fixed line near a model's own recall would fire on its healthy traffic. Only a champion without a
+recorded reference is held to the fixed floor.
 
 The detector fires after `fire_after` consecutive suspicious windows (small windows never count), then stays
 disarmed until both `cooldown_windows` windows have passed and `clear_after` consecutive healthy windows were
@@ -46,8 +48,8 @@ class CollapseRules:
     majority_rise: float = 0.10
     minority_share_ratio: float = 0.5  # ... or the minority classes' share of predictions fell under this x reference
     mix_alpha: float = MIX_ALPHA  # the served mix is unexplained by the estimated prior when its test's p is below
-    minority_recall_ratio: float = 0.6
-    minority_recall_floor: float = 0.25
+    minority_recall_ratio: float = 0.6  # the floor is this x the champion's own minority recall ...
+    minority_recall_floor: float = 0.25  # ... or this where it recorded none
     fire_after: int = 2
     clear_after: int = 2
     cooldown_windows: int = 6
@@ -107,10 +109,10 @@ class Decision:
 
 
 def recall_floor(signals: WindowSignals, rules: CollapseRules) -> float:
-    """A fraction of the champion's own minority recall when known, never below the absolute floor."""
+    """A fraction of the champion's own minority recall when known, else the fixed floor."""
     if signals.reference_minority_recall is None:
         return rules.minority_recall_floor
-    return max(rules.minority_recall_floor, rules.minority_recall_ratio * signals.reference_minority_recall)
+    return rules.minority_recall_ratio * signals.reference_minority_recall
 
 
 def _mix_unexplained(signals: WindowSignals, rules: CollapseRules, floor: float) -> tuple[bool, str]:

@@ -44,7 +44,7 @@ def test_majority_predictions_beyond_what_the_prior_explains_are_a_collapse() ->
 
 
 def test_recall_decided_below_the_floor_is_a_collapse_whatever_the_mix() -> None:
-    floor = recall_floor(HEALTHY, RULES)  # 0.252 here
+    floor = recall_floor(HEALTHY, RULES)  # 0.6 x 0.42 = 0.252 here
     label_free = replace(HEALTHY, minority_recall_estimated=0.15, minority_recall_estimated_upper=floor - 0.01)
     assert assess(label_free, RULES)[0]
     assert not assess(replace(label_free, minority_recall_estimated_upper=floor + 0.01), RULES)[0]
@@ -59,6 +59,17 @@ def test_recall_decided_below_the_floor_is_a_collapse_whatever_the_mix() -> None
     assert not assess(replace(audited, minority_recall_measured_upper=0.3), RULES)[0], "the interval reaches the floor"
     corrected = replace(audited, measured_source="correction")
     assert not assess(corrected, RULES)[0], "corrections are a biased sample: they never fire the detector"
+
+
+def test_the_floor_follows_the_champions_own_recall() -> None:
+    """A champion whose healthy minority recall sits near a fixed line must not be held to that line: its floor
+    is a fraction of its own reference, and the fixed floor serves only a champion without one."""
+    low_reference = replace(HEALTHY, reference_minority_recall=0.285)
+    assert recall_floor(low_reference, RULES) == RULES.minority_recall_ratio * 0.285
+    healthy_window = replace(low_reference, minority_recall_estimated=0.21, minority_recall_estimated_upper=0.24)
+    assert not assess(healthy_window, RULES)[0]
+    assert assess(replace(healthy_window, minority_recall_estimated_upper=0.16), RULES)[0]
+    assert recall_floor(replace(HEALTHY, reference_minority_recall=None), RULES) == RULES.minority_recall_floor
 
 
 def test_an_artifact_without_dev_confusion_falls_back_to_drift_and_recall() -> None:
