@@ -81,6 +81,7 @@ def runtime_loader(settings: Settings) -> ModelLoader:
             artifact,
             device=settings.device,
             intra_op_threads=settings.intra_op_threads,
+            audio_intra_op_threads=settings.audio_intra_op_threads,
             precision=settings.precision,
             max_batch_size=settings.batch_bucket_size,
             rescore_margin=settings.int8_rescore_margin,

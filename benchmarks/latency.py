@@ -17,7 +17,8 @@ Against each: a warm-up, then closed-loop clients (one keep-alive connection eac
 `drive`) at each `--concurrency` level posting MELD test utterances as text-only requests to
 POST /v1/predict/utterance, each level bounded by `--requests` and `--seconds`: client-side p50 / p99 latency,
 utterances/s, errors, server CPU seconds and the load average. Against equipoise also text + `--audio-seconds`
-of real speech (a RAVDESS clip, base64 WAV in the JSON) at concurrency 1. Both servers also answer the first few
+of real speech (a RAVDESS clip, base64 WAV in the JSON) at each level; `--audio-threads` adds servers (logging
+on) with other thread counts for the calls that carry audio. Both servers also answer the first few
 texts before the warm-up, and their probabilities must agree (the same model). `--rounds` repeats the whole
 sequence, interleaved, and pools the rounds.
 
@@ -85,13 +86,15 @@ class Server:
     logging: bool | None = None  # None: the baseline
     threads: int = 0
     reference: Path | None = None
+    audio_threads: int | None = None  # EQUIPOISE_AUDIO_INTRA_OP_THREADS; None: the service's default
 
     @property
     def name(self) -> str:
         if self.logging is None:
             return BASELINE
         served = f"reference {self.reference.name}" if self.reference else "equipoise"
-        return f"{served}, logging {'on' if self.logging else 'off'}, ORT threads {self.threads or 'auto'}"
+        audio = "" if self.audio_threads is None else f", audio threads {self.audio_threads}"
+        return f"{served}, logging {'on' if self.logging else 'off'}, ORT threads {self.threads or 'auto'}{audio}"
 
 
 @dataclass
@@ -166,6 +169,7 @@ def start_equipoise(server: Server, model: Path, work: Path, extra: Mapping[str,
         "device": "cpu",
         "intra_op_threads": str(server.threads),
         "log_predictions": str(server.logging).lower(),
+        **({} if server.audio_threads is None else {"audio_intra_op_threads": str(server.audio_threads)}),
         **extra,
     }
     with running_service(settings, state / "server.log") as service:
@@ -289,7 +293,8 @@ def measure(running: Service, server: Server, workloads: dict[str, list[Job]], p
     if server.logging is not None and "text+audio" in workloads:
         audio = itertools.cycle(workloads["text+audio"])
         warm_up(running, audio, plan)
-        run_level(results.level(server, "text+audio", 1), running, audio, plan, plan.audio_requests)
+        for clients in plan.concurrency:
+            run_level(results.level(server, "text+audio", clients), running, audio, plan, plan.audio_requests)
 
 
 def run_all(
@@ -488,6 +493,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=Plan.requests, help="requests of a text level at most")
     parser.add_argument("--audio-requests", type=int, default=Plan.audio_requests, help="text+audio requests")
     parser.add_argument("--audio-seconds", type=float, default=3.0, help="audio per text+audio request (0: none)")
+    parser.add_argument(
+        "--audio-threads",
+        type=_counts,
+        default=(),
+        help="also serve with these EQUIPOISE_AUDIO_INTRA_OP_THREADS (logging on), beside the service's default",
+    )
     parser.add_argument("--warmup-requests", type=int, default=Plan.warmup_requests)
     parser.add_argument("--rounds", type=int, default=1, help="repeat the sequence of servers, interleaved")
     parser.add_argument("--no-baseline", action="store_true", help="equipoise only")
@@ -502,6 +513,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def servers_of(args: argparse.Namespace) -> list[Server]:
     equipoise = [Server(logging, threads) for threads in args.intra_op_threads for logging in (True, False)]
+    counts = itertools.product(args.intra_op_threads, args.audio_threads)
+    equipoise += [Server(True, threads, audio_threads=audio) for threads, audio in counts]
     reference = [Server(True, threads, args.reference_model) for threads in args.intra_op_threads]
     return equipoise + (reference if args.reference_model else []) + ([] if args.no_baseline else [Server()])
 
@@ -546,11 +559,7 @@ def context_of(
         "baseline": "transformers.Pipeline over the PyTorch EmotionModel, torch's default threads, one request at a "
         "time on one worker thread, uvicorn access log (info)",
         "workload": f"MELD test, {len(workloads['text']):,} text-only utterances in a shuffled rotation"
-        + (
-            f"; text + {args.audio_seconds:g} s RAVDESS speech (base64 WAV) at concurrency 1"
-            if args.audio_seconds
-            else ""
-        )
+        + (f"; text + {args.audio_seconds:g} s RAVDESS speech (base64 WAV) at each level" if args.audio_seconds else "")
         + f"; {args.rounds} round(s), each level ≤ {args.seconds:g} s and ≤ {args.requests:,} requests after a warm-up",
     }
 

@@ -51,6 +51,13 @@ def default_intra_op_threads(cores: int) -> int:
     return 1 if cores <= FEW_CORES else 0
 
 
+def default_audio_intra_op_threads(cores: int) -> int | None:
+    """Every core for the calls that carry audio on small hosts (None elsewhere: the text's threads): the speech
+    branch is the one long call, which on one thread holds one core while the other idles (text + 3 s audio p50
+    27 against 39 ms on 2 cores, saturated throughput within 2%; docs/SPEECH.md "Threads for audio")."""
+    return cores if cores <= FEW_CORES else None
+
+
 def default_batch_workers(cores: int) -> int:
     """Two model threads on small hosts, each with its one intra-op thread: one batch is scored while the next one
     is padded and tokenised, and both cores do model work (measured on 2 cores, docs/BENCHMARKS.md "Serving
@@ -107,6 +114,14 @@ class Settings(BaseSettings):
         le=256,
         description="ONNX Runtime threads per model call; 0 lets it decide. Default: 1 on hosts of at most "
         f"{FEW_CORES} cores (measured on 2, docs/BENCHMARKS.md 'Serving defaults'), else 0.",
+    )
+    audio_intra_op_threads: int | None = Field(
+        default_factory=lambda: default_audio_intra_op_threads(available_cores()),
+        ge=1,
+        le=256,
+        description="ONNX Runtime threads for model calls that carry audio, where the model has a text path for "
+        "the others (late fusion); unset: intra_op_threads. Default: every core on hosts of at most "
+        f"{FEW_CORES} cores, else unset.",
     )
     precision: Literal["fp32", "int8"] = "fp32"
     # The smallest margin whose int8 labels agree with fp32 on >= 99.5% of MELD train turns for the shipped

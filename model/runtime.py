@@ -113,14 +113,26 @@ def select_providers(device: Device) -> list[str]:
     return [CPU_PROVIDER]
 
 
-def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
+def session_options(intra_op_threads: int = 0, *, spinning: bool = True) -> ort.SessionOptions:
+    """`spinning` False makes idle pool threads sleep at once instead of spinning for the next parallel section:
+    a pool shared with other busy threads (a second model thread, the event loop) then leaves them the cores."""
     if intra_op_threads < 0:
         raise ValueError(f"intra_op_threads must be >= 0 (0: ONNX Runtime decides), not {intra_op_threads}")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = intra_op_threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
+
+
+def speech_session_options(audio_intra_op_threads: int | None, intra_op_threads: int) -> ort.SessionOptions:
+    """Options of the graph that runs the speech branch: `audio_intra_op_threads` of them without spinning (the
+    branch is long enough to split over cores and short enough to share them), or, when None, the text's."""
+    if audio_intra_op_threads is None or audio_intra_op_threads == intra_op_threads:
+        return session_options(intra_op_threads)
+    return session_options(audio_intra_op_threads, spinning=False)
 
 
 def open_session(
@@ -148,15 +160,24 @@ class EncoderSessions:
     text_only: ort.InferenceSession | None = None
 
     @classmethod
-    def open(cls, artifact: ModelArtifact, path: Path, device: Device, options: ort.SessionOptions) -> EncoderSessions:
-        full = open_session(path, device, options)
+    def open(
+        cls,
+        artifact: ModelArtifact,
+        path: Path,
+        device: Device,
+        options: ort.SessionOptions,
+        speech_options: ort.SessionOptions | None = None,
+    ) -> EncoderSessions:
+        """`speech_options`, where given, open the whole graph when a text path serves the calls without audio;
+        a graph that serves every call opens with `options`."""
         if not artifact.late_fusion:
-            return cls(full)
+            return cls(open_session(path, device, options))
         try:
             graph = text_path_graph(path, len(artifact.emotions))
         except NoTextPath as error:
             log.warning("%s: %s; every call runs the whole graph", path.name, error)
-            return cls(full)
+            return cls(open_session(path, device, options))
+        full = open_session(path, device, speech_options or options)
         return cls(full, open_session(graph, device, options, name=f"{path.name} (text path)"))
 
     def embed(self, batch: EncoderBatch) -> np.ndarray:
@@ -250,21 +271,27 @@ class InferenceRuntime:
         precision: Precision = "fp32",
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         rescore_margin: float = 0.0,
+        audio_intra_op_threads: int | None = None,
     ) -> InferenceRuntime:
         """Open an artifact (a directory, verified here, or an already verified ModelArtifact). With int8,
-        `rescore_margin` > 0 also opens the fp32 encoder for near-tie re-scoring; fp32 ignores it."""
+        `rescore_margin` > 0 also opens the fp32 encoder for near-tie re-scoring; fp32 ignores it.
+        `audio_intra_op_threads` (None: `intra_op_threads`) run the calls that carry audio where a text path
+        serves the others (`speech_session_options`)."""
         _check_margin(rescore_margin)
         artifact = artifact_dir if isinstance(artifact_dir, ModelArtifact) else load_artifact(artifact_dir)
         encoder_path = artifact.encoder_file(precision)
         options = session_options(intra_op_threads)
+        speech = speech_session_options(audio_intra_op_threads, intra_op_threads)
         rescoring = precision == "int8" and rescore_margin > 0
         return cls(
             artifact,
-            EncoderSessions.open(artifact, encoder_path, device, options),
+            EncoderSessions.open(artifact, encoder_path, device, options, speech),
             open_session(artifact.context_path, device, options),
             precision=precision,
             max_batch_size=max_batch_size,
-            fp32_encoder=EncoderSessions.open(artifact, artifact.encoder_path, device, options) if rescoring else None,
+            fp32_encoder=(
+                EncoderSessions.open(artifact, artifact.encoder_path, device, options, speech) if rescoring else None
+            ),
             rescore_margin=rescore_margin if rescoring else 0.0,
         )
 

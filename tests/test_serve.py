@@ -12,7 +12,13 @@ import httpx
 import pytest
 
 from core.processes import Process, free_port, spawn, wait_for
-from core.settings import SettingsError, available_cores, default_intra_op_threads, load_settings
+from core.settings import (
+    SettingsError,
+    available_cores,
+    default_audio_intra_op_threads,
+    default_intra_op_threads,
+    load_settings,
+)
 from equipoise.cli import build_parser, serve_settings
 from equipoise.logs import OWN_LOGGERS, configure_logging, quiet_export
 from tests.api.conftest import server_settings, without_equipoise_environment
@@ -102,6 +108,8 @@ def test_quiet_export_hides_only_the_root_loggers_warnings_outside_debug(
 def test_the_thread_default_fits_the_host(environment: pytest.MonkeyPatch) -> None:
     assert [default_intra_op_threads(cores) for cores in (1, 2, 4, 8, 64)] == [1, 1, 1, 0, 0]
     assert load_settings().intra_op_threads == default_intra_op_threads(available_cores())
+    assert [default_audio_intra_op_threads(cores) for cores in (1, 2, 4, 8, 64)] == [1, 2, 4, None, None]
+    assert load_settings().audio_intra_op_threads == default_audio_intra_op_threads(available_cores())
 
 
 def test_serve_binds_the_flagged_port_and_starts_quietly(tmp_path: Path, tiny_artifact: Path) -> None:

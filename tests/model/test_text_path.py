@@ -102,3 +102,18 @@ def test_a_text_path_that_disagrees_with_the_whole_graph_is_dropped(late: ModelA
     runtime = InferenceRuntime.load(late, device="cpu", intra_op_threads=1)
     checked = mixed.checked(_batch(runtime, [None] * len(TEXTS)))  # type: ignore[arg-type]
     assert checked.text_only is None and checked.full is mixed.full
+
+
+def test_calls_with_audio_get_their_own_threads_and_the_same_answers(late: ModelArtifact) -> None:
+    """The whole graph (the speech branch) may run on more threads than the text path, without spinning; answers
+    do not depend on it."""
+    one = InferenceRuntime.load(late, device="cpu", intra_op_threads=1)
+    two = InferenceRuntime.load(late, device="cpu", intra_op_threads=1, audio_intra_op_threads=2)
+    full, text = two._encoder.full.get_session_options(), two._encoder.text_only.get_session_options()  # type: ignore[union-attr]
+    assert (full.intra_op_num_threads, text.intra_op_num_threads) == (2, 1)
+    assert full.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert one._encoder.full.get_session_options().intra_op_num_threads == 1
+    clip = np.random.default_rng(1).normal(0, 0.1, 24_000).astype(np.float32)
+    dialogue = [[UtteranceInput(TEXTS[0], clip, "a"), UtteranceInput(TEXTS[1], None, "b")]]
+    for turn, other in zip(two.classify(dialogue, True)[0], one.classify(dialogue, True)[0], strict=True):
+        np.testing.assert_allclose(turn.emotion_probs, other.emotion_probs, atol=1e-5, rtol=0)
