@@ -101,6 +101,28 @@ def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def text_only_artifact(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny artifact with its preprocessing saying that audio never trained it (what export writes for a
+    text-only recipe): it scores a clip beside text as the text alone and refuses audio alone."""
+    import dataclasses
+
+    from model.artifact import load_artifact, write_artifact
+
+    source = load_artifact(tiny_artifact)
+    written = write_artifact(
+        tmp_path_factory.mktemp("text_only_artifact") / "tiny-text-only",
+        version="tiny-text-only",
+        graphs={"encoder.onnx": source.encoder_path, "context.onnx": source.context_path},
+        tokenizer=source.tokenizer_path,
+        model_config=source.config,
+        preprocessing=dataclasses.replace(source.preprocessing, hears_audio=False),
+        calibration=source.calibration,
+        reference_distribution=source.reference_distribution,
+    )
+    return written.path
+
+
 def one_torch_thread() -> Iterator[None]:
     """One intra-op torch thread while a package's tests run: their tensors are tiny and OpenMP contention on a
     shared CPU made single tests 5-10x slower under load. Restored afterwards for the rest of the session."""

@@ -85,11 +85,12 @@ def analyse(
     segments: Sequence[Segment],
     overlap: TalkOver,
     turns: Sequence[TimedTurn],
-    emotions: Sequence[TurnEmotion] | None = None,
+    emotions: Sequence[TurnEmotion | None] | None = None,
     options: SummaryOptions | None = None,
 ) -> CallAnalytics:
     """The analytics of one call: decoded `channels` [speakers, samples] at 16 kHz, their speech segments, the
-    talk-over found in them, the turns, and optionally each turn's emotion (in turn order)."""
+    talk-over found in them, the turns, and optionally each turn's emotion (in turn order; None for a turn the
+    model could not score, which the emotion figures leave out)."""
     if emotions is not None and len(emotions) != len(turns):
         raise ValueError(f"{len(emotions)} emotions were given for {len(turns)} turns")
     duration_s = channels.shape[1] / SAMPLE_RATE
@@ -175,8 +176,8 @@ def sentiment_by_quarter(rows: Sequence[Mapping[str, Any]], duration_s: float) -
     return tuple(total / count if count else None for total, count in zip(sums, counts, strict=True))
 
 
-def _emotion_rows(turns: Sequence[TimedTurn], emotions: Sequence[TurnEmotion]) -> list[dict[str, Any]]:
-    """Each turn as a row of scoring.summary's shape (turn, speaker, label, sentiment, p_<emotion>, error)."""
+def _emotion_rows(turns: Sequence[TimedTurn], emotions: Sequence[TurnEmotion | None]) -> list[dict[str, Any]]:
+    """Each scored turn as a row of scoring.summary's shape (turn, speaker, label, sentiment, p_<emotion>, error)."""
     return [
         {
             "turn": turn.turn,
@@ -190,6 +191,7 @@ def _emotion_rows(turns: Sequence[TimedTurn], emotions: Sequence[TurnEmotion]) -
             **{f"p_{name}": float(p) for name, p in emotion.probabilities.items()},
         }
         for turn, emotion in zip(turns, emotions, strict=True)
+        if emotion is not None
     ]
 
 

@@ -3,6 +3,9 @@
 The call is one dialogue: its turns in start order, each with its redacted transcript and its own channel's audio,
 the speakers being the channel names. A recording is whole when it is scored, so by default the context head reads
 it in both directions (`causal=True` gives each turn only the turns before it, as a live stream has).
+
+A model trained on text alone (`hears_audio` false) cannot score a turn in which nothing was recognised: such a
+turn gets no emotion, and the call is the dialogue of its other turns.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
+from core.text import is_present
 from model.labels import LabelSet
 from model.runtime import TurnPrediction, UtteranceInput
 from scoring.calls.analytics import TurnEmotion
@@ -24,22 +28,33 @@ class Classifier(Protocol):
     emotions: LabelSet
     sentiments: LabelSet
 
+    @property
+    def hears_audio(self) -> bool: ...
+
     def classify(self, dialogues: list[list[UtteranceInput]], causal: bool) -> list[list[TurnPrediction]]: ...
 
 
 class CallEmotions:
     """An EmotionScorer for `process_call`. `predictions` keeps the model's answers for the turns of the latest call
-    it scored (their embeddings and indices, which the service logs): use one instance per call at a time."""
+    it scored (their embeddings and indices, which the service logs; None for a turn the model cannot score): use
+    one instance per call at a time."""
 
     def __init__(self, runtime: Classifier, causal: bool = False) -> None:
         self.runtime = runtime
         self.causal = causal
-        self.predictions: list[TurnPrediction] = []
+        self.predictions: list[TurnPrediction | None] = []
 
-    def __call__(self, turns: Sequence[Turn], channels: np.ndarray) -> list[TurnEmotion]:
+    def __call__(self, turns: Sequence[Turn], channels: np.ndarray) -> list[TurnEmotion | None]:
         dialogue = turn_inputs(turns, channels)
-        self.predictions = self.runtime.classify([dialogue], self.causal)[0] if dialogue else []
-        return [turn_emotion(p, self.runtime.emotions, self.runtime.sentiments) for p in self.predictions]
+        heard = [i for i, turn in enumerate(dialogue) if self.runtime.hears_audio or is_present(turn.text)]
+        answers = self.runtime.classify([[dialogue[i] for i in heard]], self.causal)[0] if heard else []
+        self.predictions = [None] * len(dialogue)
+        for index, answer in zip(heard, answers, strict=True):
+            self.predictions[index] = answer
+        return [self._emotion(p) for p in self.predictions]
+
+    def _emotion(self, prediction: TurnPrediction | None) -> TurnEmotion | None:
+        return None if prediction is None else turn_emotion(prediction, self.runtime.emotions, self.runtime.sentiments)
 
 
 def turn_inputs(turns: Sequence[Turn], channels: np.ndarray) -> list[UtteranceInput]:

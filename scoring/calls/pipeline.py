@@ -127,7 +127,8 @@ class CallResult:
         }
 
 
-EmotionScorer = Callable[[Sequence[Turn], np.ndarray], Sequence[TurnEmotion]]
+# One emotion per turn, None for a turn the model cannot score (no words, for a model trained on text alone).
+EmotionScorer = Callable[[Sequence[Turn], np.ndarray], Sequence[TurnEmotion | None]]
 
 
 def process_call(

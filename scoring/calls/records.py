@@ -25,19 +25,21 @@ def turn_prediction_id(call_id: uuid.UUID, turn: int) -> uuid.UUID:
 def call_records(
     call_id: uuid.UUID,
     result: CallResult,
-    predictions: Sequence[TurnPrediction],
+    predictions: Sequence[TurnPrediction | None],
     *,
     model_version: str,
     context: ContextMode,
     created_at: datetime,
     latency_ms: float,
 ) -> list[PredictionRecord]:
-    """One record per turn; `predictions` are the model's answers for `result.turns`, in order."""
+    """One record per scored turn; `predictions` are the model's answers for `result.turns`, in order (None: the
+    turn was not scored, and has no prediction)."""
     if len(predictions) != len(result.turns):
         raise ValueError(f"{len(predictions)} predictions for {len(result.turns)} turns")
     return [
         _record(call_id, turn, prediction, model_version, context, created_at, latency_ms)
         for turn, prediction in zip(result.turns, predictions, strict=True)
+        if prediction is not None
     ]
 
 

@@ -13,7 +13,6 @@ import pyarrow as pa
 
 from model.audio import AudioError
 from model.channels import ChannelError
-from model.preprocess import DeafModelError
 from model.runtime import TurnPrediction
 from model.speech_to_text import SpeechToText
 from scoring.calls.emotion import CallEmotions
@@ -89,8 +88,6 @@ class CallScorer:
             result = process_call(job.path, job.roles, stt=self.stt, options=self.spec.options, emotions=emotions)
         except (AudioError, ChannelError) as error:
             return self._failed(job, TurnError(error.code, f"{job.path}: {error}"))
-        except DeafModelError as error:  # a turn without words, for a model trained on text alone
-            return self._failed(job, TurnError(AUDIO_NOT_HEARD, f"{job.path}: {error}"))
         except FileNotFoundError:
             return self._failed(job, TurnError(AUDIO_NOT_FOUND, f"{job.path}: no such file"))
         except OSError as error:
@@ -102,13 +99,14 @@ class CallScorer:
         return self(job)
 
     def _scored(
-        self, job: CallJob, result: CallResult, predictions: list[TurnPrediction], seconds: float
+        self, job: CallJob, result: CallResult, predictions: list[TurnPrediction | None], seconds: float
     ) -> ScoredCall:
         pairs = list(zip(result.turns, predictions, strict=True))
         rows = [self._row(job, turn, p) for turn, p in pairs]
         latency_ms = seconds * 1000 / max(len(pairs), 1)
-        logged = [_logged(job, turn, p, latency_ms) for turn, p in pairs] if self.spec.log else []
-        kinds = []
+        scored = [(turn, p) for turn, p in pairs if p is not None]
+        logged = [_logged(job, turn, p, latency_ms) for turn, p in scored] if self.spec.log else []
+        kinds = [AUDIO_NOT_HEARD] * (len(pairs) - len(scored))
         if not rows:
             error = TurnError(NO_SPEECH, f"{job.path}: no speech was found in the recording")
             rows, kinds = [_error_row(self.model, job, error)], [NO_SPEECH]
@@ -116,8 +114,12 @@ class CallScorer:
         summary = self._summary(job, rows, result)
         return ScoredCall(job.call_id, rows, summary, kinds, result.duration_s, png, logged)
 
-    def _row(self, job: CallJob, turn: Turn, prediction: TurnPrediction) -> Row:
-        row = output_row(self.model, job.call_id, turn.turn, turn.speaker, prediction, channel=turn.audio.channel)
+    def _row(self, job: CallJob, turn: Turn, prediction: TurnPrediction | None) -> Row:
+        """The turn's prediction, or, where the model could not score it, the turn with its error."""
+        error = None if prediction is not None else _unheard(job, turn)
+        row = output_row(
+            self.model, job.call_id, turn.turn, turn.speaker, prediction, error, channel=turn.audio.channel
+        )
         return {**row, "start_s": round(turn.start_s, 3), "end_s": round(turn.end_s, 3), "text": turn.text}
 
     def _summary(self, job: CallJob, rows: list[Row], result: CallResult | None) -> Row:
@@ -157,6 +159,11 @@ def _logged(job: CallJob, turn: Turn, prediction: TurnPrediction, latency_ms: fl
         channel=turn.audio.channel,
         span_s=(turn.start_s, turn.end_s),
     )
+
+
+def _unheard(job: CallJob, turn: Turn) -> TurnError:
+    message = "no words were recognised, and the model was trained on text alone: it does not recognise audio"
+    return TurnError(AUDIO_NOT_HEARD, f"{job.path}: turn {turn.turn}: {message}")
 
 
 def _error_row(model: ModelInfo, job: CallJob, error: TurnError) -> Row:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from model.artifact import ModelArtifact, export_artifact, hears_audio, load_artifact, write_artifact
+from model.artifact import export_artifact, hears_audio, load_artifact
 from model.data.turns import Turn, TurnRow
 from model.network import EmotionModel, ModelConfig
 from model.preprocess import DeafModelError
@@ -26,26 +26,6 @@ TEXTS = ("I have been waiting for an hour!", "Thank you, that is all I wanted.")
 
 def _clip(seconds: float = 0.8) -> np.ndarray:
     return (0.2 * np.sin(np.arange(int(seconds * 16_000)) / 3.0)).astype(np.float32)
-
-
-def _text_only_copy(source: ModelArtifact, out: Path) -> ModelArtifact:
-    """`source` with its preprocessing saying that audio never trained it (what export writes for such a run)."""
-    graphs = {"encoder.onnx": source.encoder_path, "context.onnx": source.context_path}
-    return write_artifact(
-        out,
-        version="tiny-text-only",
-        graphs=graphs,
-        tokenizer=source.tokenizer_path,
-        model_config=source.config,
-        preprocessing=dataclasses.replace(source.preprocessing, hears_audio=False),
-        calibration=source.calibration,
-        reference_distribution=source.reference_distribution,
-    )
-
-
-@pytest.fixture(scope="module")
-def deaf(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _text_only_copy(load_artifact(tiny_artifact), tmp_path_factory.mktemp("deaf") / "tiny-text-only").path
 
 
 def _dialogue(audio: list[np.ndarray | None], texts: tuple[str | None, ...] = TEXTS) -> list[UtteranceInput]:
@@ -70,9 +50,11 @@ def test_export_records_a_text_only_recipe_and_loading_keeps_it(tmp_path: Path) 
     assert load_artifact(exported.path).preprocessing.hears_audio is True
 
 
-def test_a_clip_beside_text_is_dropped_and_audio_alone_is_refused(tiny_artifact: Path, deaf: Path) -> None:
+def test_a_clip_beside_text_is_dropped_and_audio_alone_is_refused(
+    tiny_artifact: Path, text_only_artifact: Path
+) -> None:
     hearing = InferenceRuntime.load(tiny_artifact, device="cpu", intra_op_threads=1)
-    text_only = InferenceRuntime.load(deaf, device="cpu", intra_op_threads=1)
+    text_only = InferenceRuntime.load(text_only_artifact, device="cpu", intra_op_threads=1)
     with_clips, without = _dialogue([_clip(), _clip(1.2)]), _dialogue([None, None])
     (heard,), (plain,) = hearing.classify([with_clips], causal=True), hearing.classify([without], causal=True)
     assert not np.allclose([t.emotion_probs for t in heard], [t.emotion_probs for t in plain], atol=1e-4)
@@ -83,8 +65,8 @@ def test_a_clip_beside_text_is_dropped_and_audio_alone_is_refused(tiny_artifact:
         text_only.classify([_dialogue([None, _clip()], (TEXTS[0], None))], causal=True)
 
 
-def test_the_service_answers_audio_alone_with_a_problem(deaf: Path, start_app: Any) -> None:
-    app = start_app(runtime=lambda row: InferenceRuntime.load(deaf, device="cpu", intra_op_threads=1))
+def test_the_service_answers_audio_alone_with_a_problem(text_only_artifact: Path, start_app: Any) -> None:
+    app = start_app(runtime=lambda row: InferenceRuntime.load(text_only_artifact, device="cpu", intra_op_threads=1))
     buffer = io.BytesIO()
     sf.write(buffer, _clip(), 16_000, format="WAV", subtype="PCM_16")
     audio = base64.b64encode(buffer.getvalue()).decode()

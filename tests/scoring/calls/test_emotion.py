@@ -3,6 +3,9 @@ turn order, both directions by default, each turn with its own channel's audio, 
 
 from __future__ import annotations
 
+import dataclasses
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +13,17 @@ import pytest
 
 from benchmarks.call_builder import assemble, ravdess_held_out
 from benchmarks.call_emotions import score_rate
+from core.db.models import ContextMode
 from model.audio import SAMPLE_RATE
 from model.default_model import shipped_artifact
 from model.runtime import InferenceRuntime, UtteranceInput
 from model.speech_to_text import SpeechToText
 from scoring.calls import AudioSlice, CallEmotions, Turn
+from scoring.calls.analytics import analyse
 from scoring.calls.emotion import turn_inputs
+from scoring.calls.pipeline import CallResult
+from scoring.calls.records import call_document, call_records
+from scoring.calls.segment import talk_over
 
 ROLES = ("agent", "customer")
 
@@ -100,6 +108,39 @@ def test_speakers_are_the_channel_names(runtime: InferenceRuntime, call: tuple[l
         for a, b in zip(scorer.predictions, same.predictions, strict=True)
     ]
     assert any(moved)
+
+
+def test_a_model_trained_on_text_alone_scores_the_turns_with_words_and_leaves_the_others(
+    text_only_artifact: Path, call: tuple[list[Turn], np.ndarray]
+) -> None:
+    """Turn 2 has no words: a text-only model cannot score it, so it gets no emotion and the call is the dialogue
+    of the other turns (their answers are those of that dialogue), instead of the whole call failing."""
+    turns, channels = call
+    runtime = InferenceRuntime.load(text_only_artifact, device="cpu", intra_op_threads=1)
+    scorer = CallEmotions(runtime)
+    emotions = scorer(turns, channels)
+    assert emotions[2] is None and scorer.predictions[2] is None
+    worded = [turn for turn in turns if turn.text]
+    expected = runtime.classify([dialogue(worded, channels)], causal=False)[0]
+    got = [p for p in scorer.predictions if p is not None]
+    assert len(got) == len(expected) == 3
+    for prediction, reference in zip(got, expected, strict=True):
+        np.testing.assert_allclose(prediction.emotion_probs, reference.emotion_probs, atol=1e-6)
+    assert [e.label for e in emotions if e is not None] == [p.emotion for p in expected]
+    # As stored: the unscored turn has no prediction row and no prediction id; the call's document keeps the turn.
+    scored = tuple(dataclasses.replace(turn, emotion=e) for turn, e in zip(turns, emotions, strict=True))
+    timed = [turn.timed() for turn in scored]
+    analytics = analyse(channels, list(ROLES), [], talk_over([], 0.25), timed, emotions)
+    result = CallResult(ROLES, scored, analytics, {}, None, channels)
+    call_id = uuid.uuid4()
+    records = call_records(
+        call_id, result, scorer.predictions, model_version="v", context=ContextMode.BIDIRECTIONAL,
+        created_at=datetime.now(UTC), latency_ms=1.0,
+    )  # fmt: skip
+    assert [r.turn_index for r in records] == [0, 1, 3]
+    document = call_document(call_id, result, "v")["turns"]
+    assert document[2]["emotion"] is None and document[2]["prediction_id"] is None
+    assert document[3]["prediction_id"] == str(records[2].id)
 
 
 def test_a_call_without_turns_has_no_emotions(runtime: InferenceRuntime) -> None:

@@ -130,6 +130,10 @@ def test_call_analytics_from_known_segments_turns_and_emotions() -> None:
     assert [row["label"] for row in customer.emotion_timeline] == ["neutral", "anger"]
     without = analyse(channels, ["agent", "customer"], segments, overlap, turns)
     assert without.escalation_points is None and without.speakers[1].emotion_timeline == ()
+    # A turn the model could not score (no words, for a model trained on text alone) is left out of the figures.
+    unscored = analyse(channels, ["agent", "customer"], segments, overlap, turns, [*emotions[:1], None, emotions[2]])
+    assert [row["turn"] for row in unscored.speakers[1].emotion_timeline] == [2]
+    assert unscored.speakers[1].negative_share == pytest.approx(1.0) and unscored.escalation_points == ()
     with pytest.raises(ValueError, match="2 emotions were given for 3 turns"):
         analyse(channels, ["agent", "customer"], segments, overlap, turns, emotions[:2])
 
