@@ -36,6 +36,12 @@ class DeafModelError(PreprocessError):
     """A turn with audio and no text sent to a model that was trained on text alone."""
 
 
+def heard(hears_audio: bool, text: str | None, audio: np.ndarray | None) -> bool:
+    """Whether a model can score a turn: one trained on text alone (`hears_audio` False) cannot score audio with
+    no text. An empty clip is no audio."""
+    return hears_audio or is_present(text) or audio is None or np.size(audio) == 0
+
+
 @dataclass(frozen=True)
 class PreprocessingConfig:
     """The pre-processing parameters an artifact was trained with (its config.json "preprocessing")."""
@@ -169,8 +175,8 @@ class Preprocessor:
         tokens = self.tokenize(texts)
         waves = [self.waveform(audio) for audio in audios]
         if not self.config.hears_audio:
-            pairs = enumerate(zip(tokens, waves, strict=True))
-            if unheard := [i for i, ((_, has_text), (_, has_audio)) in pairs if has_audio and not has_text]:
+            pairs = enumerate(zip(texts, audios, strict=True))
+            if unheard := [i for i, (text, audio) in pairs if not heard(False, text, audio)]:
                 raise DeafModelError(
                     f"this model was trained on text alone and does not recognise audio: utterance {unheard[0]} "
                     f"(of {len(texts)}) has audio and no text"

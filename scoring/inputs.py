@@ -16,6 +16,7 @@ from core.text import is_present
 from model.audio import AudioError, decode_channels
 from model.channels import ChannelError, ChannelTurn, split_channels
 from model.data.turns import RowError, TurnRow, UnsafeAudioPath, resolve_audio_path
+from model.preprocess import heard
 from model.runtime import UtteranceInput
 from scoring.conversations import Conversation
 
@@ -118,7 +119,7 @@ def prepare_turn(row: TurnRow, options: InputOptions) -> list[PreparedTurn]:
 def _unheard(turn: PreparedTurn) -> PreparedTurn:
     """An error row for audio with no text, when the model was trained on text alone (it would refuse it)."""
     utterance = turn.utterance
-    if utterance is None or utterance.audio is None or is_present(utterance.text):
+    if utterance is None or heard(False, utterance.text, utterance.audio):
         return turn
     message = "the model was trained on text alone and does not recognise audio; the turn has no text"
     return PreparedTurn(turn.source, None, TurnError(AUDIO_NOT_HEARD, message), turn.channel, turn.channel_speaker)

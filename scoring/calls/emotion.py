@@ -15,8 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
-from core.text import is_present
 from model.labels import LabelSet
+from model.preprocess import heard
 from model.runtime import TurnPrediction, UtteranceInput
 from scoring.calls.analytics import TurnEmotion
 from scoring.calls.pipeline import Turn
@@ -46,10 +46,10 @@ class CallEmotions:
 
     def __call__(self, turns: Sequence[Turn], channels: np.ndarray) -> list[TurnEmotion | None]:
         dialogue = turn_inputs(turns, channels)
-        heard = [i for i, turn in enumerate(dialogue) if self.runtime.hears_audio or is_present(turn.text)]
-        answers = self.runtime.classify([[dialogue[i] for i in heard]], self.causal)[0] if heard else []
+        scored = [i for i, turn in enumerate(dialogue) if heard(self.runtime.hears_audio, turn.text, turn.audio)]
+        answers = self.runtime.classify([[dialogue[i] for i in scored]], self.causal)[0] if scored else []
         self.predictions = [None] * len(dialogue)
-        for index, answer in zip(heard, answers, strict=True):
+        for index, answer in zip(scored, answers, strict=True):
             self.predictions[index] = answer
         return [self._emotion(p) for p in self.predictions]
 
