@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -126,7 +127,7 @@ def _serve(args: argparse.Namespace) -> int:
     from api.auth import StartupRefused, check_exposure
     from core.db import migrate
     from core.db.session import make_engine
-    from equipoise.logs import configure_logging
+    from equipoise.logs import configure_logging, flush_logs, write_logs_before_dying_of
     from model.registry import RegistryError
 
     try:
@@ -135,6 +136,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"equipoise serve: {error}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    write_logs_before_dying_of(signal.SIGTERM)
     engine = make_engine(str(settings.database_url))
     try:
         migrate.upgrade(str(settings.database_url))
@@ -142,6 +144,7 @@ def _serve(args: argparse.Namespace) -> int:
         check_exposure(settings, engine)  # refuses early with a clear message; the app logs the warning
         _register_default_model(settings, engine)
     except (StartupRefused, RegistryError, OperationalError) as error:
+        flush_logs()  # the log lines before it first
         print(f"equipoise serve: {error}", file=sys.stderr)
         return 2
     finally:

@@ -20,7 +20,7 @@ from core.settings import (
     load_settings,
 )
 from equipoise.cli import build_parser, serve_settings
-from equipoise.logs import OWN_LOGGERS, configure_logging, quiet_export
+from equipoise.logs import OWN_LOGGERS, configure_logging, flush_logs, quiet_export
 from tests.api.conftest import server_settings, without_equipoise_environment
 
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ (?P<level>[A-Z]+) (?P<logger>[\w.]+): (?P<message>.*)$")
@@ -77,6 +77,7 @@ def test_info_keeps_own_loggers_and_hides_library_chatter(
         logging.getLogger("api.reload").info("own line at %s", level)
         logging.getLogger("uvicorn.access").info("access line at %s", level)
         quantize_encoder_int8(tiny_artifact / "encoder.onnx", tmp_path / f"{level}.onnx")
+        flush_logs()
         return capsys.readouterr().err
 
     info = quantise_and_log("info")
@@ -97,11 +98,13 @@ def test_quiet_export_hides_only_the_root_loggers_warnings_outside_debug(
             logging.getLogger().warning("advice of the quantiser")
             logging.getLogger().error("a real failure")
             logging.getLogger("model.default_model").warning("our own warning")
+        flush_logs()
         err = capsys.readouterr().err
         assert ("advice of the quantiser" not in err) is hidden
         assert "a real failure" in err and "our own warning" in err
     configure_logging("info")
     logging.getLogger().warning("after the export")
+    flush_logs()
     assert "after the export" in capsys.readouterr().err
 
 

@@ -1,0 +1,110 @@
+"""The log writer thread: a stalled stderr delays log lines, never the code that logs."""
+
+from __future__ import annotations
+
+import io
+import logging
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from equipoise import logs
+from equipoise.logs import configure_logging, flush_logs
+from tests.conftest import REPO_ROOT
+
+LOGGER = logging.getLogger("api.test_logs")
+
+
+class StalledStderr(io.StringIO):
+    """A stderr whose writes wait until `release` is set, as a pipe nobody reads does once it is full."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.writing = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.writing.set()
+        self.release.wait()
+        return super().write(text)
+
+
+@pytest.fixture()
+def stalled() -> Iterator[StalledStderr]:
+    stderr = StalledStderr()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield stderr
+    stderr.release.set()
+    flush_logs()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+def _log_in_thread(lines: int) -> threading.Thread:
+    thread = threading.Thread(target=lambda: [LOGGER.info("line %d", i) for i in range(lines)], daemon=True)
+    thread.start()
+    return thread
+
+
+def test_logging_returns_while_stderr_is_stalled_and_every_line_follows(stalled: StalledStderr) -> None:
+    configure_logging("info", stalled)
+    LOGGER.info("first")
+    assert stalled.writing.wait(10)  # the writer thread is now stuck inside a write
+    caller = _log_in_thread(100)
+    caller.join(10)
+    assert not caller.is_alive(), "logging waited for the stalled stderr"
+    stalled.release.set()
+    flush_logs()
+    written = stalled.getvalue().splitlines()
+    assert [line.split(": ", 1)[1] for line in written] == ["first", *(f"line {i}" for i in range(100))]
+
+
+def test_records_beyond_the_queue_are_dropped_and_counted(
+    stalled: StalledStderr, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(logs, "QUEUE_RECORDS", 10)
+    configure_logging("info", stalled)
+    LOGGER.info("first")
+    assert stalled.writing.wait(10)
+    caller = _log_in_thread(25)  # 10 wait in the queue, 15 find it full
+    caller.join(10)
+    assert not caller.is_alive()
+    stalled.release.set()
+    flush_logs()
+    LOGGER.info("after")
+    flush_logs()
+    messages = [line.split(": ", 1)[1] for line in stalled.getvalue().splitlines()]
+    notice = "15 log records dropped: stderr was not read fast enough"
+    assert messages == ["first", notice, *(f"line {i}" for i in range(10)), "after"]
+
+
+DYING = """
+import logging, os, signal
+from equipoise.logs import configure_logging, write_logs_before_dying_of
+configure_logging("info")
+if {handled}:
+    write_logs_before_dying_of(signal.SIGTERM)
+for i in range(3000):
+    logging.getLogger("api.dying").info("line %d", i)
+os.kill(os.getpid(), signal.SIGTERM)
+"""
+
+
+def _die_of_sigterm(handled: bool) -> tuple[int, list[str]]:
+    script = DYING.format(handled=handled)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    return result.returncode, [line for line in result.stderr.splitlines() if " api.dying: " in line]
+
+
+def test_a_process_dying_of_sigterm_writes_its_queued_lines_first() -> None:
+    status, lines = _die_of_sigterm(handled=True)
+    assert status == -signal.SIGTERM  # it still dies of the signal, as a process manager expects
+    assert len(lines) == 3000 and lines[-1].endswith("line 2999")
