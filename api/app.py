@@ -37,6 +37,7 @@ from api.stream import OpenStreams
 from api.v2_schemas import InferenceRequest
 from api.versions import VersionPool
 from core.db.session import make_engine, session_factory
+from core.heap import collector_for_serving
 from core.redaction import redaction_from_settings
 from core.settings import Settings, get_settings
 from model.registry import ModelRegistry
@@ -105,19 +106,30 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     schedule = MonitorSchedule(state.engine, state.settings) if state.settings.monitor_in_service else None
     if schedule:
         schedule.start()
-    try:
-        yield
-    finally:
-        if schedule:
-            await run_in_threadpool(schedule.stop)
-        await run_in_threadpool(state.calls.stop)
-        await state.reloader.stop()
-        await state.batcher.stop()
-        await state.shadow.stop()
-        await state.versions.close()
-        await run_in_threadpool(state.logger.close)
-        state.engine.dispose()
-        log.info("stopped; %d prediction rows remain in the spool", state.logger.spooled_rows)
+    settings = state.settings
+    with collector_for_serving(settings.gc_freeze, settings.gc_gen0_threshold) as frozen:
+        log.debug(
+            "garbage collector: %d start-up objects frozen, youngest generation every %d",
+            frozen,
+            settings.gc_gen0_threshold,
+        )
+        try:
+            yield
+        finally:
+            await _stop(state, schedule)
+
+
+async def _stop(state: ServiceState, schedule: MonitorSchedule | None) -> None:
+    if schedule:
+        await run_in_threadpool(schedule.stop)
+    await run_in_threadpool(state.calls.stop)
+    await state.reloader.stop()
+    await state.batcher.stop()
+    await state.shadow.stop()
+    await state.versions.close()
+    await run_in_threadpool(state.logger.close)
+    state.engine.dispose()
+    log.info("stopped; %d prediction rows remain in the spool", state.logger.spooled_rows)
 
 
 def create_app(settings: Settings | None = None, loader: ModelLoader | None = None) -> FastAPI:

@@ -21,6 +21,7 @@ import numpy as np
 
 from api.metrics import Metrics
 from core.db.models import ModelVersion
+from core.heap import REFREEZE_DELAY_S, thaw_then_refreeze
 from core.settings import Settings
 from model.artifact import load_artifact
 from model.labels import LabelSet
@@ -140,12 +141,14 @@ class ModelReloader:
         loader: ModelLoader,
         metrics: Metrics,
         interval_s: float,
+        refreeze_delay_s: float = REFREEZE_DELAY_S,
     ) -> None:
         self._registry = registry
         self._holder = holder
         self._loader = loader
         self._metrics = metrics
         self._interval_s = interval_s
+        self._refreeze_delay_s = refreeze_delay_s
         self._refused: set[tuple[str, str]] = set()
         self._poked = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -188,8 +191,11 @@ class ModelReloader:
             self._metrics.reloads.labels("refused").inc()
             log.error("refusing model %s, keeping %s: %s", champion.version, self._serving(), error)
             return
+        replacing = self._holder.current is not None
         self._holder.current = LoadedModel(runtime, champion.version, champion.artifact_sha256)
         self._holder.last_error = None
+        if replacing:  # the model replaced was frozen with start-up's objects (core/heap.py)
+            thaw_then_refreeze(self._refreeze_delay_s)
         self._metrics.reloads.labels("loaded").inc()
         self._metrics.model_loaded.set(1)
         self._metrics.model_info.info(

@@ -145,6 +145,16 @@ class Settings(BaseSettings):
     auth_enabled: bool | None = Field(default=None, description="Default: off on loopback, required elsewhere.")
     api_key_cache_s: float = Field(default=30.0, ge=0, description="How long a checked API key is trusted.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Python's cyclic garbage collector while serving (core/heap.py; docs/BENCHMARKS.md "The garbage collector").
+    gc_freeze: bool = Field(
+        default=True, description="Once started, freeze the objects of start-up, which full collections then skip."
+    )
+    gc_gen0_threshold: int = Field(
+        default=10_000,
+        ge=1,
+        description="Net allocations between two collections of the youngest generation while serving (Python's "
+        "default: 700).",
+    )
 
     # Limits (documented in README "Limits")
     max_text_chars: int = Field(default=2_000, ge=1, le=100_000)

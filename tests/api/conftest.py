@@ -116,6 +116,7 @@ def settings_for(root: Path, **overrides: Any) -> Settings:
         "database_url": f"sqlite:///{root / 'equipoise.db'}",
         "log_flush_interval_s": 0.05,
         "model_poll_interval_s": 0.2,
+        "gc_freeze": False,  # freezing would keep every earlier test's objects in this process
     }
     return load_settings(**(values | overrides))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from api.reload import ModelHolder, ModelReloader, probe, runtime_loader
 from core.db import migrate
 from core.db.models import ModelStatus, ModelVersion
 from core.db.session import make_engine
+from core.heap import collector_for_serving
 from model.registry import ModelRegistry
 from tests.api.conftest import FakeRuntime, add_version, settings_for
 
@@ -82,6 +84,30 @@ def test_a_new_champion_replaces_the_served_model(engine: Engine, tmp_path: Path
         == 1
     )
     assert metrics.registry.get_sample_value("equipoise_int8_rescored_total", {"model_version": "v2"}) == 0
+
+
+def test_a_champion_frozen_with_start_up_is_collected_once_replaced(engine: Engine, tmp_path: Path) -> None:
+    add_version(engine, "v1")
+    add_version(engine, "v2", ModelStatus.CANDIDATE)
+    holder = ModelHolder()
+    registry = ModelRegistry(engine, tmp_path / "registry")
+    watcher = ModelReloader(registry, holder, Loader(), Metrics(), interval_s=60, refreeze_delay_s=0.05)
+    asyncio.run(watcher.check())
+    assert holder.current is not None
+    first = holder.current.runtime
+    first.itself = first  # type: ignore[attr-defined]  # a reference cycle: only the collector frees it
+    served = weakref.ref(first)
+    del first
+
+    async def swap_then_wait() -> None:
+        await watcher.check()
+        await asyncio.sleep(0.2)
+
+    with collector_for_serving(freeze=True, gen0_threshold=700):
+        crown(engine, "v2")
+        asyncio.run(swap_then_wait())
+        assert holder.current.version == "v2"
+        assert served() is None
 
 
 @pytest.mark.parametrize("poison", [float("nan"), 2.0])

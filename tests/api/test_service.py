@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gc
 import hashlib
 import io
 import uuid
@@ -229,3 +230,11 @@ def test_shutdown_flushes_the_prediction_log(tmp_path: Path) -> None:
         engine = make_engine(str(settings.database_url))
     assert count_rows(engine) == 5  # written by the lifespan's shutdown
     engine.dispose()
+
+
+def test_the_service_freezes_start_up_objects_while_it_serves(tmp_path: Path) -> None:
+    previous = gc.get_threshold()
+    with in_process_app(settings_for(tmp_path, gc_freeze=True, gc_gen0_threshold=1_234)) as app:
+        assert app.client.get("/readyz").status_code == 200
+        assert gc.get_freeze_count() > 0 and gc.get_threshold()[0] == 1_234
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == previous
