@@ -34,18 +34,11 @@ class StalledStderr(io.StringIO):
 
 
 @pytest.fixture()
-def stalled() -> Iterator[StalledStderr]:
+def stalled(restored_logging: None) -> Iterator[StalledStderr]:
     stderr = StalledStderr()
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
     yield stderr
     stderr.release.set()
     flush_logs()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
 
 
 def _log_in_thread(lines: int) -> threading.Thread:
@@ -90,21 +83,15 @@ DYING = """
 import logging, os, signal
 from equipoise.logs import configure_logging, write_logs_before_dying_of
 configure_logging("info")
-if {handled}:
-    write_logs_before_dying_of(signal.SIGTERM)
+write_logs_before_dying_of(signal.SIGTERM)
 for i in range(3000):
     logging.getLogger("api.dying").info("line %d", i)
 os.kill(os.getpid(), signal.SIGTERM)
 """
 
 
-def _die_of_sigterm(handled: bool) -> tuple[int, list[str]]:
-    script = DYING.format(handled=handled)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
-    return result.returncode, [line for line in result.stderr.splitlines() if " api.dying: " in line]
-
-
 def test_a_process_dying_of_sigterm_writes_its_queued_lines_first() -> None:
-    status, lines = _die_of_sigterm(handled=True)
+    result = subprocess.run([sys.executable, "-c", DYING], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    status, lines = result.returncode, [line for line in result.stderr.splitlines() if " api.dying: " in line]
     assert status == -signal.SIGTERM  # it still dies of the signal, as a process manager expects
     assert len(lines) == 3000 and lines[-1].endswith("line 2999")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -30,22 +29,6 @@ LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ (?P<level>[A-Z]+) (?P<logger>[\
 def environment(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     without_equipoise_environment(monkeypatch)
     return monkeypatch
-
-
-@pytest.fixture()
-def restored_logging() -> Iterator[None]:
-    """configure_logging changes process-wide state: put the root handlers and the levels back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    levels = {name: logging.getLogger(name).level for name in OWN_LOGGERS}
-    yield
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
-    for name, own in levels.items():
-        logging.getLogger(name).setLevel(own)
 
 
 def test_flags_override_the_environment(environment: pytest.MonkeyPatch) -> None:
