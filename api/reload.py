@@ -86,6 +86,7 @@ def runtime_loader(settings: Settings) -> ModelLoader:
             precision=settings.precision,
             max_batch_size=settings.batch_bucket_size,
             rescore_margin=settings.int8_rescore_margin,
+            packed_text_path=settings.packed_text_path,
         )
 
     return load

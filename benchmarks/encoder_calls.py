@@ -10,7 +10,9 @@ one-turn dialogues, on one intra-op thread, by every variant:
   for text-only rows), the pool sorted by length and cut every K utterances (the former behaviour);
 - **text path, calls of K**: the same calls through the encoder's text path (model/text_path.py);
 - **text path, cut by cost**: the sorted pool cut where padding costs more than a call (model.preprocess), at most
-  `--limit` utterances a call (the new default).
+  `--limit` utterances a call;
+- **packed text path, cut by cost**: the same cut priced by attention alone, each call's tokens unpadded
+  (encoder.packed.onnx; the default for fp32 where the artifact has it).
 
 The pools are random MELD utterances (every split), the same pools for every variant, the variants interleaved
 pool by pool so machine load falls on all alike. Reported: process CPU milliseconds per utterance (mean, and the
@@ -50,20 +52,22 @@ class Variant:
     name: str
     text_path: bool
     calls_of: int | None  # None: cut by cost
+    packed: bool = False
 
 
-def variants(limit: int) -> list[Variant]:
+def variants(limit: int, packed: bool) -> list[Variant]:
     return [
         Variant("whole graph, calls of 8", False, 8),
         Variant("whole graph, calls of 32", False, 32),
         Variant("text path, calls of 8", True, 8),
         Variant(f"text path, cut by cost (at most {limit})", True, None),
-    ]
+    ] + ([Variant(f"packed text path, cut by cost (at most {limit})", True, None, packed=True)] if packed else [])
 
 
 def runtime(model: Path, variant: Variant, limit: int) -> InferenceRuntime:
     artifact, options = load_artifact(model), session_options(1)
-    encoder = EncoderSessions.open(artifact, artifact.encoder_path, "cpu", options)
+    packed = artifact.packed_text_path if variant.packed else None
+    encoder = EncoderSessions.open(artifact, artifact.encoder_path, "cpu", options, packed=packed)
     if not variant.text_path:
         encoder = EncoderSessions(encoder.full)
     return InferenceRuntime(
@@ -123,7 +127,10 @@ def main(argv: list[str] | None = None) -> None:
     data_dir = data_dir_or_exit(args.data_dir)
     args.model = artifact_or_shipped(args.model)
     texts = meld.texts(data_dir)
-    runtimes = {v.name: runtime(args.model, v, args.limit) for v in variants(args.limit)}
+    packed = load_artifact(args.model).packed_text_path is not None
+    if not packed:
+        print(f"{args.model.name} has no packed text path (exported before it existed): that variant is left out")
+    runtimes = {v.name: runtime(args.model, v, args.limit) for v in variants(args.limit, packed)}
     figures = {str(pool): measure(runtimes, texts, pool, args.utterances, args.rounds, args.seed) for pool in POOLS}
     print(f"{load_artifact(args.model).version}, one intra-op thread, {args.rounds} rounds of {args.utterances}")
     print("| variant | " + " | ".join(f"pools of {p}: CPU ms/utt" for p in POOLS) + " | labels equal |")

@@ -132,6 +132,12 @@ class Settings(BaseSettings):
         lt=1,
         description="int8 only: turns whose top two emotion probabilities are closer are re-scored in fp32 (0: off).",
     )
+    packed_text_path: bool = Field(
+        default=True,
+        description="Score turns without audio on their tokens unpadded where the artifact has the graph for it "
+        "(encoder.packed.onnx, fp32): the same answers within 1e-5, about 17% less model CPU per turn in "
+        "micro-batches of 16. False: padded calls, as artifacts without it are scored.",
+    )
     default_model_dir: Path | None = Field(default=None, description="Champion to register on a new database.")
     shipped_default: bool = Field(
         default=True,

@@ -48,11 +48,12 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 ENCODER_FILE, ENCODER_INT8_FILE, CONTEXT_FILE = "encoder.onnx", "encoder.int8.onnx", "context.onnx"
+PACKED_TEXT_FILE = "encoder.packed.onnx"  # encoder.onnx's embedding of turns without audio, tokens unpadded
 TOKENIZER_FILE, CONFIG_FILE, CALIBRATION_FILE = "tokenizer.json", "config.json", "calibration.json"
 REFERENCE_FILE, METRICS_FILE, CARD_FILE = "reference_distribution.json", "metrics.json", "MODEL_CARD.md"
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.safetensors"
-GRAPH_FILES = (ENCODER_FILE, ENCODER_INT8_FILE, CONTEXT_FILE)
+GRAPH_FILES = (ENCODER_FILE, ENCODER_INT8_FILE, PACKED_TEXT_FILE, CONTEXT_FILE)
 REQUIRED_FILES = (
     ENCODER_FILE,
     CONTEXT_FILE,
@@ -334,6 +335,15 @@ class ModelArtifact:
         return self.path / ENCODER_INT8_FILE if ENCODER_INT8_FILE in self.files else None
 
     @property
+    def packed_text_path(self) -> Path | None:
+        return self.path / PACKED_TEXT_FILE if PACKED_TEXT_FILE in self.files else None
+
+    def encoder_graphs(self) -> dict[str, Path]:
+        """The encoder graph files this artifact has: encoder.onnx and whichever of its int8 and packed forms."""
+        optional = {ENCODER_INT8_FILE: self.encoder_int8_path, PACKED_TEXT_FILE: self.packed_text_path}
+        return {ENCODER_FILE: self.encoder_path} | {name: path for name, path in optional.items() if path is not None}
+
+    @property
     def context_path(self) -> Path:
         return self.path / CONTEXT_FILE
 
@@ -451,12 +461,12 @@ def derive_artifact(
     card_text: str | None = None,
 ) -> ModelArtifact:
     """A new artifact from `source` with some parts replaced, e.g. a retrained context.onnx (head retraining) or
-    a new temperature. `graphs` entries replace or add graph files (a None value drops encoder.int8.onnx);
+    a new temperature. `graphs` entries replace or add graph files (a None value drops an optional one);
     everything else not given is kept, except the model card, which is regenerated unless given, and the PyTorch
-    weights, which a new encoder.onnx leaves behind."""
-    kept = {ENCODER_FILE: source.encoder_path, CONTEXT_FILE: source.context_path}
-    if source.encoder_int8_path is not None:
-        kept[ENCODER_INT8_FILE] = source.encoder_int8_path
+    weights and packed text path, which a new encoder.onnx leaves behind."""
+    kept: dict[str, Path] = {**source.encoder_graphs(), CONTEXT_FILE: source.context_path}
+    if ENCODER_FILE in (graphs or {}):
+        kept.pop(PACKED_TEXT_FILE, None)
     merged = {name: path for name, path in {**kept, **(graphs or {})}.items() if path is not None}
     return write_artifact(
         out_dir,
@@ -629,7 +639,7 @@ def _check_graphs(graphs: Mapping[str, Path | str]) -> None:
     missing = {ENCODER_FILE, CONTEXT_FILE} - set(graphs)
     if unknown or missing:
         raise ArtifactError(
-            f"graphs must be {', '.join(GRAPH_FILES)} (int8 optional); "
+            f"graphs must be {', '.join(GRAPH_FILES)} (int8 and packed optional); "
             f"unknown: {sorted(unknown)}, missing: {sorted(missing)}"
         )
 

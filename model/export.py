@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from model.preprocess import PreparedUtterance, pack
+
 if TYPE_CHECKING:
     import onnx_ir as ir  # the exporter's IR (a dependency of onnxscript)
 
@@ -26,7 +28,9 @@ if TYPE_CHECKING:
 OPSET = 18
 PARITY_TOLERANCE = 1e-4
 ENCODER_FILE, ENCODER_INT8_FILE, CONTEXT_FILE = "encoder.onnx", "encoder.int8.onnx", "context.onnx"
+PACKED_TEXT_FILE = "encoder.packed.onnx"
 ENCODER_INPUTS = ("input_ids", "attention_mask", "audio", "audio_lengths", "has_text", "has_audio")
+PACKED_TEXT_INPUTS = ("token_ids", "positions", "row_tokens", "row_mask", "token_slots", "has_text")
 ENCODER_OUTPUTS = ("embedding",)
 CONTEXT_INPUTS = ("embeddings", "speakers", "turn_mask", "causal")
 CONTEXT_OUTPUTS = ("emotion_logits", "sentiment_logits")
@@ -53,6 +57,14 @@ def encoder_dynamic_shapes(max_samples: int | None = None) -> dict[str, dict[int
     audio = {0: d["batch"], 1: samples}
     return dict(
         input_ids=tokens, attention_mask=tokens, audio=audio, audio_lengths=batch, has_text=batch, has_audio=batch
+    )
+
+
+def packed_text_dynamic_shapes() -> dict[str, dict[int, Dim]]:
+    tokens, rows, width = Dim("packed_tokens", min=2), Dim("batch", min=1), Dim("tokens", min=2)
+    packed, padded = {0: tokens}, {0: rows, 1: width}
+    return dict(
+        token_ids=packed, positions=packed, row_tokens=padded, row_mask=padded, token_slots=packed, has_text={0: rows}
     )
 
 
@@ -85,6 +97,18 @@ def example_encoder_inputs(
         has_text=rows % 3 != 1,
         has_audio=rows % 3 != 2,
     )
+
+
+def example_packed_text_inputs(batch: int = 3, tokens: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
+    """`example_encoder_inputs` without audio, packed (model.preprocess.pack): the packed text path's inputs."""
+    padded = example_encoder_inputs(batch, tokens, samples=1, seed=seed)
+    lengths = padded["attention_mask"].sum(-1)
+    no_audio = np.zeros(1, dtype=np.float32)
+    utterances = [
+        PreparedUtterance(ids[:length].numpy(), bool(has_text), no_audio, False)
+        for ids, length, has_text in zip(padded["input_ids"], lengths, padded["has_text"], strict=True)
+    ]
+    return {name: torch.from_numpy(array) for name, array in pack(utterances).feeds().items()}
 
 
 def example_context_inputs(dim: int, batch: int = 2, turns: int = 3, causal: bool = True) -> dict[str, torch.Tensor]:
@@ -181,6 +205,46 @@ def export_encoder(encoder: UtteranceEncoder, path: Path, opset: int = OPSET, ch
     return path
 
 
+class PackedTextPath(nn.Module):
+    """encoder.packed.onnx: the encoder's embedding of utterances without audio from their packed tokens, the
+    graph the runtime scores such calls with (model/runtime.py). Padding costs a call only inside attention."""
+
+    def __init__(self, encoder: UtteranceEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(
+        self,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        row_tokens: torch.Tensor,
+        row_mask: torch.Tensor,
+        token_slots: torch.Tensor,
+        has_text: torch.Tensor,
+    ) -> torch.Tensor:
+        text = self.encoder.text.forward_packed(token_ids, positions, row_tokens, row_mask, token_slots)
+        return self.encoder.without_audio(text, has_text)
+
+
+def export_packed_text_path(encoder: UtteranceEncoder, path: Path, opset: int = OPSET, check: bool = True) -> Path:
+    """encoder.packed.onnx; with check, ONNX Runtime must give the encoder's own embedding of the same
+    utterances, padded and without audio, at shapes other than the traced one."""
+    inputs, shapes = example_packed_text_inputs(), packed_text_dynamic_shapes()
+    # In the encoder's own mode: exporting puts a module back in the mode it found it in, submodules included.
+    _export(PackedTextPath(encoder).train(encoder.training), inputs, ENCODER_OUTPUTS, shapes, path, opset)
+    if check:
+        session = ort_session(path)
+        for batch, tokens, seed in ((4, 9, 1), (1, 3, 2)):
+            padded = example_encoder_inputs(batch, tokens, samples=1, seed=seed)
+            padded["has_audio"] = torch.zeros_like(padded["has_audio"])
+            with eval_mode(encoder), torch.no_grad():
+                expected = encoder(**padded).numpy()
+            actual = session.run(None, to_feeds(example_packed_text_inputs(batch, tokens, seed)))[0]
+            if not (diff := float(np.abs(expected - actual).max())) <= PARITY_TOLERANCE:
+                raise ExportParityError(f"{path.name}: max |torch padded - onnxruntime packed| = {diff:.3g}")
+    return path
+
+
 def export_context_head(head: ContextHead, path: Path, opset: int = OPSET, check: bool = True) -> Path:
     dim, outputs = head.input_size, head_outputs(head)
     _export(head, example_context_inputs(dim), outputs, context_dynamic_shapes(), path, opset)
@@ -194,9 +258,10 @@ def head_outputs(head: ContextHead) -> tuple[str, ...]:
 
 
 def export_model(model: EmotionModel, out_dir: Path, check: bool = True) -> dict[str, Path]:
-    """encoder.onnx and context.onnx under out_dir."""
+    """encoder.onnx, its packed text path encoder.packed.onnx and context.onnx under out_dir."""
     return {
         ENCODER_FILE: export_encoder(model.encoder, out_dir / ENCODER_FILE, check=check),
+        PACKED_TEXT_FILE: export_packed_text_path(model.encoder, out_dir / PACKED_TEXT_FILE, check=check),
         CONTEXT_FILE: export_context_head(model.head, out_dir / CONTEXT_FILE, check=check),
     }
 

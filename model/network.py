@@ -168,6 +168,11 @@ class UtteranceEncoder(nn.Module):
         speech = torch.where(has_audio[:, None], self.audio_proj(audio), self.missing_audio)
         return self.mix(text, speech, has_text)
 
+    def without_audio(self, text: torch.Tensor, has_text: torch.Tensor) -> torch.Tensor:
+        """`forward`'s embedding of utterances that have no audio, from their pooled text [B, hidden] (the packed
+        text path, model/export.py)."""
+        return self.mix(text, self.missing_audio.expand(has_text.shape[0], -1), has_text)
+
     def mix(self, text: torch.Tensor, speech: torch.Tensor, has_text: torch.Tensor) -> torch.Tensor:
         text = torch.where(has_text[:, None], self.text_proj(text), self.missing_text)
         gate = torch.sigmoid(self.gate(torch.cat([text, speech], dim=-1)))
@@ -333,10 +338,13 @@ class LateFusionEncoder(UtteranceEncoder):
         has_text: torch.Tensor,
         has_audio: torch.Tensor,
     ) -> torch.Tensor:
-        text = self.mix(
-            self.text(input_ids, attention_mask), self.missing_audio.expand(has_text.shape[0], -1), has_text
-        )
+        text = super().without_audio(self.text(input_ids, attention_mask), has_text)
         return torch.cat([text, self.audio_evidence(audio, audio_lengths, has_audio), _flags(has_text, has_audio)], -1)
+
+    def without_audio(self, text: torch.Tensor, has_text: torch.Tensor) -> torch.Tensor:
+        mixed = super().without_audio(text, has_text)
+        no_evidence = mixed.new_zeros(mixed.shape[0], len(self.audio_log_prior))
+        return torch.cat([mixed, no_evidence, _flags(has_text, torch.zeros_like(has_text))], -1)
 
     def audio_evidence(self, audio: torch.Tensor, lengths: torch.Tensor, has_audio: torch.Tensor) -> torch.Tensor:
         logits = self.audio_head(self.speech(audio, lengths)) / self.audio_temperature - self.audio_log_prior

@@ -111,6 +111,25 @@ class EncoderBatch:
 
 
 @dataclass(frozen=True)
+class PackedTextBatch:
+    """Inputs of encoder.packed.onnx for B utterances without audio, their T tokens end to end, unpadded
+    (model.text_encoder.TextEncoder.forward_packed says what each holds)."""
+
+    token_ids: np.ndarray  # int64 [T]
+    positions: np.ndarray  # int64 [T]
+    row_tokens: np.ndarray  # int64 [B, L]
+    row_mask: np.ndarray  # bool [B, L]
+    token_slots: np.ndarray  # int64 [T]
+    has_text: np.ndarray  # bool [B]
+
+    def __len__(self) -> int:
+        return len(self.has_text)
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        return _feeds(self)
+
+
+@dataclass(frozen=True)
 class ContextBatch:
     """Inputs of context.onnx for B dialogues padded to T turns."""
 
@@ -126,7 +145,7 @@ class ContextBatch:
         return _feeds(self)
 
 
-def _feeds(batch: EncoderBatch | ContextBatch) -> dict[str, np.ndarray]:
+def _feeds(batch: EncoderBatch | PackedTextBatch | ContextBatch) -> dict[str, np.ndarray]:
     # Not dataclasses.asdict: it deep-copies every array.
     return {field.name: getattr(batch, field.name) for field in fields(batch)}
 
@@ -215,6 +234,26 @@ def collate(utterances: Sequence[PreparedUtterance]) -> EncoderBatch:
         audio_lengths=np.array([len(u.audio) for u in utterances], dtype=np.int64),
         has_text=np.array([u.has_text for u in utterances], dtype=bool),
         has_audio=np.array([u.has_audio for u in utterances], dtype=bool),
+    )
+
+
+def pack(utterances: Sequence[PreparedUtterance]) -> PackedTextBatch:
+    """The tokens of utterances without audio, end to end (encoder.packed.onnx's inputs)."""
+    if not utterances:
+        raise PreprocessError("cannot build an encoder batch of no utterances")
+    if any(u.has_audio for u in utterances):
+        raise PreprocessError("the packed text path scores utterances without audio only")
+    lengths = np.array([len(u.token_ids) for u in utterances], dtype=np.int64)
+    starts = np.cumsum(lengths) - lengths
+    columns = np.arange(lengths.max())
+    row_mask = columns[None, :] < lengths[:, None]
+    return PackedTextBatch(
+        token_ids=np.concatenate([u.token_ids for u in utterances]),
+        positions=np.concatenate([columns[:length] for length in lengths]),
+        row_tokens=np.where(row_mask, starts[:, None] + columns[None, :], lengths.sum()),
+        row_mask=row_mask,
+        token_slots=np.flatnonzero(row_mask),
+        has_text=np.array([u.has_text for u in utterances], dtype=bool),
     )
 
 

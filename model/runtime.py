@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +30,7 @@ from model.labels import LabelSet
 from model.preprocess import (
     LATE_FLAGS,
     EncoderBatch,
+    PackedTextBatch,
     PreparedUtterance,
     PreprocessError,
     Preprocessor,
@@ -37,6 +38,7 @@ from model.preprocess import (
     context_batch,
     in_original_order,
     length_buckets,
+    pack,
 )
 from model.text_path import NoTextPath, text_path_graph
 
@@ -50,6 +52,10 @@ DEFAULT_MAX_BATCH_SIZE = 32
 # token, 12 ms a second of audio.
 ENCODER_CALL_COST = 8.0
 AUDIO_SAMPLE_COST = 50 / 16_000
+# A call of the packed text path (encoder.packed.onnx) pays ENCODER_CALL_COST and, per row, this much per squared
+# token for attention over padded rows; its tokens cost the same however a pool is cut, so only these two price a
+# cut (measured on 2 cores, docs/BENCHMARKS.md "The packed text path").
+PACKED_ATTENTION_COST = 0.002
 TEXT_PATH_PROBE = ("Oh my God, you scared me!", "Fine.")
 TEXT_PATH_TOLERANCE = 1e-5  # the text path's embedding against the full graph's on a probe (the same nodes: ~0)
 
@@ -153,11 +159,13 @@ def open_session(
 
 @dataclass(frozen=True)
 class EncoderSessions:
-    """One encoder graph's session and, for late fusion, its text path's (model/text_path.py), which scores the
-    calls in which no utterance has audio without running the speech branch."""
+    """One encoder graph's session; for late fusion, its text path's (model/text_path.py), which scores the calls
+    in which no utterance has audio without running the speech branch; and, where the artifact has it, the
+    packed text path (encoder.packed.onnx), which scores such calls on their tokens unpadded."""
 
     full: ort.InferenceSession
     text_only: ort.InferenceSession | None = None
+    packed: ort.InferenceSession | None = None
 
     @classmethod
     def open(
@@ -167,33 +175,49 @@ class EncoderSessions:
         device: Device,
         options: ort.SessionOptions,
         speech_options: ort.SessionOptions | None = None,
+        packed: Path | None = None,
     ) -> EncoderSessions:
         """`speech_options`, where given, open the whole graph when a text path serves the calls without audio;
-        a graph that serves every call opens with `options`."""
+        a graph that serves every call opens with `options`. `packed`: the packed text path of this graph."""
+        packed_session = None if packed is None else open_session(packed, device, options)
         if not artifact.late_fusion:
-            return cls(open_session(path, device, options))
+            return cls(open_session(path, device, options), packed=packed_session)
         try:
             graph = text_path_graph(path, len(artifact.emotions))
         except NoTextPath as error:
             log.warning("%s: %s; every call runs the whole graph", path.name, error)
-            return cls(open_session(path, device, options))
+            return cls(open_session(path, device, options), packed=packed_session)
         full = open_session(path, device, speech_options or options)
-        return cls(full, open_session(graph, device, options, name=f"{path.name} (text path)"))
+        return cls(full, open_session(graph, device, options, name=f"{path.name} (text path)"), packed_session)
 
     def embed(self, batch: EncoderBatch) -> np.ndarray:
         session = self.full if self.text_only is None or batch.has_audio.any() else self.text_only
         return session.run(["embedding"], batch.feeds())[0]
 
-    def checked(self, probe: EncoderBatch) -> EncoderSessions:
-        """These sessions, or the full graph's alone if the text path does not give its embedding on `probe`."""
-        if self.text_only is None:
-            return self
-        full = self.full.run(["embedding"], probe.feeds())[0]
-        worst = float(np.abs(self.text_only.run(["embedding"], probe.feeds())[0] - full).max())
-        if worst <= TEXT_PATH_TOLERANCE:
-            return self
-        log.warning("the encoder's text path is %.2e from the whole graph; every call runs the whole graph", worst)
-        return EncoderSessions(self.full)
+    def embed_packed(self, batch: PackedTextBatch) -> np.ndarray:
+        if self.packed is None:
+            raise RuntimeError("this encoder has no packed text path")
+        return self.packed.run(["embedding"], batch.feeds())[0]
+
+    def checked(self, probe: Sequence[PreparedUtterance]) -> EncoderSessions:
+        """These sessions less any text path that does not give the whole graph's embedding of `probe` (turns
+        without audio)."""
+        full = self.full.run(["embedding"], collate(probe).feeds())[0]
+        kept = self
+        if self.text_only is not None and not self._agrees(self.text_only, collate(probe), full, "text path"):
+            kept = replace(kept, text_only=None)
+        if self.packed is not None and not self._agrees(self.packed, pack(probe), full, "packed text path"):
+            kept = replace(kept, packed=None)
+        return kept
+
+    @staticmethod
+    def _agrees(
+        session: ort.InferenceSession, batch: EncoderBatch | PackedTextBatch, full: np.ndarray, name: str
+    ) -> bool:
+        worst = float(np.abs(session.run(["embedding"], batch.feeds())[0] - full).max())
+        if worst > TEXT_PATH_TOLERANCE:
+            log.warning("the encoder's %s is %.2e from the whole graph, which serves its calls instead", name, worst)
+        return worst <= TEXT_PATH_TOLERANCE
 
 
 def softmax(logits: np.ndarray, temperature: float | np.ndarray = 1.0) -> np.ndarray:
@@ -258,7 +282,7 @@ class InferenceRuntime:
         self._context = context
         self._fp32_encoder = _sessions(fp32_encoder) if fp32_encoder is not None else None
         self.rescore_margin = rescore_margin
-        probe = collate(self.preprocessor.prepare(list(TEXT_PATH_PROBE), [None] * len(TEXT_PATH_PROBE)))
+        probe = self.preprocessor.prepare(list(TEXT_PATH_PROBE), [None] * len(TEXT_PATH_PROBE))
         self._encoder = self._encoder.checked(probe)
         self._fp32_encoder = self._fp32_encoder.checked(probe) if self._fp32_encoder is not None else None
 
@@ -272,25 +296,31 @@ class InferenceRuntime:
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         rescore_margin: float = 0.0,
         audio_intra_op_threads: int | None = None,
+        packed_text_path: bool = True,
     ) -> InferenceRuntime:
         """Open an artifact (a directory, verified here, or an already verified ModelArtifact). With int8,
         `rescore_margin` > 0 also opens the fp32 encoder for near-tie re-scoring; fp32 ignores it.
         `audio_intra_op_threads` (None: `intra_op_threads`) run the calls that carry audio where a text path
-        serves the others (`speech_session_options`)."""
+        serves the others (`speech_session_options`). `packed_text_path`: fp32 calls without audio run on the
+        artifact's encoder.packed.onnx where it has one."""
         _check_margin(rescore_margin)
         artifact = artifact_dir if isinstance(artifact_dir, ModelArtifact) else load_artifact(artifact_dir)
         encoder_path = artifact.encoder_file(precision)
         options = session_options(intra_op_threads)
         speech = speech_session_options(audio_intra_op_threads, intra_op_threads)
         rescoring = precision == "int8" and rescore_margin > 0
+        packed = artifact.packed_text_path if packed_text_path else None  # of the fp32 graph: int8 runs padded
+        main_packed = packed if precision == "fp32" else None
         return cls(
             artifact,
-            EncoderSessions.open(artifact, encoder_path, device, options, speech),
+            EncoderSessions.open(artifact, encoder_path, device, options, speech, main_packed),
             open_session(artifact.context_path, device, options),
             precision=precision,
             max_batch_size=max_batch_size,
             fp32_encoder=(
-                EncoderSessions.open(artifact, artifact.encoder_path, device, options, speech) if rescoring else None
+                EncoderSessions.open(artifact, artifact.encoder_path, device, options, speech, packed)
+                if rescoring
+                else None
             ),
             rescore_margin=rescore_margin if rescoring else 0.0,
         )
@@ -314,6 +344,12 @@ class InferenceRuntime:
     def _encode_prepared(self, prepared: Sequence[PreparedUtterance], encoder: EncoderSessions) -> np.ndarray:
         if not prepared:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
+        if encoder.packed is not None and not any(p.has_audio for p in prepared):
+            # A packed call pays for its rows' padding only in attention: a row's cost grows with its length squared.
+            squares = [len(p.token_ids) ** 2 for p in prepared]
+            buckets = length_buckets(squares, self.max_batch_size, self.call_cost, (PACKED_ATTENTION_COST,))
+            batches = (encoder.embed_packed(pack([prepared[i] for i in bucket])) for bucket in buckets)
+            return np.stack(in_original_order(buckets, batches))
         keys = [p.bucket_key for p in prepared]  # (audio samples, tokens)
         buckets = length_buckets(keys, self.max_batch_size, self.call_cost, (AUDIO_SAMPLE_COST, 1.0))
         batches = (encoder.embed(collate([prepared[i] for i in bucket])) for bucket in buckets)

@@ -114,3 +114,43 @@ class TextEncoder(nn.Module):
         """`pool_mask`: the tokens to pool when not all of them (the current turn of an input with earlier turns)."""
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return mean_pool(hidden, attention_mask if pool_mask is None else pool_mask)
+
+    def forward_packed(
+        self,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        row_tokens: torch.Tensor,
+        row_mask: torch.Tensor,
+        token_slots: torch.Tensor,
+    ) -> torch.Tensor:
+        """`forward` for B utterances whose T tokens come end to end, unpadded (model.preprocess.pack_tokens):
+        token_ids and positions (within its utterance) [T]; row_tokens [B, L], each row's tokens in that list
+        (T where the row is padding); row_mask [B, L]; token_slots [T], each token's place in the flattened rows.
+        The linear layers, nearly all the cost, run on the T tokens alone; only attention runs on padded rows."""
+        embeddings = self.bert.embeddings
+        hidden = embeddings.word_embeddings(token_ids) + embeddings.token_type_embeddings.weight[0]
+        hidden = embeddings.LayerNorm(hidden + embeddings.position_embeddings(positions))
+        bias = torch.where(row_mask, 0.0, torch.finfo(hidden.dtype).min)[:, None, None, :]
+        for layer in self.bert.encoder.layer:
+            attended = _packed_attention(layer.attention.self, hidden, row_tokens, bias, token_slots)
+            hidden = layer.feed_forward_chunk(layer.attention.output(attended, hidden))
+        return mean_pool(_in_rows(hidden, row_tokens), row_mask)
+
+
+def _in_rows(packed: torch.Tensor, row_tokens: torch.Tensor) -> torch.Tensor:
+    """[T, H] packed token states -> [B, L, H] padded rows (zeros where a row is padding)."""
+    return torch.cat([packed, packed.new_zeros(1, packed.shape[-1])])[row_tokens]
+
+
+def _packed_attention(
+    attention: nn.Module, hidden: torch.Tensor, row_tokens: torch.Tensor, bias: torch.Tensor, token_slots: torch.Tensor
+) -> torch.Tensor:
+    """BERT self-attention (eager: softmax(q k^T scaling + mask) v) of packed token states, back in packed form."""
+    heads, size = attention.num_attention_heads, attention.attention_head_size
+
+    def split(states: torch.Tensor) -> torch.Tensor:  # [T, H] -> [B, heads, L, size]
+        return _in_rows(states, row_tokens).unflatten(-1, (heads, size)).transpose(1, 2)
+
+    query, key, value = split(attention.query(hidden)), split(attention.key(hidden)), split(attention.value(hidden))
+    weights = (query @ key.transpose(-1, -2) * attention.scaling + bias).softmax(-1)
+    return (weights @ value).transpose(1, 2).flatten(2).flatten(0, 1)[token_slots]

@@ -20,8 +20,6 @@ import numpy as np
 
 from model.artifact import (
     CONTEXT_FILE,
-    ENCODER_FILE,
-    ENCODER_INT8_FILE,
     Calibration,
     ClassPrior,
     DataSource,
@@ -134,10 +132,7 @@ def uniform_prior(artifact: ModelArtifact) -> dict[str, float]:
 
 def head_graphs(base: ModelArtifact, context: Path) -> dict[str, Path]:
     """The base's encoder graphs, copied unchanged, with a new context graph."""
-    graphs = {ENCODER_FILE: base.encoder_path, CONTEXT_FILE: context}
-    if base.encoder_int8_path is not None:
-        graphs[ENCODER_INT8_FILE] = base.encoder_int8_path
-    return graphs
+    return {**base.encoder_graphs(), CONTEXT_FILE: context}
 
 
 def finalise(ctx: JobContext, inputs: TierInputs, draft: Draft) -> Path:

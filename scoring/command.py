@@ -102,6 +102,7 @@ def _spec(args: argparse.Namespace, settings: Settings) -> RuntimeSpec:
         _threads(args, settings),
         settings.precision,
         settings.int8_rescore_margin,
+        settings.packed_text_path,
     )
 
 

@@ -69,12 +69,18 @@ class RuntimeSpec:
     intra_op_threads: int = 0
     precision: Literal["fp32", "int8"] = "fp32"
     rescore_margin: float = 0.0  # int8 near ties re-scored in fp32 (model/runtime.py)
+    packed_text_path: bool = True
 
     def load(self) -> Runtime:
         from model.runtime import InferenceRuntime
 
         return InferenceRuntime.load(
-            self.artifact_dir, self.device, self.intra_op_threads, self.precision, rescore_margin=self.rescore_margin
+            self.artifact_dir,
+            self.device,
+            self.intra_op_threads,
+            self.precision,
+            rescore_margin=self.rescore_margin,
+            packed_text_path=self.packed_text_path,
         )
 
     def info(self) -> ModelInfo:

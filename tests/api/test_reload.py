@@ -18,6 +18,7 @@ from core.db.models import ModelStatus, ModelVersion
 from core.db.session import make_engine
 from core.heap import collector_for_serving
 from model.registry import ModelRegistry
+from model.runtime import InferenceRuntime
 from tests.api.conftest import FakeRuntime, add_version, settings_for
 
 
@@ -142,7 +143,10 @@ def test_the_real_runtime_passes_the_probe_and_a_corrupted_copy_is_refused(
     loader = runtime_loader(settings_for(tmp_path, device="cpu", intra_op_threads=1))
     row = registry.champion()
     assert row is not None
-    probe(loader(row))
+    probe(runtime := loader(row))
+    assert isinstance(runtime, InferenceRuntime) and runtime._encoder.packed is not None
+    padded = runtime_loader(settings_for(tmp_path, device="cpu", intra_op_threads=1, packed_text_path=False))(row)
+    assert isinstance(padded, InferenceRuntime) and padded._encoder.packed is None
 
     corrupt = tmp_path / "corrupt"
     shutil.copytree(tiny_artifact, corrupt)

@@ -16,6 +16,7 @@ from model.artifact import (
     ENCODER_FILE,
     ENCODER_INT8_FILE,
     MANIFEST_FILE,
+    PACKED_TEXT_FILE,
     TOKENIZER_FILE,
     ArtifactError,
     Calibration,
@@ -30,6 +31,7 @@ from model.network import ModelConfig
 ARTIFACT_FILES = [
     "encoder.onnx",
     "encoder.int8.onnx",
+    "encoder.packed.onnx",
     "context.onnx",
     "tokenizer.json",
     "config.json",
@@ -48,9 +50,7 @@ def tiny(tiny_artifact: Path) -> ModelArtifact:
 
 def rewrite(source: ModelArtifact, out_dir: Path, **changes: Any) -> ModelArtifact:
     """A new artifact from the graphs and metadata of `source`, with `changes` to write_artifact's arguments."""
-    graphs = {ENCODER_FILE: source.encoder_path, CONTEXT_FILE: source.context_path}
-    if source.encoder_int8_path is not None:
-        graphs[ENCODER_INT8_FILE] = source.encoder_int8_path
+    graphs = {**source.encoder_graphs(), CONTEXT_FILE: source.context_path}
     arguments: dict[str, Any] = dict(
         version=source.version,
         graphs=graphs,
@@ -87,9 +87,10 @@ def test_exported_artifact_holds_the_layout_and_metadata(tiny: ModelArtifact) ->
 
 
 def test_graph_file_names_agree_with_the_exporter() -> None:
-    assert (export.ENCODER_FILE, export.ENCODER_INT8_FILE, export.CONTEXT_FILE) == (
+    assert (export.ENCODER_FILE, export.ENCODER_INT8_FILE, export.PACKED_TEXT_FILE, export.CONTEXT_FILE) == (
         ENCODER_FILE,
         ENCODER_INT8_FILE,
+        PACKED_TEXT_FILE,
         CONTEXT_FILE,
     )
 

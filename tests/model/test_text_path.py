@@ -100,7 +100,7 @@ def test_a_text_path_that_disagrees_with_the_whole_graph_is_dropped(late: ModelA
     other = _late(1, tmp_path / "other")
     mixed = EncoderSessions(_sessions(late, late.encoder_path).full, _sessions(other, other.encoder_path).text_only)
     runtime = InferenceRuntime.load(late, device="cpu", intra_op_threads=1)
-    checked = mixed.checked(_batch(runtime, [None] * len(TEXTS)))  # type: ignore[arg-type]
+    checked = mixed.checked(runtime.preprocessor.prepare(TEXTS, [None] * len(TEXTS)))
     assert checked.text_only is None and checked.full is mixed.full
 
 
