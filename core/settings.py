@@ -135,7 +135,7 @@ class Settings(BaseSettings):
     packed_text_path: bool = Field(
         default=True,
         description="Score turns without audio on their tokens unpadded where the artifact has the graph for it "
-        "(encoder.packed.onnx, fp32): the same answers within 1e-5, about 17% less model CPU per turn in "
+        "(encoder.packed.onnx, fp32): the same answers within 1e-5, about 18% less model CPU per turn in "
         "micro-batches of 16. False: padded calls, as artifacts without it are scored.",
     )
     default_model_dir: Path | None = Field(default=None, description="Champion to register on a new database.")

@@ -123,7 +123,7 @@ class TextEncoder(nn.Module):
         row_mask: torch.Tensor,
         token_slots: torch.Tensor,
     ) -> torch.Tensor:
-        """`forward` for B utterances whose T tokens come end to end, unpadded (model.preprocess.pack_tokens):
+        """`forward` for B utterances whose T tokens come end to end, unpadded (model.preprocess.pack):
         token_ids and positions (within its utterance) [T]; row_tokens [B, L], each row's tokens in that list
         (T where the row is padding); row_mask [B, L]; token_slots [T], each token's place in the flattened rows.
         The linear layers, nearly all the cost, run on the T tokens alone; only attention runs on padded rows."""
