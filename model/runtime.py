@@ -202,9 +202,10 @@ class EncoderSessions:
     def checked(self, probe: Sequence[PreparedUtterance]) -> EncoderSessions:
         """These sessions less any text path that does not give the whole graph's embedding of `probe` (turns
         without audio)."""
-        full = self.full.run(["embedding"], collate(probe).feeds())[0]
+        padded = collate(probe)
+        full = self.full.run(["embedding"], padded.feeds())[0]
         kept = self
-        if self.text_only is not None and not self._agrees(self.text_only, collate(probe), full, "text path"):
+        if self.text_only is not None and not self._agrees(self.text_only, padded, full, "text path"):
             kept = replace(kept, text_only=None)
         if self.packed is not None and not self._agrees(self.packed, pack(probe), full, "packed text path"):
             kept = replace(kept, packed=None)
