@@ -712,7 +712,8 @@ def context_of(args: argparse.Namespace, argv: Sequence[str] | None, load_before
         "client": "this process: aiohttp on uvloop, closed loop, one keep-alive connection per client (Triton in its "
         "Open Inference Protocol JSON)",
         "thread budget": f"{available_cores()} cores: instances x ONNX Runtime threads ≤ {available_cores()} for the "
-        "peers; equipoise with its defaults (on ≤ 4 cores two model threads, one intra-op thread each)",
+        "peers; equipoise with its defaults (on 2-4 cores a model thread per core and one more, one intra-op thread "
+        "each)",
         "runtime": "the same `InferenceRuntime.classify` everywhere (tokenizer, encoder graph, context graph over "
         f"one-turn dialogues); peers score their batches length-sorted and cut by cost into calls of at most "
         f"{args.peer_bucket} utterances (equipoise: EQUIPOISE_BATCH_BUCKET_SIZE)",

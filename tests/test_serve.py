@@ -15,6 +15,7 @@ from core.settings import (
     SettingsError,
     available_cores,
     default_audio_intra_op_threads,
+    default_batch_workers,
     default_intra_op_threads,
     load_settings,
 )
@@ -96,6 +97,8 @@ def test_the_thread_default_fits_the_host(environment: pytest.MonkeyPatch) -> No
     assert load_settings().intra_op_threads == default_intra_op_threads(available_cores())
     assert [default_audio_intra_op_threads(cores) for cores in (1, 2, 4, 8, 64)] == [1, 2, 4, None, None]
     assert load_settings().audio_intra_op_threads == default_audio_intra_op_threads(available_cores())
+    assert [default_batch_workers(cores) for cores in (1, 2, 4, 8, 64)] == [1, 3, 5, 1, 1]
+    assert load_settings().batch_workers == default_batch_workers(available_cores())
 
 
 def test_serve_binds_the_flagged_port_and_starts_quietly(tmp_path: Path, tiny_artifact: Path) -> None:
