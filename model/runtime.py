@@ -58,6 +58,10 @@ AUDIO_SAMPLE_COST = 50 / 16_000
 PACKED_ATTENTION_COST = 0.002
 TEXT_PATH_PROBE = ("Oh my God, you scared me!", "Fine.")
 TEXT_PATH_TOLERANCE = 1e-5  # the text path's embedding against the full graph's on a probe (the same nodes: ~0)
+# The packed text path adds in another order, so its rounding grows with the activations (6.2e-6 from the padded
+# embeddings over 600 MELD test turns with the shipped weights): it is held to the exporter's parity bar, which a
+# graph of other weights misses by orders of magnitude.
+PACKED_TEXT_PATH_TOLERANCE = 1e-4
 
 
 class DeviceUnavailable(RuntimeError):
@@ -205,20 +209,27 @@ class EncoderSessions:
         padded = collate(probe)
         full = self.full.run(["embedding"], padded.feeds())[0]
         kept = self
-        if self.text_only is not None and not self._agrees(self.text_only, padded, full, "text path"):
+        if self.text_only is not None and not _agrees(self.text_only, padded, full, "text path", TEXT_PATH_TOLERANCE):
             kept = replace(kept, text_only=None)
-        if self.packed is not None and not self._agrees(self.packed, pack(probe), full, "packed text path"):
+        packed = self.packed
+        if packed is not None and not _agrees(
+            packed, pack(probe), full, "packed text path", PACKED_TEXT_PATH_TOLERANCE
+        ):
             kept = replace(kept, packed=None)
         return kept
 
-    @staticmethod
-    def _agrees(
-        session: ort.InferenceSession, batch: EncoderBatch | PackedTextBatch, full: np.ndarray, name: str
-    ) -> bool:
-        worst = float(np.abs(session.run(["embedding"], batch.feeds())[0] - full).max())
-        if worst > TEXT_PATH_TOLERANCE:
-            log.warning("the encoder's %s is %.2e from the whole graph, which serves its calls instead", name, worst)
-        return worst <= TEXT_PATH_TOLERANCE
+
+def _agrees(
+    session: ort.InferenceSession,
+    batch: EncoderBatch | PackedTextBatch,
+    full: np.ndarray,
+    name: str,
+    tolerance: float,
+) -> bool:
+    worst = float(np.abs(session.run(["embedding"], batch.feeds())[0] - full).max())
+    if worst > tolerance:
+        log.warning("the encoder's %s is %.2e from the whole graph, which serves its calls instead", name, worst)
+    return worst <= tolerance
 
 
 def softmax(logits: np.ndarray, temperature: float | np.ndarray = 1.0) -> np.ndarray:
