@@ -79,7 +79,7 @@ def _results(ours_c32: float, triton_c32: float, ours_p50: float, triton_p50: fl
         results.level(setting, 1).phases.append(_phase(1, [p50] * 11, 1.0))
         results.level(setting, 32).phases.append(_phase(32, [200.0] * round(c32), 1.0))
         results.agreement[setting] = 1e-7
-    results.batch = BatchResult(1000, 3.0, batch, 5.0, True)
+    results.batches.append(BatchResult(1000, 3.0, batch, 5.0, True))
     return results
 
 
@@ -90,6 +90,18 @@ def test_the_verdict_compares_equipoise_with_the_best_peer_and_batch_scoring() -
     assert "200.0 vs 150.0 utt/s" in passed[0].value and "80.0%" in passed[2].value
     failed = checks(_results(150, 200, 12.0, 9.0, 250), Setting(EQUIPOISE), plan, 0.7)
     assert [c.passed for c in failed] == [False, False, False, True]
+
+
+def test_batch_scoring_is_pooled_over_the_rounds_and_each_round_compared_with_its_own() -> None:
+    results = _results(200, 150, 9.0, 12.0, 250)  # round 1: 200 / 250
+    results.level(Setting(EQUIPOISE), 32).phases.append(_phase(32, [200.0] * 300, 1.0))  # round 2: 300 / 500
+    results.batches.append(BatchResult(1000, 3.0, 500, 5.0, True))
+    assert results.batch_turns_per_s == pytest.approx(2000 / (1000 / 250 + 1000 / 500))
+    plan = PeersPlan(concurrency=(1, 32))
+    ratio = checks(results, Setting(EQUIPOISE), plan, 0.7)[2]  # 250 utt/s over the pooled 333.3: 75.0 %
+    assert ratio.passed is True
+    assert "75.0% (250.0 / 333.3; by round 80.0%, 60.0%)" in ratio.value
+    assert checks(results, Setting(EQUIPOISE), plan, 0.8)[2].passed is False
 
 
 def test_a_server_with_another_label_fails_the_agreement_check() -> None:
