@@ -61,7 +61,8 @@ def call_dir(tmp_path_factory: pytest.TempPathFactory, calls: dict[str, Assemble
 
 
 # One speech-to-text thread in every engine: Whisper's decoding on CTranslate2 may differ in the last bits between
-# thread counts on some CPUs, and a transcript that differs by a word is another input to the model.
+# thread counts on some CPUs, and a transcript that differs by a word is another input to the model. (NumPy's BLAS
+# threads, which Ray's workers limit through OMP_NUM_THREADS, are pinned by SpeechToText itself.)
 STT_THREADS = 1
 
 
