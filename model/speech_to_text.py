@@ -101,23 +101,24 @@ class SpeechToText:
         if len(wave) == 0:
             return Transcript("", ())
         # faster-whisper's features go through NumPy's BLAS, whose sums depend on its thread count: one thread, so a
-        # process with OMP_NUM_THREADS=1 (a Ray worker) hears what any other process hears.
-        with threadpool_limits(limits=1, user_api="blas"):
-            segments, _ = self.model.transcribe(
-                np.ascontiguousarray(wave, dtype=np.float32),
-                language=LANGUAGE,
-                beam_size=BEAM_SIZE,
-                temperature=TEMPERATURE,
-                word_timestamps=True,
-                condition_on_previous_text=False,
-                vad_filter=False,  # the caller cut the audio at speech already
-            )
-            words = tuple(
-                Word(word.word.strip(), float(word.start), float(word.end), float(word.probability))
-                for segment in segments
-                for word in segment.words or ()
-                if word.word.strip()
-            )
+        # process with OMP_NUM_THREADS=1 (a Ray worker) hears what any other process hears. Set, never restored: a
+        # restore could land while another thread transcribes, so a process that transcribes keeps one BLAS thread.
+        threadpool_limits(limits=1, user_api="blas")
+        segments, _ = self.model.transcribe(
+            np.ascontiguousarray(wave, dtype=np.float32),
+            language=LANGUAGE,
+            beam_size=BEAM_SIZE,
+            temperature=TEMPERATURE,
+            word_timestamps=True,
+            condition_on_previous_text=False,
+            vad_filter=False,  # the caller cut the audio at speech already
+        )
+        words = tuple(
+            Word(word.word.strip(), float(word.start), float(word.end), float(word.probability))
+            for segment in segments
+            for word in segment.words or ()
+            if word.word.strip()
+        )
         return Transcript(" ".join(word.text for word in words), words)
 
 
