@@ -12,7 +12,7 @@ import ctranslate2
 import numpy as np
 from faster_whisper import WhisperModel
 from faster_whisper.vad import VadOptions, get_speech_timestamps
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from model.audio import SAMPLE_RATE
 from model.whisper_encoder import weights_path
@@ -94,6 +94,7 @@ class SpeechToText:
             cpu_threads=cpu_threads,
             local_files_only=True,
         )
+        self._threadpools = ThreadpoolController()  # finds NumPy's BLAS once (a scan of the loaded libraries, ~2 ms)
 
     def transcribe(self, wave: np.ndarray) -> Transcript:
         if wave.ndim != 1:
@@ -103,7 +104,7 @@ class SpeechToText:
         # faster-whisper's features go through NumPy's BLAS, whose sums depend on its thread count: one thread, so a
         # process with OMP_NUM_THREADS=1 (a Ray worker) hears what any other process hears. Set, never restored: a
         # restore could land while another thread transcribes, so a process that transcribes keeps one BLAS thread.
-        threadpool_limits(limits=1, user_api="blas")
+        self._threadpools.limit(limits=1, user_api="blas")
         segments, _ = self.model.transcribe(
             np.ascontiguousarray(wave, dtype=np.float32),
             language=LANGUAGE,
