@@ -449,25 +449,21 @@ def run_all(settings: Sequence[Setting], args: argparse.Namespace, data_dir: Pat
     reference = Reference.of(args.model, texts[:AGREEMENT_TEXTS])
     results = Results()
     jobs = {peer: itertools.cycle([protocol.job(text) for text in texts]) for peer, protocol in PROTOCOLS.items()}
-    starts = list(itertools.product(range(args.rounds), settings))
+    per_round = len(settings) + (0 if args.no_batch else 1)
     with (
         tempfile.TemporaryDirectory(prefix="equipoise-peers-") as work,
-        tqdm(
-            total=len(starts) + (0 if args.no_batch else args.rounds),
-            desc="servers",
-            unit="srv",
-            disable=not plan.progress,
-        ) as bar,
+        tqdm(total=args.rounds * per_round, desc="servers", unit="srv", disable=not plan.progress) as bar,
     ):
-        for number, setting in starts:
-            if not args.no_batch and setting == settings[0]:
-                bar.set_postfix_str(f"round {number + 1}: batch scoring")
+        for number in range(1, args.rounds + 1):
+            if not args.no_batch:
+                bar.set_postfix_str(f"round {number}: batch scoring")
                 results.batches.append(batch_scoring(args.model, texts, reference, Path(work)))
                 bar.update()
-            bar.set_postfix_str(f"round {number + 1}: {setting.name}")
-            with start(setting, args.model, data_dir, Path(work)) as running:
-                measure(setting, running, jobs[setting.peer], reference, plan, results)
-            bar.update()
+            for setting in settings:
+                bar.set_postfix_str(f"round {number}: {setting.name}")
+                with start(setting, args.model, data_dir, Path(work)) as running:
+                    measure(setting, running, jobs[setting.peer], reference, plan, results)
+                bar.update()
     return results
 
 
