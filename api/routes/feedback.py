@@ -48,12 +48,15 @@ def post_feedback(body: FeedbackRequest, session: SessionDep, state: StateDep, _
 
 
 def _stored_prediction(session: Session, state: ServiceState, prediction_id: uuid.UUID) -> Prediction:
+    logger = state.logger
+    # asked before the lookup: the logging thread may write the row and forget the id between the two
+    was_pending = logger.is_pending(prediction_id)
     prediction = crud.get_prediction(session, prediction_id)
-    if prediction is None and (state.logger.is_pending(prediction_id) or state.logger.spooled_rows):
-        state.logger.flush(PENDING_WAIT_S)
+    if prediction is None and (was_pending or logger.spooled_rows):
+        logger.flush(PENDING_WAIT_S)
         session.rollback()  # a fresh snapshot, to see the rows just written
         prediction = crud.get_prediction(session, prediction_id)
-        if prediction is None and (state.logger.is_pending(prediction_id) or state.logger.spooled_rows):
+        if prediction is None and (logger.is_pending(prediction_id) or logger.spooled_rows):
             raise unavailable("Predictions are still being written to the database; retry shortly.")
     if prediction is None:
         raise Problem(404, f"No prediction with id {prediction_id}.", kind="not-found")

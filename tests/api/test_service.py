@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.exc import OperationalError
 
 from api.retention import purge
@@ -91,6 +91,28 @@ def test_feedback_joins_its_prediction_even_before_the_log_is_flushed(start_app:
     with session_scope(app.engine) as session:
         feedback = session.scalars(select(Feedback)).one()
         assert (feedback.prediction.label, feedback.label) == (prediction["emotion"], "anger")
+
+
+def test_feedback_finds_a_prediction_written_between_its_lookup_and_its_pending_check(
+    start_app: Callable[..., InProcess],
+) -> None:
+    """The logging thread inserts the row and forgets the id just after the feedback's lookup missed it."""
+    app = start_app(log_flush_interval_s=30.0)
+    prediction = app.client.post("/v1/predict/utterance", json={"text": "this is awful"}).json()
+    written: list[bool] = []
+
+    def write_the_log_after_the_first_lookup(_connection: object, _cursor: object, statement: str, *_: object) -> None:
+        if not written and statement.lstrip().upper().startswith("SELECT") and "FROM predictions" in statement:
+            written.append(app.state.logger.flush(5))
+
+    event.listen(app.state.engine, "after_cursor_execute", write_the_log_after_the_first_lookup)
+    try:
+        body = {"prediction_id": prediction["prediction_id"], "label": "anger"}
+        response = app.client.post("/v1/feedback", json=body)
+    finally:
+        event.remove(app.state.engine, "after_cursor_execute", write_the_log_after_the_first_lookup)
+    assert written == [True]
+    assert response.status_code == 201, response.text
 
 
 def test_feedback_for_a_prediction_the_log_has_not_written_yet_is_a_503_to_retry(
