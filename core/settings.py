@@ -255,7 +255,13 @@ class Settings(BaseSettings):
         "of at most this many where the padding would cost more than another call, so that short utterances are "
         "not padded to the longest.",
     )
-    batch_max_wait_ms: float = Field(default=0.0, ge=0, le=1_000)
+    batch_max_wait_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=1_000,
+        description="How long a batch waits for more requests after its first (with several model threads, only "
+        "until it holds its fair share).",
+    )
     batch_workers: int = Field(
         default_factory=lambda: default_batch_workers(available_cores()),
         ge=1,

@@ -211,6 +211,14 @@ def test_a_freed_thread_gathers_its_fair_share_while_another_scores() -> None:
     assert runtime.peak == 2
 
 
+def test_the_batch_wait_gathers_only_up_to_the_fair_share_with_several_threads() -> None:
+    runtime = OverlapRecorder(delay_s=0.6)
+    run(_trickle(4, 0.05), _holder(runtime), max_size=16, max_wait_s=0.5, workers=2)
+    # Waiting its 0.5 s toward 16, the first batch would take all eight while the second thread had none.
+    assert [len(sizes) for sizes, _ in runtime.calls] == [4, 4]
+    assert runtime.peak == 2
+
+
 def test_without_the_fair_share_a_freed_thread_scores_what_is_waiting() -> None:
     runtime = FakeRuntime(delay_s=0.6)
     run(_trickle(4, 0.05), _holder(runtime), max_size=16, max_wait_s=0.0, workers=2, fair_share=False)
