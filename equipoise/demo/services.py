@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,7 +79,19 @@ def running_worker(deployment: Deployment, poll_s: float = 1.0) -> Iterator[Proc
         worker.stop()
 
 
-def json_or_fail(response: httpx.Response, what: str) -> Any:
+RETRIES_ON_503 = 5  # a 503 with Retry-After (a prediction still being written, a full queue) is tried again
+RETRY_AFTER_CAP_S = 5.0
+
+
+def post_json(client: httpx.Client, path: str, body: Any, what: str) -> Any:
+    """POST `body`; a 503 is retried after its Retry-After, as the API asks of its clients; any other error ends
+    the demo."""
+    for _ in range(RETRIES_ON_503):
+        response = client.post(path, json=body)
+        retry_after = response.headers.get("retry-after", "")
+        if response.status_code != 503 or not retry_after.isdigit():
+            break
+        time.sleep(min(float(retry_after), RETRY_AFTER_CAP_S))
     if response.is_error:
         raise DemoError(f"{what}: HTTP {response.status_code}: {response.text[:500]}")
     return response.json()

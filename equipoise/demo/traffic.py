@@ -12,7 +12,7 @@ import httpx
 from tqdm import tqdm
 
 from core.redaction import text_sha256
-from equipoise.demo.services import json_or_fail
+from equipoise.demo.services import post_json
 from model.data.meld import Dialogue, group_dialogues, read_utterances
 from retraining.dataset import conversation_key, is_heldout
 
@@ -76,7 +76,7 @@ class Stream:
             "context": "causal" if causal else "bidirectional",
             "conversation_id": conversation,
         }
-        answer = json_or_fail(client.post("/v1/predict/dialogue", json=body), f"predicting {conversation}")
+        answer = post_json(client, "/v1/predict/dialogue", body, f"predicting {conversation}")
         turns = []
         for index, (utterance, turn) in enumerate(zip(dialogue.utterances, answer["turns"], strict=True)):
             feedback = {
@@ -85,7 +85,7 @@ class Stream:
                 "sentiment": utterance.sentiment,
                 "source": "demo-gold",
             }
-            json_or_fail(client.post("/v1/feedback", json=feedback), f"feedback on {conversation}")
+            post_json(client, "/v1/feedback", feedback, f"feedback on {conversation}")
             turns.append(
                 Turn(
                     phase,

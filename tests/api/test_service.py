@@ -22,6 +22,7 @@ from api.retention import purge
 from core.db import crud
 from core.db.models import Feedback, Prediction
 from core.db.session import make_engine, session_scope
+from equipoise.demo.services import post_json
 from model.registry import ModelRegistry
 from tests.api.conftest import (
     FakeRuntime,
@@ -128,6 +129,23 @@ def test_feedback_for_a_prediction_the_log_has_not_written_yet_is_a_503_to_retry
     assert "still being written" in response.json()["detail"]
     monkeypatch.undo()
     assert app.client.post("/v1/feedback", json=body).status_code == 201
+
+
+def test_the_demo_client_sends_feedback_again_after_the_retry_after_of_a_503(
+    start_app: Callable[..., InProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = start_app(log_flush_interval_s=30.0)
+    prediction = app.client.post("/v1/predict/utterance", json={"text": "this is awful"}).json()
+    flush, waits = app.state.logger.flush, []
+
+    def first_wait_runs_out(timeout_s: float) -> bool:
+        waits.append(timeout_s)
+        return len(waits) > 1 and flush(timeout_s)
+
+    monkeypatch.setattr(app.state.logger, "flush", first_wait_runs_out)
+    body = {"prediction_id": prediction["prediction_id"], "label": "anger"}
+    assert post_json(app.client, "/v1/feedback", body, "feedback")["label"] == "anger"
+    assert len(waits) == 2  # a 503, then the retry
 
 
 def test_stored_audio_and_old_predictions_are_purged_by_retention(start_app: Callable[..., InProcess]) -> None:
