@@ -37,6 +37,16 @@ def data_dir() -> Path:
     return found
 
 
+@pytest.fixture(scope="session")
+def shipped_default(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped default release, assembled once for the whole run (about half a minute on two cores) and only
+    read by the tests that share it; under EQUIPOISE_STATE_DIR when set, where a developer's state holds it already."""
+    from model.default_model import shipped_artifact
+
+    configured = os.environ.get("EQUIPOISE_STATE_DIR")
+    return shipped_artifact(Path(configured) if configured else tmp_path_factory.mktemp("shipped-default"))
+
+
 POSTGRES_ADMIN_URL = os.environ.get("EQUIPOISE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REQUIRE_POSTGRES = os.environ.get("TESTS_REQUIRE_POSTGRES") == "1"
 

@@ -18,23 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from model.default_model import shipped_artifact
-
 pytestmark = [pytest.mark.data, pytest.mark.slow]
 
 WINDOW = 300
 
 
-@pytest.fixture(scope="module")
-def default_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    configured = os.environ.get("EQUIPOISE_STATE_DIR")
-    return shipped_artifact(Path(configured) if configured else tmp_path_factory.mktemp("default-state"))
-
-
-def test_the_demo_collapses_retrains_promotes_and_reports(data_dir: Path, default_model: Path, tmp_path: Path) -> None:
+def test_the_demo_collapses_retrains_promotes_and_reports(
+    data_dir: Path, shipped_default: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "demo"
     environment = {key: value for key, value in os.environ.items() if not key.startswith("EQUIPOISE_")}
-    arguments = ["--out", str(out), "--data-dir", str(data_dir), "--model", str(default_model)]
+    arguments = ["--out", str(out), "--data-dir", str(data_dir), "--model", str(shipped_default)]
     reduced = ["--window", str(WINDOW), "--healthy-windows", "2", "--recovery-windows", "1"]
     done = subprocess.run(
         [sys.executable, "-m", "equipoise", "demo", *arguments, *reduced],

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from model.data.meld import group_dialogues, read_utterances
-from model.default_model import shipped_artifact
 from tests.api.conftest import Server, running_server
 from tests.api.test_stream import TOLERANCE, opened, receive, send, turn, until_closed
 
@@ -20,11 +19,10 @@ DIALOGUES = 12
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(tmp_path_factory: pytest.TempPathFactory, shipped_default: Path) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("stream-default")
-    artifact = shipped_artifact(root / "assembly")
     with running_server(
-        root / "state", f"sqlite:///{root / 'equipoise.db'}", default_model_dir=str(artifact)
+        root / "state", f"sqlite:///{root / 'equipoise.db'}", default_model_dir=str(shipped_default)
     ) as server:
         yield server
 

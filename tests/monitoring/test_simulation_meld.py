@@ -20,7 +20,6 @@ from benchmarks.monitoring_simulation import (
     tier1_effect,
 )
 from model.artifact import ModelArtifact, load_artifact
-from model.default_model import shipped_artifact
 from monitoring.meld_stream import ScoredMeld, score_all_meld
 from monitoring.prior import ShiftModel
 from monitoring.simulation import (
@@ -40,11 +39,12 @@ MINORITY = ("sadness", "disgust", "fear")
 
 
 @pytest.fixture(scope="module")
-def shipped(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[ModelArtifact, ScoredMeld]:
-    """The shipped default, assembled, and all of MELD scored by it through the serving runtime (minutes, once)."""
-    state = tmp_path_factory.mktemp("meld-stream")
-    artifact = load_artifact(shipped_artifact(state))
-    return artifact, score_all_meld(artifact.path, data_dir, state / "cache")
+def shipped(
+    tmp_path_factory: pytest.TempPathFactory, data_dir: Path, shipped_default: Path
+) -> tuple[ModelArtifact, ScoredMeld]:
+    """The shipped default and all of MELD scored by it through the serving runtime (minutes, once)."""
+    artifact = load_artifact(shipped_default)
+    return artifact, score_all_meld(artifact.path, data_dir, tmp_path_factory.mktemp("meld-stream") / "cache")
 
 
 def test_the_healthy_stream_is_quiet_with_and_without_audit_labels(shipped) -> None:  # noqa: ANN001

@@ -9,14 +9,12 @@ assembled first (skipped when EQUIPOISE_STATE_DIR already holds it).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from benchmarks.gate_null import Rate, frozen_features, simulate
 from model.artifact import load_artifact
-from model.default_model import shipped_artifact
 from tests.retraining.synthetic import MINORITY
 
 pytestmark = [pytest.mark.data, pytest.mark.slow]
@@ -25,16 +23,10 @@ JOBS = 30
 BASE_DIALOGUES = 300  # of MELD train's 1,038: tier 2's base data, reduced for time
 
 
-@pytest.fixture(scope="module")
-def default_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    configured = os.environ.get("EQUIPOISE_STATE_DIR")
-    return shipped_artifact(Path(configured) if configured else tmp_path_factory.mktemp("default-state"))
-
-
 def test_the_gate_promotes_at_most_5_percent_of_candidates_no_better_than_the_champion(
-    default_model: Path, data_dir: Path, tmp_path: Path
+    shipped_default: Path, data_dir: Path, tmp_path: Path
 ) -> None:
-    artifact = load_artifact(default_model)
+    artifact = load_artifact(shipped_default)
     features = frozen_features(artifact, data_dir, tmp_path / "cache", BASE_DIALOGUES)
     outcomes = simulate(features, artifact.emotions.names, MINORITY, range(JOBS))
     rate = Rate.of(sum(outcome.promoted for outcome in outcomes), JOBS)
