@@ -13,6 +13,7 @@ import pytest
 from hypothesis import settings
 
 from equipoise.logs import OWN_LOGGERS
+from model.default_model import shipped_artifact
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,8 +42,6 @@ def data_dir() -> Path:
 def shipped_default(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped default release, assembled once for the whole run (about half a minute on two cores) and only
     read by the tests that share it; under EQUIPOISE_STATE_DIR when set, where a developer's state holds it already."""
-    from model.default_model import shipped_artifact
-
     configured = os.environ.get("EQUIPOISE_STATE_DIR")
     return shipped_artifact(Path(configured) if configured else tmp_path_factory.mktemp("shipped-default"))
 
