@@ -23,7 +23,6 @@ from model.default_model import (
     probe_audio,
     read_release,
     release_model,
-    shipped_artifact,
     speech_metrics,
 )
 from model.delta import DELTA_FILE
@@ -35,18 +34,10 @@ POINTS = 0.005  # the card's metrics must hold within half a point
 
 
 @pytest.fixture(scope="session")
-def default_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A state directory holding the assembled default (about a minute: export, int8, parity, probe)."""
-    state = tmp_path_factory.mktemp("default-state")
-    shipped_artifact(state)
-    return state
-
-
-@pytest.fixture(scope="session")
-def default_runtime(default_state: Path):  # noqa: ANN201
+def default_runtime(shipped_default: Path):  # noqa: ANN201
     from model.runtime import InferenceRuntime
 
-    return InferenceRuntime.load(shipped_artifact(default_state), device="cpu")
+    return InferenceRuntime.load(shipped_default, device="cpu")
 
 
 def _assert_close(measured, card: dict, what: str) -> None:  # noqa: ANN001
@@ -77,12 +68,12 @@ def test_audio_only_on_held_out_speakers_scores_as_the_card_states(
     _assert_close(measured, card, f"{corpus} audio only ({line})")
 
 
-def test_int8_mode_agrees_with_fp32_on_meld_dev(default_state: Path, data_dir: Path) -> None:
+def test_int8_mode_agrees_with_fp32_on_meld_dev(shipped_default: Path, data_dir: Path) -> None:
     """The int8 encoder alone changes the labels of near ties; the service's int8 mode (near ties re-scored in
     fp32 at the default margin) keeps at least 99% of MELD dev labels, and both match the card."""
-    artifact, metrics = shipped_artifact(default_state), read_release()["metrics"]
+    metrics = read_release()["metrics"]
     margin = Settings.model_fields["int8_rescore_margin"].default
-    alone, rescored = (result.share for result in int8_agreements(artifact, data_dir, "dev", (0.0, margin)))
+    alone, rescored = (result.share for result in int8_agreements(shipped_default, data_dir, "dev", (0.0, margin)))
     assert rescored >= 0.99 > alone
     assert metrics["int8_rescore_margin"] == margin
     assert alone == pytest.approx(metrics["int8_label_agreement_meld_dev"], abs=POINTS)
@@ -107,18 +98,17 @@ def test_a_tampered_delta_is_refused_before_anything_is_built(tmp_path: Path) ->
     assert not (tmp_path / "artifact").exists()
 
 
-def test_probe_outputs_that_differ_from_the_release_are_refused(default_state: Path) -> None:
-    artifact = shipped_artifact(default_state)
+def test_probe_outputs_that_differ_from_the_release_are_refused(shipped_default: Path) -> None:
     expected = read_release()["probe"]
-    assert check_probe(artifact, expected) <= 1e-4
+    assert check_probe(shipped_default, expected) <= 1e-4
     shifted = [[p + (0.01 if i == 0 else 0.0) for i, p in enumerate(row)] for row in expected]
     with pytest.raises(DefaultModelError, match="probe"):
-        check_probe(artifact, shifted)
+        check_probe(shipped_default, shifted)
 
 
-def test_a_new_database_gets_the_shipped_default_as_its_first_champion(default_state: Path, tmp_path: Path) -> None:
+def test_a_new_database_gets_the_shipped_default_as_its_first_champion(shipped_default: Path, tmp_path: Path) -> None:
     state = tmp_path / "state"
-    shutil.copytree(default_state / "default-model", state / "default-model")  # assembled once per session
+    shutil.copytree(shipped_default, state / "default-model" / shipped_default.name)  # assembled once per session
     url = f"sqlite:///{tmp_path / 'equipoise.db'}"
     with running_server(state, url, shipped_default="true") as server:
         models = httpx.get(server.url + "/v1/models").json()
@@ -130,7 +120,7 @@ def test_a_new_database_gets_the_shipped_default_as_its_first_champion(default_s
     assert reply.json()["emotion"] in read_release()["recipe"]["model"]["emotions"]
 
 
-def test_the_release_is_calibrated_on_clean_meld_dev_text_and_the_artifact_records_it(default_state: Path) -> None:
+def test_the_release_is_calibrated_on_clean_meld_dev_text_and_the_artifact_records_it(shipped_default: Path) -> None:
     """The reference class mix and the temperatures come from MELD dev as text alone (the modality mix the model
     serves, no acted speech), and the assembled artifact carries the whole record."""
     release = read_release()
@@ -144,7 +134,7 @@ def test_the_release_is_calibrated_on_clean_meld_dev_text_and_the_artifact_recor
         "turns": 9989,
         "conversations": None,
     }
-    artifact = load_artifact(shipped_artifact(default_state))
+    artifact = load_artifact(shipped_default)
     assert artifact.calibration.has_record and artifact.calibration.temperature == recorded["temperature"]
     assert dict(artifact.reference_distribution) == release["reference_distribution"]
     assert "MELD dev (text, 1,109 turns in 114 conversations)" in (SHIPPED_DIR / "MODEL_CARD.md").read_text("utf-8")
