@@ -158,6 +158,10 @@ class Spool:
 
 
 _STOP, _FLUSH = object(), object()
+# Once a batch has its first record, the thread sleeps this long between looks at the queue: woken by every
+# request's records, it took the interpreter's lock from the event loop once per request (docs/BENCHMARKS.md
+# "The access log and the prediction log").
+LINGER_S = 0.05
 
 
 class PredictionLogger:
@@ -235,13 +239,18 @@ class PredictionLogger:
             self._update_gauges(idle=True)
 
     def _collect(self) -> tuple[list[LogRecord], bool]:
+        """Records for one batch: the first waited for, the rest gathered every `LINGER_S` (not woken by each)."""
         records: list[LogRecord] = []
         deadline = time.monotonic() + self._flush_interval_s
         while len(records) < self._flush_rows:
+            left_s = deadline - time.monotonic()
             try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                item = self._queue.get_nowait() if records else self._queue.get(timeout=max(0.0, left_s))
             except queue.Empty:
-                break
+                if not records or left_s <= 0:
+                    break
+                time.sleep(min(LINGER_S, left_s))
+                continue
             if item is _STOP:
                 return records + self._drain(), True
             if item is _FLUSH:

@@ -7,6 +7,10 @@ Records are written to stderr by a thread of their own: the thread that logs (th
 writes the access log) only queues them, so a stderr that stalls (a full pipe to a container runtime that has
 stopped reading) delays log lines instead of every request. While the writer is `QUEUE_RECORDS` behind, further
 records are dropped and counted, and the writer says how many once it catches up.
+The writer lets a burst of records gather for `LINGER_S` after the first wakes it and writes the burst with one
+flush: woken for every access-log line, it took the interpreter's lock from the event loop once per request,
+which cost the service about a tenth of its throughput at 32 concurrent clients (docs/BENCHMARKS.md "The access
+log and the prediction log").
 """
 
 from __future__ import annotations
@@ -16,9 +20,13 @@ import contextlib
 import logging
 import queue
 import signal
+import sys
+import threading
+import time
+import traceback
 import warnings
 from collections.abc import Iterator
-from logging.handlers import QueueHandler, QueueListener
+from logging.handlers import QueueHandler
 from types import FrameType
 from typing import TextIO
 
@@ -37,8 +45,9 @@ OWN_LOGGERS = (
 )
 LIBRARY_LEVEL = logging.WARNING
 QUEUE_RECORDS = 10_000  # records waiting for the writer thread; beyond them a record is dropped, not waited for
+LINGER_S = 0.05  # how long the writer lets a burst of records gather before writing it
 
-_listener: QueueListener | None = None
+_writer: _Writer | None = None
 
 
 def configure_logging(level: str, stream: TextIO | None = None) -> None:
@@ -59,16 +68,21 @@ def configure_logging(level: str, stream: TextIO | None = None) -> None:
 
 def flush_logs() -> None:
     """Returns once every record queued so far is written."""
-    if _listener is not None:
-        _listener.queue.join()  # type: ignore[attr-defined]
+    if _writer is not None:
+        _writer.records.join()
 
 
 class DroppingQueueHandler(QueueHandler):
     """Queues a record for the writer thread without waiting: with the queue full, the record is counted instead."""
 
-    def __init__(self, records: queue.Queue[logging.LogRecord]) -> None:
+    def __init__(self, records: queue.Queue[logging.LogRecord | None]) -> None:
         super().__init__(records)
         self.dropped = 0
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        """The message is fixed now (its arguments may change later); the writer formats the rest."""
+        record.msg, record.args = record.getMessage(), None
+        return record
 
     def enqueue(self, record: logging.LogRecord) -> None:
         try:
@@ -77,26 +91,58 @@ class DroppingQueueHandler(QueueHandler):
             self.dropped += 1
 
 
-class _LogWriter(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes queued records to its stream, first saying how many were dropped since it last wrote."""
+class _Writer:
+    """The thread that writes queued records to `stream`, a burst at a time, first saying how many records were
+    dropped since it last wrote. A None in the queue stops it once what came before is written."""
 
     def __init__(self, queued: DroppingQueueHandler, stream: TextIO | None) -> None:
-        super().__init__(stream)
-        self.setFormatter(logging.Formatter(FORMAT))
+        self.records: queue.Queue[logging.LogRecord | None] = queued.queue  # type: ignore[assignment]
         self._queued = queued
+        self._format = logging.Formatter(FORMAT)
+        self._stream = stream
         self._reported = 0
+        self._thread = threading.Thread(target=self._run, name="equipoise-log-writer", daemon=True)
+        self._thread.start()
 
-    def emit(self, record: logging.LogRecord) -> None:
+    def stop(self) -> None:
+        self.records.put(None)  # waits for room: the queue may be full
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            burst = [self.records.get()]
+            if burst[0] is not None:
+                time.sleep(LINGER_S)
+                burst += self._waiting()
+            self._write([record for record in burst if record is not None])
+            for _ in burst:
+                self.records.task_done()
+            if None in burst:
+                return
+
+    def _waiting(self) -> list[logging.LogRecord | None]:
+        waiting = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                waiting.append(self.records.get_nowait())
+        return waiting
+
+    def _write(self, records: list[logging.LogRecord]) -> None:
+        lines = [self._format.format(record) + "\n" for record in records]
         dropped = self._queued.dropped
         if dropped > self._reported:
-            message = f"{dropped - self._reported} log records dropped: stderr was not read fast enough"
-            super().emit(
-                logging.makeLogRecord(
-                    {"name": __name__, "levelno": logging.WARNING, "levelname": "WARNING", "msg": message}
-                )
+            notice = f"{dropped - self._reported} log records dropped: stderr was not read fast enough"
+            notice_record = logging.makeLogRecord(
+                {"name": __name__, "levelno": logging.WARNING, "levelname": "WARNING", "msg": notice}
             )
+            lines.insert(0, self._format.format(notice_record) + "\n")
             self._reported = dropped
-        super().emit(record)
+        stream = self._stream or sys.stderr
+        try:
+            stream.write("".join(lines))
+            stream.flush()
+        except Exception:  # as logging.Handler.handleError: a broken stream must not end the writer
+            traceback.print_exc(file=sys.__stderr__)
 
 
 def write_logs_before_dying_of(*signals: signal.Signals) -> None:
@@ -113,28 +159,22 @@ def _write_then_die(number: int, frame: FrameType | None) -> None:
     signal.raise_signal(number)
 
 
-class _Listener(QueueListener):
-    def enqueue_sentinel(self) -> None:
-        self.queue.put(self._sentinel)  # type: ignore[attr-defined]  # waits for room: the queue may be full
-
-
 def _start_writer(stream: TextIO | None) -> DroppingQueueHandler:
     """A new writer thread and its handler; the previous writer, if any, stops once its records are written."""
-    global _listener
+    global _writer
     _stop_writer()
     queued = DroppingQueueHandler(queue.Queue(QUEUE_RECORDS))
-    _listener = _Listener(queued.queue, _LogWriter(queued, stream))
-    _listener.start()
+    _writer = _Writer(queued, stream)
     return queued
 
 
 @atexit.register
 def _stop_writer() -> None:
     """Writes what is queued, then ends the writer thread (also at exit)."""
-    global _listener
-    if _listener is not None:
-        _listener.stop()
-        _listener = None
+    global _writer
+    if _writer is not None:
+        _writer.stop()
+        _writer = None
 
 
 @contextlib.contextmanager

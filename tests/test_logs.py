@@ -95,3 +95,36 @@ def test_a_process_dying_of_sigterm_writes_its_queued_lines_first() -> None:
     status, lines = result.returncode, [line for line in result.stderr.splitlines() if " api.dying: " in line]
     assert status == -signal.SIGTERM  # it still dies of the signal, as a process manager expects
     assert len(lines) == 3000 and lines[-1].endswith("line 2999")
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def test_a_burst_of_records_is_written_at_once_after_the_first_wakes_the_writer(
+    restored_logging: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(logs, "LINGER_S", 1.0)  # far longer than logging the burst takes
+    stream = CountingStream()
+    configure_logging("info", stream)
+    for i in range(50):
+        LOGGER.info("line %d", i)
+    flush_logs()
+    assert stream.writes == 1
+    assert [line.split(": ", 1)[1] for line in stream.getvalue().splitlines()] == [f"line {i}" for i in range(50)]
+
+
+def test_a_record_says_what_its_arguments_were_when_it_was_logged(restored_logging: None) -> None:
+    stream = io.StringIO()
+    configure_logging("info", stream)
+    seen = ["before"]
+    LOGGER.info("seen %s", seen)
+    seen[0] = "after"  # the writer formats the line later, in its own thread
+    flush_logs()
+    assert stream.getvalue().rstrip().endswith("seen ['before']")

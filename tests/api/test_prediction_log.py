@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -116,6 +117,37 @@ def test_rows_are_written_once_with_redacted_text_and_the_hash_of_the_original(e
     assert first.text_sha256 == hashlib.sha256(original.encode()).hexdigest()
     assert rows[records[1].id].text is None and not rows[records[1].id].has_text
     assert first.embedding == records[0].embedding and first.probabilities == records[0].probabilities
+
+
+class CountingQueue:
+    """The logger's queue, counting the waits of its thread (each a wake-up when a request's records arrive)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.waits = inner, 0
+
+    def put(self, item: Any) -> None:
+        self.inner.put(item)
+
+    def get(self, timeout: float | None = None) -> Any:
+        self.waits += 1
+        return self.inner.get(timeout=timeout)
+
+    def get_nowait(self) -> Any:
+        return self.inner.get_nowait()
+
+
+def test_the_thread_gathers_a_batch_without_waking_for_every_request(engine: Engine, tmp_path: Path) -> None:
+    logger, _ = make_logger(engine, tmp_path, flush_rows=1000, flush_interval_s=1.0)
+    counting = logger._queue = CountingQueue(logger._queue)  # type: ignore[assignment]
+    logger.start()
+    records = [record(f"request {i}") for i in range(40)]
+    for one in records:
+        logger.submit([one])
+        time.sleep(0.002)
+    assert logger.flush(timeout_s=5)
+    logger.close()
+    assert count_rows(engine) == 40
+    assert counting.waits <= 3  # one wait for the first request's records, one for the flush, maybe one between
 
 
 def test_speakers_and_conversation_ids_holding_personal_data_are_stored_as_keyed_pseudonyms(
