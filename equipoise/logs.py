@@ -8,9 +8,9 @@ writes the access log) only queues them, so a stderr that stalls (a full pipe to
 stopped reading) delays log lines instead of every request. While the writer is `QUEUE_RECORDS` behind, further
 records are dropped and counted, and the writer says how many once it catches up.
 The writer lets a burst of records gather for `LINGER_S` after the first wakes it and writes the burst with one
-flush: woken for every access-log line, it took the interpreter's lock from the event loop once per request,
-which cost the service about a tenth of its throughput at 32 concurrent clients (docs/BENCHMARKS.md "The access
-log and the prediction log").
+flush: woken for every access-log line, it took the interpreter's lock from the event loop once per request (with
+the prediction log's thread, which did the same, 4 % of the service's throughput at 32 concurrent clients;
+docs/BENCHMARKS.md "The access log and the prediction log").
 """
 
 from __future__ import annotations
