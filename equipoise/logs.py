@@ -128,14 +128,14 @@ class _Writer:
         return waiting
 
     def _write(self, records: list[logging.LogRecord]) -> None:
-        lines = [self._format.format(record) + "\n" for record in records]
+        lines = [self._line(record) for record in records]
         dropped = self._queued.dropped
         if dropped > self._reported:
             notice = f"{dropped - self._reported} log records dropped: stderr was not read fast enough"
             notice_record = logging.makeLogRecord(
                 {"name": __name__, "levelno": logging.WARNING, "levelname": "WARNING", "msg": notice}
             )
-            lines.insert(0, self._format.format(notice_record) + "\n")
+            lines.insert(0, self._line(notice_record))
             self._reported = dropped
         stream = self._stream or sys.stderr
         try:
@@ -143,6 +143,12 @@ class _Writer:
             stream.flush()
         except Exception:  # as logging.Handler.handleError: a broken stream must not end the writer
             traceback.print_exc(file=sys.__stderr__)
+
+    def _line(self, record: logging.LogRecord) -> str:
+        try:
+            return self._format.format(record) + "\n"
+        except Exception as error:  # one record that cannot be formatted must not end the writer
+            return f"{record.levelname} {record.name}: a log record could not be formatted: {error!r}\n"
 
 
 def write_logs_before_dying_of(*signals: signal.Signals) -> None:

@@ -128,3 +128,19 @@ def test_a_record_says_what_its_arguments_were_when_it_was_logged(restored_loggi
     seen[0] = "after"  # the writer formats the line later, in its own thread
     flush_logs()
     assert stream.getvalue().rstrip().endswith("seen ['before']")
+
+
+class NotAnException:
+    pass
+
+
+def test_a_record_that_cannot_be_formatted_leaves_the_writer_running(restored_logging: None) -> None:
+    stream = io.StringIO()
+    configure_logging("info", stream)
+    record = logging.makeLogRecord({"name": LOGGER.name, "levelno": logging.ERROR, "levelname": "ERROR", "msg": "x"})
+    record.exc_info = (RuntimeError, NotAnException(), None)  # type: ignore[assignment]  # formatting it raises
+    LOGGER.handle(record)
+    LOGGER.info("after")
+    flush_logs()
+    lines = stream.getvalue().splitlines()
+    assert "could not be formatted" in lines[0] and lines[-1].endswith("api.test_logs: after")
