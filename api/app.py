@@ -26,7 +26,7 @@ from api.batcher import MicroBatcher
 from api.calls import CALLS_PATH, CallRunner, call_body_limit
 from api.deps import ServiceState
 from api.metrics import Metrics
-from api.middleware import BodyLimitMiddleware, HttpMetricsMiddleware
+from api.middleware import BodyLimitMiddleware, BodyLimits, ContentDecodingMiddleware, HttpMetricsMiddleware
 from api.prediction_log import PredictionLogger, RowPreparer, Spool
 from api.predictor import Predictor
 from api.reload import ModelHolder, ModelLoader, ModelReloader, runtime_loader
@@ -144,9 +144,9 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
     app.state.open_streams = OpenStreams(settings.stream_max_open, app.state.service.metrics.streams_open)
     errors.install(app)
     app.include_router(api_router)
-    app.add_middleware(
-        BodyLimitMiddleware, max_bytes=settings.max_request_bytes, larger={CALLS_PATH: call_body_limit(settings)}
-    )
+    limits = BodyLimits(settings.max_request_bytes, {CALLS_PATH: call_body_limit(settings)})
+    app.add_middleware(ContentDecodingMiddleware, limits=limits)
+    app.add_middleware(BodyLimitMiddleware, limits=limits)  # added later, so it sees the body as sent
     app.add_middleware(HttpMetricsMiddleware, metrics=app.state.service.metrics)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

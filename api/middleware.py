@@ -1,41 +1,55 @@
-"""Pure ASGI middleware: the request body limit and the HTTP metrics (latency by route, in-flight requests)."""
+"""Pure ASGI middleware: the request body limit, compressed request bodies, and the HTTP metrics (latency by route,
+in-flight requests)."""
 
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import too_large
+from api.errors import FieldError, Problem, invalid, too_large
 from api.metrics import Metrics
+
+# Content-Encoding of a request body -> zlib's wbits for it. "deflate" is the zlib format (RFC 9110 8.4.1.2), which
+# is what tritonclient's request_compression_algorithm="deflate" sends.
+DECODABLE = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+@dataclass(frozen=True)
+class BodyLimits:
+    """The most bytes of a request body: `max_bytes`, or `larger[path]` for a path with a limit of its own (a whole
+    call recording is larger than any prediction request)."""
+
+    max_bytes: int
+    larger: Mapping[str, int] = field(default_factory=dict)
+
+    def of(self, scope: Scope) -> int:
+        return self.larger.get(scope["path"].rstrip("/"), self.max_bytes)
+
+
+def _too_large(limit: int, once: str = "") -> Problem:
+    return too_large("body", f"the request body exceeds the limit of {limit} bytes{once}", limit)
 
 
 class BodyLimitMiddleware:
-    """413 as soon as the declared or the received body exceeds `max_bytes`, before it is all read. `larger` maps a
-    path to a limit of its own (a whole call recording is larger than any prediction request)."""
+    """413 as soon as the declared or the received body exceeds its limit, before it is all read."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, larger: Mapping[str, int] | None = None) -> None:
+    def __init__(self, app: ASGIApp, limits: BodyLimits) -> None:
         self.app = app
-        self.max_bytes = max_bytes
-        self.larger = dict(larger or {})
-
-    def _problem(self, limit: int) -> Exception:
-        return too_large("body", f"the request body exceeds the limit of {limit} bytes", limit)
+        self.limits = limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.larger.get(scope["path"].rstrip("/"), self.max_bytes)
+        limit = self.limits.of(scope)
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            # Raised from the first read, inside the app, so the app's problem+json handler answers it.
-            async def refuse() -> Message:
-                raise self._problem(limit)
-
-            await self.app(scope, refuse, send)
+            await self.app(scope, _refusing(_too_large(limit)), send)
             return
         received = 0
 
@@ -45,10 +59,83 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise self._problem(limit)
+                    raise _too_large(limit)
             return message
 
         await self.app(scope, counting_receive, send)
+
+
+class ContentDecodingMiddleware:
+    """Request bodies sent with Content-Encoding gzip or deflate reach the app decompressed, held to the body limit
+    once decompressed too (413); a body that does not decompress is a 400, another content coding a 415."""
+
+    def __init__(self, app: ASGIApp, limits: BodyLimits) -> None:
+        self.app = app
+        self.limits = limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        coding = Headers(scope=scope).get("content-encoding", "").strip().lower() if scope["type"] == "http" else ""
+        if coding in ("", "identity"):
+            await self.app(scope, receive, send)
+            return
+        encoded = (b"content-encoding", b"content-length")  # neither describes the body the app will read
+        decoded = {**scope, "headers": [(key, value) for key, value in scope["headers"] if key not in encoded]}
+        if coding not in DECODABLE:
+            await self.app(decoded, _refusing(_unsupported_coding(coding)), send)
+            return
+        await self.app(decoded, _Decompressing(receive, coding, self.limits.of(scope)).receive, send)
+
+
+class _Decompressing:
+    def __init__(self, receive: Receive, coding: str, limit: int) -> None:
+        self._receive = receive
+        self._coding = coding
+        self._limit = limit
+        self._zlib = zlib.decompressobj(DECODABLE[coding])
+        self._produced = 0
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] != "http.request":
+            return message
+        more = message.get("more_body", False)
+        return {"type": "http.request", "body": self._decompress(message.get("body", b""), more), "more_body": more}
+
+    def _decompress(self, data: bytes, more: bool) -> bytes:
+        try:
+            out = self._zlib.decompress(data, self._limit - self._produced + 1)  # a bomb stops at the limit
+            while self._zlib.eof and self._zlib.unused_data and len(out) <= self._limit - self._produced:
+                following = self._zlib.unused_data  # the next member of a multi-member gzip file
+                self._zlib = zlib.decompressobj(DECODABLE[self._coding])
+                out += self._zlib.decompress(following, self._limit - self._produced - len(out) + 1)
+            if not more and not self._zlib.eof and not self._zlib.unconsumed_tail:
+                raise zlib.error("the compressed data ends early")
+        except zlib.error as error:
+            raise invalid("body", f"the request body is not valid {self._coding} data: {error}", status=400) from None
+        self._produced += len(out)
+        if self._produced > self._limit:
+            raise _too_large(self._limit, " once decompressed")
+        return out
+
+
+def _unsupported_coding(coding: str) -> Problem:
+    accepted = ", ".join(sorted(DECODABLE))
+    return Problem(
+        415,
+        f"Content-Encoding {coding} is not supported; send the body as it is or compressed with {accepted}.",
+        kind="unsupported-media-type",
+        errors=[FieldError("content-encoding", "unsupported content coding", accepted)],
+        headers={"Accept-Encoding": "gzip, deflate"},
+    )
+
+
+def _refusing(problem: Problem) -> Receive:
+    """A receive that raises `problem` on the first read, inside the app, so its problem+json handler answers."""
+
+    async def refuse() -> Message:
+        raise problem
+
+    return refuse
 
 
 class HttpMetricsMiddleware:

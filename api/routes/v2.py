@@ -261,9 +261,6 @@ def _check_media(request: Request) -> None:
     media = media_type(request)
     if media not in ("", BINARY_MEDIA_TYPE) and not is_json(media):
         raise unsupported_media_type(media, f"application/json (or {BINARY_MEDIA_TYPE} with binary tensors)")
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding != "identity":
-        raise unsupported_media_type(f"Content-Encoding {encoding}", "an uncompressed body")
 
 
 def _dialogue_body(turns: list[dict[str, str | None]], parameters: dict[str, Any]) -> dict[str, Any]:

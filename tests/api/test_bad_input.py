@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import json
 import uuid
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -125,6 +127,46 @@ def test_an_oversize_body_is_413_naming_the_limit_whether_declared_or_streamed(a
 
     streamed = app.client.post("/v1/predict/utterance", content=chunks(), headers={"content-type": "application/json"})
     assert_problem(streamed, 413, "body", MAX_REQUEST_BYTES)
+
+
+def _post_encoded(app: InProcess, body: bytes, coding: str) -> Any:
+    headers = {"content-type": "application/json", "content-encoding": coding}
+    return app.client.post("/v1/predict/utterance", content=body, headers=headers)
+
+
+@pytest.mark.parametrize("compress", [gzip.compress, zlib.compress], ids=["gzip", "deflate"])
+def test_a_compressed_body_is_answered_as_the_same_body_sent_plain(app: InProcess, compress: Any) -> None:
+    body = json.dumps({"text": "I have been waiting on hold for an hour!"}).encode()
+    plain = app.client.post("/v1/predict/utterance", content=body, headers={"content-type": "application/json"})
+    coding = "gzip" if compress is gzip.compress else "deflate"
+    compressed = _post_encoded(app, compress(body), coding)
+    assert compressed.status_code == 200, compressed.text
+    assert compressed.json()["probabilities"] == plain.json()["probabilities"]
+
+
+def test_a_gzip_body_of_several_members_is_read_whole(app: InProcess) -> None:
+    response = _post_encoded(app, gzip.compress(b'{"text": ') + gzip.compress(b'"hello"}'), "gzip")
+    assert response.status_code == 200, response.text
+
+
+def test_a_body_that_decompresses_beyond_the_limit_is_413(app: InProcess) -> None:
+    bomb = gzip.compress(b'{"text": "' + b"a" * (4 * MAX_REQUEST_BYTES) + b'"}')
+    assert len(bomb) < MAX_REQUEST_BYTES // 100
+    body = assert_problem(_post_encoded(app, bomb, "gzip"), 413, "body", MAX_REQUEST_BYTES)
+    assert "once decompressed" in body["detail"]
+
+
+@pytest.mark.parametrize(
+    "body", [b"not gzip at all", gzip.compress(b'{"text": "cut short"}')[:-12]], ids=["garbage", "truncated"]
+)
+def test_a_body_that_does_not_decompress_is_400(app: InProcess, body: bytes) -> None:
+    assert_problem(_post_encoded(app, body, "gzip"), 400, "body")
+
+
+def test_an_unsupported_content_coding_is_415_naming_the_supported_ones(app: InProcess) -> None:
+    response = _post_encoded(app, b'{"text": "hi"}', "br")
+    assert_problem(response, 415, "content-encoding", "deflate, gzip, x-gzip")
+    assert response.headers["accept-encoding"] == "gzip, deflate"
 
 
 Part = tuple[str | None, bytes | str]

@@ -124,6 +124,14 @@ def test_meld_texts_on_the_champion_answer_as_v1(
     assert_same_as_v1(result, v1_answers(server, meld_texts))
 
 
+@pytest.mark.parametrize("compression", ["gzip", "deflate"])
+def test_a_compressed_request_answers_as_v1(
+    server: Server, client: triton.InferenceServerClient, meld_texts: list[str], compression: str
+) -> None:
+    result = client.infer("equipoise", [text_input(meld_texts)], request_compression_algorithm=compression)
+    assert_same_as_v1(result, v1_answers(server, meld_texts))
+
+
 def test_audio_rows_answer_as_v1(server: Server, client: triton.InferenceServerClient) -> None:
     audio = wav(0.8, pitch=3.0)
     texts = ["I need this fixed today.", ""]
