@@ -128,7 +128,12 @@ def test_meld_texts_on_the_champion_answer_as_v1(
 def test_a_compressed_request_answers_as_v1(
     server: Server, client: triton.InferenceServerClient, meld_texts: list[str], compression: str
 ) -> None:
-    result = client.infer("equipoise", [text_input(meld_texts)], request_compression_algorithm=compression)
+    result = client.infer(
+        "equipoise",
+        [text_input(meld_texts)],
+        request_compression_algorithm=compression,
+        response_compression_algorithm=compression,  # asked for; the answer comes uncompressed, which it reads
+    )
     assert_same_as_v1(result, v1_answers(server, meld_texts))
 
 
