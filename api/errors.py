@@ -83,6 +83,15 @@ def invalid(field: str, message: str, limit: float | int | str | None = None, st
     return Problem(status, message, kind="validation", errors=[FieldError(field, message, limit)])
 
 
+def unsupported(
+    field: str, detail: str, message: str, accepted: str, headers: Mapping[str, str] | None = None
+) -> Problem:
+    """415: the request comes in a form (`field`: its media type, its content coding) the service does not read."""
+    return Problem(
+        415, detail, kind="unsupported-media-type", errors=[FieldError(field, message, accepted)], headers=headers
+    )
+
+
 def unavailable(detail: str, kind: str = "unavailable", status: int = 503) -> Problem:
     return Problem(status, detail, kind=kind, headers={"Retry-After": str(RETRY_AFTER_S)})
 

@@ -18,7 +18,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import FormData, UploadFile
 
-from api.errors import FieldError, Problem, invalid, too_large, validation_problem
+from api.errors import Problem, invalid, too_large, unsupported, validation_problem
 from api.schemas import DialogueRequest, UtteranceRequest
 from core.db.models import ContextMode
 from core.settings import Settings
@@ -113,12 +113,8 @@ def is_json(media: str) -> bool:
 
 
 def unsupported_media_type(media: str, accepted: str) -> Problem:
-    return Problem(
-        415,
-        f"Content-Type {media or '(none)'} is not supported; send {accepted}.",
-        kind="unsupported-media-type",
-        errors=[FieldError("content-type", "unsupported media type", accepted)],
-    )
+    detail = f"Content-Type {media or '(none)'} is not supported; send {accepted}."
+    return unsupported("content-type", detail, "unsupported media type", accepted)
 
 
 def _media_type(request: Request) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import FieldError, Problem, invalid, too_large
+from api.errors import Problem, invalid, too_large, unsupported
 from api.metrics import Metrics
 
 # Content-Encoding of a request body -> zlib's wbits for it. "deflate" is the zlib format (RFC 9110 8.4.1.2), which
@@ -120,13 +120,9 @@ class _Decompressing:
 
 def _unsupported_coding(coding: str) -> Problem:
     accepted = ", ".join(sorted(DECODABLE))
-    return Problem(
-        415,
-        f"Content-Encoding {coding} is not supported; send the body as it is or compressed with {accepted}.",
-        kind="unsupported-media-type",
-        errors=[FieldError("content-encoding", "unsupported content coding", accepted)],
-        headers={"Accept-Encoding": "gzip, deflate"},
-    )
+    detail = f"Content-Encoding {coding} is not supported; send the body as it is or compressed with {accepted}."
+    headers = {"Accept-Encoding": "gzip, deflate"}
+    return unsupported("content-encoding", detail, "unsupported content coding", accepted, headers)
 
 
 def _refusing(problem: Problem) -> Receive:
