@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -49,6 +49,13 @@ class Runtime(Protocol):
         causal: bool,
         history: Sequence[EmbeddedDialogue | None] | None = None,
     ) -> list[list[TurnPrediction]]: ...
+
+    def classify_in_waves(
+        self,
+        dialogues: list[list[UtteranceInput]],
+        causal: bool,
+        history: Sequence[EmbeddedDialogue | None] | None = None,
+    ) -> Iterator[tuple[list[int], list[list[TurnPrediction]]]]: ...
 
 
 ModelLoader = Callable[[ModelVersion], Runtime]

@@ -1,11 +1,12 @@
 """ONNX Runtime inference over a verified model artifact: what the API micro-batcher and batch scoring call.
 
 `classify` encodes every turn once (length-bucketed batches of at most `max_batch_size` utterances), then runs
-the context head over the dialogues (bucketed by turn count). Padding never changes a result: both graphs mask
-padded tokens, samples and turns, so a dialogue scores the same alone or beside others (fp32: to ~1e-6,
-float rounding of differently shaped matrix products). The int8 encoder quantises activations per batch
-(dynamic quantisation), so its embeddings move slightly with the batch's contents (probabilities by ~1e-2);
-use fp32 where batch independence must hold to 1e-5.
+the context head over the dialogues (bucketed by turn count); `classify_in_waves` gives the same answers dialogue by
+dialogue as the encoder calls that hold their turns finish (the service answers a batch's short utterances first).
+Padding never changes a result: both graphs mask padded tokens, samples and turns, so a dialogue scores the same
+alone or beside others (fp32: to ~1e-6, float rounding of differently shaped matrix products). The int8 encoder
+quantises activations per batch (dynamic quantisation), so its embeddings move slightly with the batch's contents
+(probabilities by ~1e-2); use fp32 where batch independence must hold to 1e-5.
 
 Near-tie re-scoring (int8 only): a turn whose two likeliest emotions are closer than `rescore_margin` is
 re-encoded by the fp32 encoder and its dialogue scored again. int8 error moves probabilities by a few thousandths,
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -247,6 +248,15 @@ def top_two_margin(probabilities: np.ndarray) -> np.ndarray:
     return top_two[..., 1] - top_two[..., 0]
 
 
+def _pasts(
+    dialogues: Sequence[Sequence[UtteranceInput]], history: Sequence[EmbeddedDialogue | None] | None
+) -> list[EmbeddedDialogue | None]:
+    pasts = list(history) if history is not None else [None] * len(dialogues)
+    if len(pasts) != len(dialogues):
+        raise PreprocessError(f"{len(dialogues)} dialogues but {len(pasts)} histories")
+    return pasts
+
+
 def _sessions(encoder: ort.InferenceSession | EncoderSessions) -> EncoderSessions:
     return encoder if isinstance(encoder, EncoderSessions) else EncoderSessions(encoder)
 
@@ -354,18 +364,24 @@ class InferenceRuntime:
         return self.preprocessor.prepare([u.text for u in utterances], [u.audio for u in utterances])
 
     def _encode_prepared(self, prepared: Sequence[PreparedUtterance], encoder: EncoderSessions) -> np.ndarray:
-        if not prepared:
-            return np.zeros((0, self.embed_dim), dtype=np.float32)
+        embeddings = np.zeros((len(prepared), self.embed_dim), dtype=np.float32)
+        for indices, vectors in self._encoder_calls(prepared, encoder):
+            embeddings[indices] = vectors
+        return embeddings
+
+    def _encoder_calls(
+        self, prepared: Sequence[PreparedUtterance], encoder: EncoderSessions
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Each encoder call as it runs: (indices into `prepared`, their embeddings), shortest turns first."""
         if encoder.packed is not None and not any(p.has_audio for p in prepared):
             # A packed call pays for its rows' padding only in attention: a row's cost grows with its length squared.
             squares = [len(p.token_ids) ** 2 for p in prepared]
-            buckets = length_buckets(squares, self.max_batch_size, self.call_cost, (PACKED_ATTENTION_COST,))
-            batches = (encoder.embed_packed(pack([prepared[i] for i in bucket])) for bucket in buckets)
-            return np.stack(in_original_order(buckets, batches))
+            for bucket in length_buckets(squares, self.max_batch_size, self.call_cost, (PACKED_ATTENTION_COST,)):
+                yield bucket, encoder.embed_packed(pack([prepared[i] for i in bucket]))
+            return
         keys = [p.bucket_key for p in prepared]  # (audio samples, tokens)
-        buckets = length_buckets(keys, self.max_batch_size, self.call_cost, (AUDIO_SAMPLE_COST, 1.0))
-        batches = (encoder.embed(collate([prepared[i] for i in bucket])) for bucket in buckets)
-        return np.stack(in_original_order(buckets, batches))
+        for bucket in length_buckets(keys, self.max_batch_size, self.call_cost, (AUDIO_SAMPLE_COST, 1.0)):
+            yield bucket, encoder.embed(collate([prepared[i] for i in bucket]))
 
     def encode_batch(self, batch: EncoderBatch) -> np.ndarray:
         """One call of this runtime's encoder on an already padded batch (benchmarks, callers that collate)."""
@@ -395,11 +411,53 @@ class InferenceRuntime:
         `history[i]`, when given, holds the turns before dialogue i, encoded earlier (a live stream keeps them): the
         context head reads them ahead of the dialogue's own turns, but only the dialogue's turns are encoded and
         answered. In causal mode that is exactly the answer for those turns of the whole dialogue."""
-        pasts = list(history) if history is not None else [None] * len(dialogues)
-        if len(pasts) != len(dialogues):
-            raise PreprocessError(f"{len(dialogues)} dialogues but {len(pasts)} histories")
+        pasts = _pasts(dialogues, history)
         prepared = self._prepare([turn for dialogue in dialogues for turn in dialogue])
         embeddings = self._encode_prepared(prepared, self._encoder)
+        return self._score(prepared, embeddings, dialogues, causal, pasts)
+
+    def classify_in_waves(
+        self,
+        dialogues: Sequence[Sequence[UtteranceInput]],
+        causal: bool,
+        history: Sequence[EmbeddedDialogue | None] | None = None,
+    ) -> Iterator[tuple[list[int], list[list[TurnPrediction]]]]:
+        """`classify`, answered as the encoder calls finish: after each call, the dialogues whose turns are all
+        encoded by then, as (their indices, their predictions). The calls run shortest turns first, so a server can
+        answer the short utterances of a batch while the long ones still encode. Every dialogue comes exactly once,
+        with `classify`'s predictions; the context head runs once per wave instead of once in all."""
+        pasts = _pasts(dialogues, history)
+        prepared = self._prepare([turn for dialogue in dialogues for turn in dialogue])
+        owners = np.repeat(np.arange(len(dialogues)), [len(dialogue) for dialogue in dialogues])
+        unencoded = np.bincount(owners, minlength=len(dialogues))
+        embeddings = np.zeros((len(prepared), self.embed_dim), dtype=np.float32)
+        ready = np.flatnonzero(unencoded == 0).tolist()  # dialogues without turns come with the first wave
+        for indices, vectors in self._encoder_calls(prepared, self._encoder):
+            embeddings[indices] = vectors
+            np.subtract.at(unencoded, owners[indices], 1)
+            ready += sorted(d for d in set(owners[indices].tolist()) if not unencoded[d])
+            if ready:
+                yield ready, self._score(prepared, embeddings, dialogues, causal, pasts, only=ready)
+                ready = []
+        if ready:
+            yield ready, self._score(prepared, embeddings, dialogues, causal, pasts, only=ready)
+
+    def _score(
+        self,
+        prepared: Sequence[PreparedUtterance],
+        embeddings: np.ndarray,
+        dialogues: Sequence[Sequence[UtteranceInput]],
+        causal: bool,
+        pasts: Sequence[EmbeddedDialogue | None],
+        only: list[int] | None = None,
+    ) -> list[list[TurnPrediction]]:
+        """The context head over encoded turns, with int8 near ties re-scored in fp32; with `only`, over those
+        dialogues alone (their turns cut out of the flat `prepared` and `embeddings`)."""
+        if only is not None:
+            starts = np.concatenate([[0], np.cumsum([len(dialogue) for dialogue in dialogues])])
+            turns = np.concatenate([np.arange(starts[d], starts[d + 1]) for d in only])
+            prepared, embeddings = [prepared[i] for i in turns], embeddings[turns]
+            dialogues, pasts = [dialogues[d] for d in only], [pasts[d] for d in only]
         scored = self._classify_flat(embeddings, dialogues, causal, pasts)
         if self._fp32_encoder is None:
             return scored

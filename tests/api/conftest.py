@@ -73,6 +73,12 @@ class FakeRuntime:
         time.sleep(self.delay_s)
         return [[self._turn(turn, index, causal) for index, turn in enumerate(dialogue)] for dialogue in dialogues]
 
+    def classify_in_waves(
+        self, dialogues: list[list[UtteranceInput]], causal: bool, history: Sequence[Any] | None = None
+    ) -> Iterator[tuple[list[int], list[list[TurnPrediction]]]]:
+        """One wave: the fake answers a batch all at once."""
+        yield list(range(len(dialogues))), self.classify(dialogues, causal, history)
+
     def _turn(self, turn: UtteranceInput, index: int, causal: bool) -> TurnPrediction:
         seed = hashlib.sha256(f"{turn.text}|{turn.audio is not None}|{index}|{causal}".encode()).digest()
         emotion = _softmax(np.frombuffer(seed[: len(self.emotions)], dtype=np.uint8) / 32.0) * self.poison

@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -107,6 +108,65 @@ def test_a_failing_request_does_not_fail_its_batch_neighbours() -> None:
     fine, exploded, also_fine = run(neighbours, _holder(runtime))
     assert isinstance(fine, Scored) and isinstance(also_fine, Scored)
     assert isinstance(exploded, RuntimeError)
+
+
+@dataclass
+class TwoWaves(FakeRuntime):
+    """Answers a batch in two waves, `gap_s` apart: the texts without "long" first, as the encoder's shortest
+    calls come first. A text with "failing" fails its wave, as a failing encoder call would."""
+
+    gap_s: float = 0.0
+    waves: list[list[str]] = field(default_factory=list)  # the texts of every wave answered
+
+    def classify_in_waves(self, dialogues, causal, history=None):  # type: ignore[no-untyped-def]
+        short = [i for i, dialogue in enumerate(dialogues) if "long" not in dialogue[0].text]
+        long = [i for i in range(len(dialogues)) if i not in short]
+        for wave in (short, long):
+            texts = [dialogues[i][0].text for i in wave]
+            if not wave:
+                continue
+            if any("failing" in text for text in texts):
+                raise RuntimeError("the encoder call failed")
+            self.waves.append(texts)
+            yield wave, self.classify([dialogues[i] for i in wave], causal)
+            time.sleep(self.gap_s)
+
+
+def _answered_after(texts: list[str], runtime: FakeRuntime) -> dict[str, Any]:
+    """Each text's result (or error) and the seconds until it came, all sent into one batch."""
+
+    async def timed(batcher: MicroBatcher, text: str, started: float) -> tuple[Any, float]:
+        try:
+            result: Any = await batcher.score([turn(text)], causal=False)
+        except RuntimeError as error:
+            result = error
+        return result, time.perf_counter() - started
+
+    async def one_batch(batcher: MicroBatcher) -> list[tuple[Any, float]]:
+        started = time.perf_counter()
+        return await asyncio.gather(*(timed(batcher, text, started) for text in texts))
+
+    outcomes = run(one_batch, _holder(runtime), max_wait_s=0.05)
+    return dict(zip(texts, outcomes, strict=True))
+
+
+def test_the_short_utterances_of_a_batch_are_answered_before_its_long_ones_finish() -> None:
+    runtime = TwoWaves(gap_s=0.5)
+    answers = _answered_after(["short one", "a long one", "short two"], runtime)
+    assert len(runtime.calls) == 2  # one batch, two waves
+    assert answers["short one"][1] < 0.3 and answers["short two"][1] < 0.3
+    assert answers["a long one"][1] >= 0.5
+    for text, (scored, _) in answers.items():
+        (expected,) = runtime.classify([[turn(text)]], False)[0]
+        assert isinstance(scored, Scored) and scored.turns[0].emotion_probs.tolist() == expected.emotion_probs.tolist()
+
+
+def test_a_wave_that_fails_keeps_the_answers_given_and_retries_the_rest_one_by_one() -> None:
+    runtime = TwoWaves()
+    answers = _answered_after(["short", "a long one", "long and failing"], runtime)
+    assert isinstance(answers["short"][0], Scored) and isinstance(answers["a long one"][0], Scored)
+    assert isinstance(answers["long and failing"][0], RuntimeError)
+    assert runtime.waves == [["short"], ["a long one"]]  # the second wave failed; its requests went alone
 
 
 def test_a_dialogue_longer_than_the_batch_is_scored_alone() -> None:

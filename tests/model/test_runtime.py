@@ -153,6 +153,45 @@ def test_classify_is_encode_then_classify_embeddings(runtime: InferenceRuntime, 
         runtime.classify_embeddings([(np.zeros((2, 3), np.float32), ["a", "b"])], causal=False)
 
 
+def _by_wave(waves: list[tuple[list[int], list[list[TurnPrediction]]]], count: int) -> list[list[TurnPrediction]]:
+    answered = [i for indices, _ in waves for i in indices]
+    assert sorted(answered) == list(range(count))  # every dialogue exactly once
+    placed = {i: turns for indices, scored in waves for i, turns in zip(indices, scored, strict=True)}
+    return [placed[i] for i in range(count)]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_waves_answer_every_dialogue_once_with_the_predictions_of_classify(
+    tiny_artifact: Path, dialogues: list[Dialogue], causal: bool
+) -> None:
+    several_calls = InferenceRuntime.load(tiny_artifact, device="cpu", max_batch_size=3)
+    asked = [*dialogues, [], *[[turn] for turn in dialogues[-1]]]  # whole dialogues, an empty one, single turns
+    waves = list(several_calls.classify_in_waves(asked, causal))
+    assert len(waves) > 1
+    scored = _by_wave(waves, len(asked))
+    assert scored[len(dialogues)] == []
+    expected = several_calls.classify(asked, causal)
+    np.testing.assert_allclose(probabilities(scored), probabilities(expected), atol=INVARIANCE_TOLERANCE, rtol=0)
+
+
+def test_the_first_waves_answer_the_shortest_utterances(tiny_artifact: Path) -> None:
+    pairs = InferenceRuntime.load(tiny_artifact, device="cpu", max_batch_size=2)  # calls of at most two
+    long = "I told you already, I am not going to the party with him, not tonight and not ever again."
+    texts = [long, "Yes.", long + " Never.", "No!"]
+    waves = list(pairs.classify_in_waves([[UtteranceInput(text, None)] for text in texts], causal=False))
+    assert [sorted(indices) for indices, _ in waves] == [[1, 3], [0, 2]]
+
+
+def test_waves_re_score_near_ties_as_classify_does(tiny_artifact: Path, dialogues: list[Dialogue]) -> None:
+    everything = InferenceRuntime.load(
+        tiny_artifact, device="cpu", precision="int8", rescore_margin=0.999999, max_batch_size=3
+    )
+    scored = _by_wave(list(everything.classify_in_waves(dialogues, causal=False)), len(dialogues))
+    assert all(turn.rescored for turn in _flat(scored))
+    expected = everything.classify(dialogues, causal=False)
+    np.testing.assert_allclose(probabilities(scored), probabilities(expected), atol=INVARIANCE_TOLERANCE, rtol=0)
+
+
 def test_calibration_temperature_scales_the_logits(
     tiny_artifact: Path, runtime: InferenceRuntime, dialogues: list[Dialogue], tmp_path: Path
 ) -> None:

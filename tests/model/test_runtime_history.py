@@ -81,6 +81,26 @@ def test_dialogues_with_and_without_history_share_one_call(
 
 
 @pytest.mark.data
+def test_waves_read_each_dialogue_after_its_own_history(
+    tiny_artifact: Path, dialogues: list[list[UtteranceInput]]
+) -> None:
+    """Answered wave by wave (calls of two turns, shortest first, so out of input order), a new turn still reads
+    the history given for it, and an empty dialogue after a history comes back empty."""
+    pairs = InferenceRuntime.load(tiny_artifact, device="cpu", intra_op_threads=1, max_batch_size=2)
+    first, second, third = dialogues
+    wholes = [pairs.classify([d], causal=True)[0] for d in dialogues]
+    asked = [first, [second[3]], [third[2]], []]
+    history = [None, _kept(wholes[1], second, 3), _kept(wholes[2], third, 2), _kept(wholes[2], third, 2)]
+    waves = list(pairs.classify_in_waves(asked, True, history))
+    answered = {i: turns for wave, scored in waves for i, turns in zip(wave, scored, strict=True)}
+    assert sorted(answered) == [0, 1, 2, 3] and answered[3] == []
+    for streamed, whole in zip(answered[0], wholes[0], strict=True):
+        _assert_same(streamed, whole)
+    _assert_same(answered[1][0], wholes[1][3])
+    _assert_same(answered[2][0], wholes[2][2])
+
+
+@pytest.mark.data
 def test_int8_near_tie_rescoring_keeps_the_history(tiny_artifact: Path, dialogues: list[list[UtteranceInput]]) -> None:
     """With a margin just under 1 every int8 turn is re-encoded in fp32, so the answer after a kept (fp32) history
     must be fp32's: the re-scoring pass reads the same history as the first pass."""
