@@ -6,8 +6,8 @@
 The service runs as a subprocess on a free 127.0.0.1 port, on a new SQLite file in a temporary directory (or, with
 `--database-url postgresql+psycopg://...`, on a new database created on that server and dropped afterwards), with
 the batch queue limit lowered (`--queue-limit`, EQUIPOISE_BATCH_QUEUE_LIMIT) so that overload is reachable.
-Clients (aiohttp on uvloop, one keep-alive connection each) post real MELD utterances and whole dialogues (both
-context modes), in four phases, each bounded by a request count and a duration:
+Clients (benchmarks/http_client.py on uvloop, one keep-alive connection each) post real MELD utterances and whole
+dialogues (both context modes), in four phases, each bounded by a request count and a duration:
 
 1. warm-up, then sustained: `--clients` closed-loop clients (no more than the queue limit, so no request ought to
    be refused); requests/s, utterances/s, latency p50/p95/p99 of the answered requests, error rate;
@@ -45,19 +45,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aiohttp
 import httpx
 import numpy as np
 import uvloop
 from tqdm import tqdm
 
+from benchmarks.http_client import Connection, HttpError, request_bytes
 from core.processes import running_service
 from core.settings import Settings, available_cores, data_dir_or_exit
 
 OVERLOADED = "overloaded"  # the last segment of the problem type of the service's 503 for a full queue
 REFUSAL_STATUSES = (429, 503)
 HEALTH_PROBE_INTERVAL_S = 0.25
-JSON_HEADERS = {"Content-Type": "application/json"}
 T = TypeVar("T")
 
 
@@ -215,38 +214,39 @@ def prediction_ids(body: dict[str, Any]) -> tuple[str, ...]:
 AnswerIds = Callable[[dict[str, Any]], tuple[str, ...]]  # a 200 answer's body -> one id per utterance answered
 
 
-async def _send(session: aiohttp.ClientSession, job: Job, read_ids: AnswerIds = prediction_ids) -> Outcome:
+async def _send(
+    connection: Connection, job: Job, read_ids: AnswerIds = prediction_ids, timeout_s: float = 30.0
+) -> Outcome:
+    request = request_bytes("POST", connection.host, job.path, job.payload)
     started = time.perf_counter()
     try:
-        async with session.post(job.path, data=job.payload, headers=JSON_HEADERS) as response:
-            body = await response.read()
-    except (aiohttp.ClientError, TimeoutError) as error:
+        answer = await connection.send(request, timeout_s)
+    except (HttpError, OSError, TimeoutError) as error:
         return Outcome(0, time.perf_counter() - started, job.utterances, (), type(error).__name__, False, started)
     seconds = time.perf_counter() - started
     ids: tuple[str, ...] = ()
     problem = None
-    if response.status == 200:
-        ids = read_ids(json.loads(body))
+    if answer.status == 200:
+        ids = read_ids(json.loads(answer.body))
     else:
         with contextlib.suppress(ValueError, AttributeError):
-            problem = str(json.loads(body).get("type", "")).rsplit("/", 1)[-1] or None
-    retry_after = "Retry-After" in response.headers
-    return Outcome(response.status, seconds, job.utterances, ids, problem, retry_after, started)
+            problem = str(json.loads(answer.body).get("type", "")).rsplit("/", 1)[-1] or None
+    retry_after = "retry-after" in answer.headers
+    return Outcome(answer.status, seconds, job.utterances, ids, problem, retry_after, started)
 
 
-async def _get_status(session: aiohttp.ClientSession, path: str) -> int:
-    async with session.get(path) as response:
-        await response.read()
-        return response.status
+async def _get_status(connection: Connection, path: str, timeout_s: float = 10.0) -> int:
+    answer = await connection.send(request_bytes("GET", connection.host, path), timeout_s)
+    return answer.status
 
 
 async def _probe_health(url: str, phase: Phase, stop: asyncio.Event, path: str = "/healthz") -> None:
-    async with aiohttp.ClientSession(base_url=url, timeout=aiohttp.ClientTimeout(total=10)) as session:
+    async with Connection(url) as connection:
         while not stop.is_set():
             started = time.perf_counter()
             try:
-                ok = await _get_status(session, path) == 200
-            except (aiohttp.ClientError, TimeoutError):
+                ok = await _get_status(connection, path) == 200
+            except (HttpError, OSError, TimeoutError):
                 ok = False
             if ok:
                 phase.health_s.append(time.perf_counter() - started)
@@ -274,33 +274,27 @@ async def drive(
     reads their answers, `health_path` is their health check (probed beside the load, as for equipoise)."""
     phase = Phase(name, clients, 0.0, [])
     async with contextlib.AsyncExitStack() as stack:
-        # A session per simulated caller, one keep-alive connection each, connected before the clock starts: one
-        # pool shared by hundreds of tasks would measure the pool's own queueing, not the service.
-        timeout = aiohttp.ClientTimeout(total=timeout_s)
-        sessions = [
-            await stack.enter_async_context(
-                aiohttp.ClientSession(base_url=url, timeout=timeout, connector=aiohttp.TCPConnector(limit=1))
-            )
-            for _ in range(clients)
-        ]
-        await asyncio.gather(*(_get_status(session, health_path) for session in sessions))
+        # A connection per simulated caller, kept alive, connected before the clock starts: one pool shared by
+        # hundreds of tasks would measure the pool's own queueing, not the service.
+        connections = [await stack.enter_async_context(Connection(url)) for _ in range(clients)]
+        await asyncio.gather(*(_get_status(connection, health_path) for connection in connections))
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + max_seconds
         sent = 0
         stop = asyncio.Event()
 
-        async def client_loop(session: aiohttp.ClientSession) -> None:
+        async def client_loop(connection: Connection) -> None:
             nonlocal sent
             while sent < max_requests and loop.time() < deadline:
                 sent += 1
-                phase.outcomes.append(await _send(session, next(jobs), read_ids))
+                phase.outcomes.append(await _send(connection, next(jobs), read_ids, timeout_s))
                 bar.update()
 
         with tqdm(total=max_requests, desc=f"{name:>9}", unit="req", disable=not progress, file=sys.stderr) as bar:
             probe = asyncio.create_task(_probe_health(url, phase, stop, health_path))
             try:
-                await asyncio.gather(*(client_loop(session) for session in sessions))
+                await asyncio.gather(*(client_loop(connection) for connection in connections))
             finally:
                 stop.set()
                 await probe

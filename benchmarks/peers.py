@@ -18,10 +18,11 @@ In one run on one host, each server alone on the machine in turn (started, measu
 Workload: every non-blank MELD utterance (train, dev and test), shuffled, as text-only requests. Each server first
 answers `AGREEMENT_TEXTS` of them one at a time; its labels must equal and its probabilities match (within
 `AGREEMENT_TOLERANCE`) the runtime's own in this process, or the run fails. Then a warm-up, and at each
-`--concurrency` level closed-loop HTTP clients (benchmarks/load.py's `drive`: aiohttp on uvloop, one keep-alive
-connection per client, in this process) for `--seconds` or `--requests`: utterances/s, p50 / p95 / p99 client-side
-latency, the server's CPU (its whole process tree: Triton's server and stubs, Ray's raylet, proxy and replicas) and the
-client's own CPU. Triton is spoken to in its Open Inference Protocol JSON over the same HTTP client.
+`--concurrency` level closed-loop HTTP clients (benchmarks/load.py's `drive` over benchmarks/http_client.py on
+uvloop, one keep-alive connection per client, in this process) for `--seconds` or `--requests`: utterances/s,
+p50 / p95 / p99 client-side latency, the server's CPU (its whole process tree: Triton's server and stubs, Ray's
+raylet, proxy and replicas) and the client's own CPU. Triton is spoken to in its Open Inference Protocol JSON over
+the same HTTP client.
 
 The verdict, read on equipoise's defaults: its concurrency-32 throughput above every peer setting's, its
 concurrency-1 p50 below every peer setting's, and its concurrency-32 throughput at least `--min-ratio` of batch
@@ -716,7 +717,7 @@ def settings_of(args: argparse.Namespace) -> list[Setting]:
 
 
 def versions() -> str:
-    names = ("onnxruntime", "nvidia-pytriton", "ray", "torch", "transformers", "aiohttp", "uvloop")
+    names = ("onnxruntime", "nvidia-pytriton", "ray", "torch", "transformers", "uvloop")
     found = []
     for name in names:
         with contextlib.suppress(metadata.PackageNotFoundError):
@@ -734,8 +735,8 @@ def context_of(args: argparse.Namespace, argv: Sequence[str] | None, load_before
         "workload": "every non-blank MELD utterance (train, dev, test) as a text-only request, shuffled, in rotation; "
         f"per level ≤ {plan.seconds:g} s and ≤ {plan.requests:,} requests after a {plan.warmup_requests}-request "
         f"warm-up at c{max(plan.concurrency)}; {args.rounds} round(s)",
-        "client": "this process: aiohttp on uvloop, closed loop, one keep-alive connection per client (Triton in its "
-        "Open Inference Protocol JSON)",
+        "client": "this process: benchmarks/http_client.py on uvloop, closed loop, one keep-alive connection per "
+        "client (Triton in its Open Inference Protocol JSON)",
         "thread budget": f"{available_cores()} cores: instances x ONNX Runtime threads ≤ {available_cores()} for the "
         "peers; equipoise with its defaults (on 2-4 cores a model thread per core and one more, one intra-op thread "
         "each)",
