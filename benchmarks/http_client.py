@@ -96,12 +96,23 @@ def _parse(buffer: bytearray) -> Answer | None:
             return None
         body, used = parsed
     else:
-        length = int(headers.get("content-length", "0"))
+        length = _content_length(headers, int(rest[:3]))
         if len(buffer) < start + length:
             return None
         body, used = bytes(buffer[start : start + length]), start + length
     del buffer[:used]
     return Answer(int(rest[:3]), headers, body)
+
+
+def _content_length(headers: dict[str, str], status: int) -> int:
+    declared = headers.get("content-length")
+    if declared is None:
+        if status < 200 or status in (204, 304):
+            return 0
+        raise HttpError("an answer without Content-Length or a chunked body (read until close: not supported)")
+    if not declared.isdigit():
+        raise HttpError(f"a malformed Content-Length: {declared[:40]!r}")
+    return int(declared)
 
 
 def _dechunk(buffer: bytearray, start: int) -> tuple[bytes, int] | None:

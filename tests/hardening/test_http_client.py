@@ -101,6 +101,8 @@ def test_a_connection_the_server_closes_is_opened_again_for_the_next_request() -
         b"SSH-2.0-OpenSSH\r\n\r\n",
         b"HTTP/1.1 2xx OK\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: ten\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n\r\na body that only the end of the connection would delimit",
     ],
 )
 def test_a_malformed_answer_is_an_error(reply: bytes) -> None:
