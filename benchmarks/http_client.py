@@ -2,9 +2,10 @@
 
 The load generator shares the cores it measures, so every microsecond it spends per request is taken from the
 server under test. aiohttp took about 0.34 ms of CPU per request at concurrency 32 (0.11 of 2 cores at 325
-requests/s); this client does only what a closed-loop benchmark needs: bytes prepared once per job, a status line,
-`Content-Length` or chunked bodies, and the headers kept as sent. It speaks to every server the same way, so no
-peer gains from it over another (docs/BENCHMARKS.md, "Serving peers").
+requests/s, against 0.05 of 2 cores for this one); it does only what a closed-loop benchmark needs: the request
+written as bytes, a status line, `Content-Length` or chunked bodies, and the headers with their names lower-cased.
+It speaks to every server the same way, so no peer gains from it over another (docs/BENCHMARKS.md, "Answers in
+waves, and a lighter load generator").
 """
 
 from __future__ import annotations
