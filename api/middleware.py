@@ -121,7 +121,7 @@ class _Decompressing:
 def _unsupported_coding(coding: str) -> Problem:
     accepted = ", ".join(sorted(DECODABLE))
     detail = f"Content-Encoding {coding} is not supported; send the body as it is or compressed with {accepted}."
-    headers = {"Accept-Encoding": "gzip, deflate"}
+    headers = {"Accept-Encoding": accepted}  # RFC 7694: the codings the 415 would have accepted, as the detail lists
     return unsupported("content-encoding", detail, "unsupported content coding", accepted, headers)
 
 

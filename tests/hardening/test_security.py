@@ -212,7 +212,8 @@ def test_keys_never_reach_the_log_or_the_database(auth_server: AuthServer) -> No
                 client.post("/v1/predict/dialogue", content=b"{broken", headers=headers | {"content-type": "x/y"})
     engine = make_engine(auth_server.server.database_url)
     wait_for(lambda: crud_count(engine, Prediction) >= 4)  # the accepted predictions are stored...
-    log = auth_server.server.log()
+    sent = len(keys) * 2 * 4  # the access log is written by its own thread: wait for every request's line
+    log = wait_for(lambda: (text := auth_server.server.log()).count("uvicorn.access") >= sent and text)
     assert '"POST /v1/predict/utterance HTTP/1.1" 401' in log  # ...and the refused requests are in the access log
     for key in keys:
         secret = key.removeprefix("eqp_")
