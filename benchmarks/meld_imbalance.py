@@ -80,9 +80,11 @@ DEFAULT_CANDIDATES: tuple[tuple[str, str], ...] = (
 )
 # Stage-2 methods: their runs adopt the epochs of the plain-CE run of the same seed.
 DECOUPLED = ("meld_crt", "meld_tau_norm", "meld_posthoc")
-# Runs that need the plain-CE runs of every seed finished first: the stage-2 methods, the distilled students, and
-# the levers' post-hoc rows (they adopt the epochs of their lever's run, trained before them).
-AFTER_CE = (*DECOUPLED, "meld_distill", "meld_context_posthoc", "meld_supcon_posthoc", "meld_distill_posthoc")
+# Runs that need the plain-CE runs of every seed: the stage-2 methods and the distilled students (their teachers).
+NEEDS_CE = (*DECOUPLED, "meld_distill")
+# Runs trained after the first stage: those above, and the levers' post-hoc rows (they adopt the epochs of their
+# lever's run, trained before them).
+AFTER_CE = (*NEEDS_CE, "meld_context_posthoc", "meld_supcon_posthoc", "meld_distill_posthoc", "meld_swa_posthoc")
 # The text model's representation levers (`--levers`), each beside plain CE and post-hoc adjustment trained in the
 # same invocation on the same machine; the ensemble row averages the plain-CE seeds' probabilities.
 LEVERS: tuple[tuple[str, str], ...] = (
@@ -94,6 +96,8 @@ LEVERS: tuple[tuple[str, str], ...] = (
     ("earlier turns + post-hoc logit adjustment", "meld_context_posthoc"),
     ("SupCon + post-hoc logit adjustment", "meld_supcon_posthoc"),
     ("distilled + post-hoc logit adjustment", "meld_distill_posthoc"),
+    ("stochastic weight averaging (SWA, last 5 epochs)", "meld_swa"),
+    ("SWA + post-hoc logit adjustment", "meld_swa_posthoc"),
 )
 ENSEMBLES: tuple[tuple[str, str], ...] = (
     ("ensemble of the plain-CE seeds (mean probabilities)", "ensemble_ce"),
@@ -189,7 +193,7 @@ def run_methods(
     """Every (method, seed): first-stage methods in parallel, then the stage-2 methods that adopt their epochs."""
     first = [(n, s) for _, n in methods if n not in AFTER_CE for s in seeds]
     second = [(n, s) for _, n in methods if n in AFTER_CE for s in seeds]
-    if second and not any(n == "meld_ce" for n, _ in first):
+    if any(n in NEEDS_CE for n, _ in second) and not any(n == "meld_ce" for n, _ in first):
         first += [("meld_ce", s) for s in seeds]  # the donor of the stage-2 runs, the distilled runs' teachers
     # The frozen text encoder's outputs are cached once, before the workers start reading the cache.
     done = {}
@@ -494,7 +498,11 @@ def measure_methods(args: argparse.Namespace, seeds: list[int], data_dir: Path, 
     results = run_methods(methods, args.backbone, seeds, args.runs, data_dir, cache, args.jobs)
     if not args.levers:
         return record(args.backbone, results, seeds, time.perf_counter() - start, args.jobs)
-    ensembles, dev = ensemble_results(args.backbone, seeds, args.runs, data_dir, cache)
+    # The ensemble rows are the plain-CE seeds': recomputed when those were trained here, kept as recorded otherwise.
+    ensembles: list[MethodResult] = []
+    dev: dict[str, list[float]] = {}
+    if any(name == "meld_ce" for _, name in methods):
+        ensembles, dev = ensemble_results(args.backbone, seeds, args.runs, data_dir, cache)
     dev |= {name: [meld_test_report(run_of(name, args.backbone, s, args.runs), "dev").macro_f1 for s in seeds]
             for _, name in methods}  # fmt: skip
     return record(f"levers{args.backbone}", results + ensembles, seeds, time.perf_counter() - start, args.jobs,

@@ -19,10 +19,11 @@ retraining tier 3 trains on them with its own batches.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -51,7 +52,7 @@ from training.losses import distillation_term, soft_cross_entropy, supervised_co
 from training.metrics import MetricsReport
 from training.noise import partition_noisy_labels, per_sample_loss
 from training.recipe import Recipe
-from training.run import RunDir, model_state
+from training.run import RunDir, load_model_state, model_state
 from training.samplers import DevF1Sampler
 from training.session import Session, build_session, checkpoint, seed_everything, start_epoch
 
@@ -327,17 +328,52 @@ def fit(s: Session) -> None:
         stats = train_epoch(s, epoch)
         if s.recipe.noise.enabled and epoch + 1 >= s.recipe.noise.warmup_epochs:
             s.state.labels, stats["noise"] = relabel(s)
-        rows, dev = dev_selection(s)
-        dev_report = report(s, s.tables["dev"].emotions[rows], dev.emotion)
-        if isinstance(s.sampler, DevF1Sampler):
-            s.sampler.update(dev_report)
-        _track_best(s, epoch, getattr(dev_report, train.monitor) or 0.0)
+        if averaging(s, epoch):
+            s.average = fold_average(s.average, model_state(s.model), s.state.averaged)
+            s.state.averaged += 1
+        with weights_of(s.model, s.average if averaging(s, epoch) else None):  # dev selects the average
+            rows, dev = dev_selection(s)
+            dev_report = report(s, s.tables["dev"].emotions[rows], dev.emotion)
+            if isinstance(s.sampler, DevF1Sampler):
+                s.sampler.update(dev_report)
+            _track_best(s, epoch, getattr(dev_report, train.monitor) or 0.0)
         s.state.epoch = epoch + 1
         s.state.train_seconds += stats["epoch_seconds"]
-        s.run.append_metrics({"epoch": epoch, **stats, "lr": s.scheduler.get_last_lr()[0], **_summary(dev_report)})
+        lr = s.scheduler.get_last_lr()[0]
+        s.run.append_metrics({"epoch": epoch, **stats, "lr": lr, "averaged": s.state.averaged, **_summary(dev_report)})
         s.run.save(checkpoint(s), s.run.last_checkpoint)
         if s.progress:
             tqdm.write(_epoch_line(s, epoch, stats, dev_report))
+
+
+def averaging(s: Session, epoch: int) -> bool:
+    """Whether `epoch` is one whose final weights join the average (recipe [swa])."""
+    return 0 < s.recipe.swa.from_epoch <= epoch
+
+
+def fold_average(average: dict[str, Tensor] | None, weights: dict[str, Tensor], count: int) -> dict[str, Tensor]:
+    """The equal-weight mean of `count` earlier weights (`average`) and `weights`: SWA's running average
+    w ← (w·n + w_new) / (n + 1). Integer buffers are not averaged; they keep the newest value."""
+    if average is None or count == 0:
+        return {k: v.clone() for k, v in weights.items()}
+    return {
+        k: average[k] + (v - average[k]) / (count + 1) if v.is_floating_point() else v.clone()
+        for k, v in weights.items()
+    }
+
+
+@contextlib.contextmanager
+def weights_of(model: EmotionModel, state: dict[str, Tensor] | None) -> Iterator[None]:
+    """`model` with `state` loaded for the block (None: as it is), its own weights back afterwards."""
+    if state is None:
+        yield
+        return
+    own = model_state(model)
+    load_model_state(model, state)
+    try:
+        yield
+    finally:
+        load_model_state(model, own)
 
 
 def _epochs_remain(s: Session) -> bool:

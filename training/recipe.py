@@ -311,8 +311,23 @@ class ContextInputConfig:
         _check(self.turns >= 1, "context_input.turns must be >= 1")
 
 
+@dataclass(frozen=True)
+class SwaConfig:
+    """Stochastic weight averaging (Izmailov et al. 2018): from epoch `from_epoch` on (0-based), the learning rates stay
+    constant at `lr_factor` x the recipe's (the cosine decay before it ends there), the weights at the end of each
+    epoch are folded into an equal-weight running average, and dev selection scores that average (the model that
+    would ship). 0: off. The paper's batch-norm update has nothing to do here: the network uses layer norm only."""
+
+    from_epoch: int = 0
+    lr_factor: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check(self.from_epoch >= 0, "swa.from_epoch must be >= 0 (0: off)")
+        _check(0 < self.lr_factor <= 1, "swa.lr_factor must lie in (0, 1]")
+
+
 # Sections added after runs existed: left out of `Recipe.to_dict` while off, so that earlier runs keep their digest.
-OPTIONAL_SECTIONS = ("contrastive", "distill", "context_input")
+OPTIONAL_SECTIONS = ("contrastive", "distill", "context_input", "swa")
 
 
 @dataclass(frozen=True)
@@ -332,12 +347,17 @@ class Recipe:
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     context_input: ContextInputConfig = field(default_factory=ContextInputConfig)
+    swa: SwaConfig = field(default_factory=SwaConfig)
 
     def __post_init__(self) -> None:
         mixed = self.augment.method != "none"
         _check(not (self.distill.teachers and mixed), "distill: teachers score real turns; set augment.method = none")
         tokens, most = self.context_input.tokens, self.model.max_tokens
         _check(tokens <= most, f"context_input.tokens ({tokens}) must not exceed model.max_tokens ({most})")
+        swa, optim = self.swa.from_epoch, self.optim
+        _check(swa < optim.epochs, f"swa.from_epoch ({swa}) must come before optim.epochs ({optim.epochs})")
+        _check(not (swa and optim.lr_drop_epoch), "swa: its constant rate replaces the schedule; unset lr_drop_epoch")
+        _check(not swa or swa >= optim.warmup_epochs, "swa.from_epoch must not fall inside the warm-up")
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -396,6 +416,7 @@ _SECTIONS: dict[str, type] = {
     "contrastive": ContrastiveConfig,
     "distill": DistillConfig,
     "context_input": ContextInputConfig,
+    "swa": SwaConfig,
 }
 
 

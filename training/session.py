@@ -30,7 +30,7 @@ from training.datasets import (
 )
 from training.datasets import text_features as cached_text_features
 from training.losses import ImbalanceLoss
-from training.recipe import ContextInputConfig, OptimConfig, Recipe, make_loss, make_sampler
+from training.recipe import ContextInputConfig, OptimConfig, Recipe, SwaConfig, make_loss, make_sampler
 from training.run import RunDir, load_model_state, model_state
 from training.samplers import ClassShareSampler, DevF1Sampler
 
@@ -48,6 +48,7 @@ class LoopState:
     label_weights: np.ndarray | None = None  # loss weight of each training label (None: all 1)
     sampler: dict[str, Any] = field(default_factory=dict)
     train_seconds: float = 0.0
+    averaged: int = 0  # epochs folded into the weight average (recipe [swa])
 
 
 @dataclass
@@ -70,6 +71,8 @@ class Session:
     progress: bool = True
     # distillation's teachers, {causal: [training turns, C]} (training/ensemble.py)
     teachers: dict[bool, torch.Tensor] | None = None
+    # the running average of the weights at the end of the averaged epochs (recipe [swa]; training/loop.py)
+    average: dict[str, torch.Tensor] | None = None
 
     @property
     def amp(self) -> bool:
@@ -143,7 +146,7 @@ def build_session(
         loss=loss.to(device_),
         sampler=make_sampler(recipe.sampler, optim.epochs),
         optimizer=optimizer,
-        scheduler=warmup_cosine(optimizer, optim, steps_per_epoch),
+        scheduler=warmup_cosine(optimizer, optim, steps_per_epoch, recipe.swa),
         scaler=torch.amp.GradScaler(device_.type, enabled=device_.type == "cuda" and recipe.train.amp),
         state=LoopState(labels=tables["train"].emotions.copy()),
         progress=progress,
@@ -199,16 +202,19 @@ def build_optimizer(model: EmotionModel, lr: float, text_lr: float, weight_decay
 
 
 def warmup_cosine(
-    optimizer: torch.optim.Optimizer, optim: OptimConfig, steps_per_epoch: int
+    optimizer: torch.optim.Optimizer, optim: OptimConfig, steps_per_epoch: int, swa: SwaConfig | None = None
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """The recipe's schedule: linear warm-up over `optim.warmup_epochs`, then cosine decay to 0 at the last step;
     or, with `optim.lr_drop_epoch` k > 0, the step schedule: constant after the warm-up, times
     `optim.lr_drop_factor` from epoch k on (`start_epoch` tells it the epoch; LDAM-DRW re-weights from the same
-    call)."""
+    call); or, with weight averaging on (`swa`), the cosine decays to `swa.lr_factor` at the first averaged epoch
+    and stays there (Izmailov et al.'s constant averaging rate)."""
     steps = optim.epochs * steps_per_epoch
     warmup = optim.warmup_epochs * steps / optim.epochs
     if optim.lr_drop_epoch:
         factor: Callable[[int], float] = StepDrop(warmup, optim.lr_drop_epoch, optim.lr_drop_factor)
+    elif swa is not None and swa.from_epoch:
+        factor = _warmup_cosine(warmup, swa.from_epoch * steps_per_epoch, floor=swa.lr_factor)
     else:
         factor = _warmup_cosine(warmup, steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -240,11 +246,14 @@ def start_epoch(s: Session, epoch: int) -> None:
             group["lr"] = base * factor(scheduler.last_epoch)
 
 
-def _warmup_cosine(warmup: float, total: int) -> Callable[[int], float]:
+def _warmup_cosine(warmup: float, total: int, floor: float = 0.0) -> Callable[[int], float]:
+    """Linear warm-up, then cosine from 1 down to `floor` at step `total`, then `floor`."""
+
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1.0, total - warmup))))
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1.0, total - warmup))))
+        return floor + (1 - floor) * cosine
 
     return factor
 
@@ -261,6 +270,7 @@ def checkpoint(s: Session) -> dict[str, Any]:
         "scaler": s.scaler.state_dict(),
         "loop": dataclasses.asdict(dataclasses.replace(s.state, sampler=sampler_state)),
         "training_sha256": s.recipe.training_digest(),
+        "average": s.average,
     }
 
 
@@ -272,5 +282,6 @@ def restore(s: Session, saved: dict[str, Any]) -> None:
     s.scheduler.load_state_dict(saved["scheduler"])
     s.scaler.load_state_dict(saved["scaler"])
     s.state = LoopState(**saved["loop"])
+    s.average = saved.get("average")
     if isinstance(s.sampler, DevF1Sampler):
         s.sampler.f1 = s.state.sampler.get("f1")
