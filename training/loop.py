@@ -328,10 +328,7 @@ def fit(s: Session) -> None:
         stats = train_epoch(s, epoch)
         if s.recipe.noise.enabled and epoch + 1 >= s.recipe.noise.warmup_epochs:
             s.state.labels, stats["noise"] = relabel(s)
-        if averaging(s, epoch):
-            s.average = fold_average(s.average, model_state(s.model), s.state.averaged)
-            s.state.averaged += 1
-        with weights_of(s.model, s.average if averaging(s, epoch) else None):  # dev selects the average
+        with _scored_weights(s, epoch):
             rows, dev = dev_selection(s)
             dev_report = report(s, s.tables["dev"].emotions[rows], dev.emotion)
             if isinstance(s.sampler, DevF1Sampler):
@@ -340,15 +337,34 @@ def fit(s: Session) -> None:
         s.state.epoch = epoch + 1
         s.state.train_seconds += stats["epoch_seconds"]
         lr = s.scheduler.get_last_lr()[0]
-        s.run.append_metrics({"epoch": epoch, **stats, "lr": lr, "averaged": s.state.averaged, **_summary(dev_report)})
+        averaged = averaged_epochs(s, epoch + 1)
+        s.run.append_metrics({"epoch": epoch, **stats, "lr": lr, "averaged": averaged, **_summary(dev_report)})
         s.run.save(checkpoint(s), s.run.last_checkpoint)
         if s.progress:
             tqdm.write(_epoch_line(s, epoch, stats, dev_report))
 
 
-def averaging(s: Session, epoch: int) -> bool:
-    """Whether `epoch` is one whose final weights join the average (recipe [swa])."""
-    return 0 < s.recipe.swa.from_epoch <= epoch
+def averaged_epochs(s: Session, epochs_run: int) -> int:
+    """How many of the first `epochs_run` epochs joined the weight average (recipe [swa]; 0 while it is off)."""
+    start = s.recipe.swa.from_epoch
+    return max(0, epochs_run - start) if start else 0
+
+
+@contextlib.contextmanager
+def _scored_weights(s: Session, epoch: int) -> Iterator[None]:
+    """The weights dev selection scores after `epoch`: the model's own, or from `swa.from_epoch` on the running
+    average with this epoch's weights folded in; the model's own are back afterwards, for the next epoch."""
+    folded = averaged_epochs(s, epoch)
+    if averaged_epochs(s, epoch + 1) == folded:  # this epoch does not join the average
+        yield
+        return
+    own = model_state(s.model)
+    s.average = fold_average(s.average, own, folded)
+    load_model_state(s.model, s.average)
+    try:
+        yield
+    finally:
+        load_model_state(s.model, own)
 
 
 def fold_average(average: dict[str, Tensor] | None, weights: dict[str, Tensor], count: int) -> dict[str, Tensor]:
@@ -360,20 +376,6 @@ def fold_average(average: dict[str, Tensor] | None, weights: dict[str, Tensor], 
         k: average[k] + (v - average[k]) / (count + 1) if v.is_floating_point() else v.clone()
         for k, v in weights.items()
     }
-
-
-@contextlib.contextmanager
-def weights_of(model: EmotionModel, state: dict[str, Tensor] | None) -> Iterator[None]:
-    """`model` with `state` loaded for the block (None: as it is), its own weights back afterwards."""
-    if state is None:
-        yield
-        return
-    own = model_state(model)
-    load_model_state(model, state)
-    try:
-        yield
-    finally:
-        load_model_state(model, own)
 
 
 def _epochs_remain(s: Session) -> bool:

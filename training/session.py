@@ -48,7 +48,6 @@ class LoopState:
     label_weights: np.ndarray | None = None  # loss weight of each training label (None: all 1)
     sampler: dict[str, Any] = field(default_factory=dict)
     train_seconds: float = 0.0
-    averaged: int = 0  # epochs folded into the weight average (recipe [swa])
 
 
 @dataclass
