@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import re
 import time
 import tomllib
 from collections.abc import Sequence
@@ -336,7 +337,7 @@ def backbone_section(backbone: str, entry: dict) -> list[str]:
         f"## Backbone `{backbone}`: {BACKBONES.get(backbone, recipe.description)}",
         "",
         f"`python -m benchmarks.meld_imbalance --backbone {backbone} --seeds {len(seeds)}` on "
-        f"{entry['device']}; {entry['wall_seconds'] / 60:.1f} min wall time for the invocation that wrote it "
+        f"{measured_on(entry)}; {entry['wall_seconds'] / 60:.1f} min wall time for the invocation that wrote it "
         f"({entry['jobs']} parallel jobs; runs finished by an earlier, interrupted invocation are reused, so "
         "the seconds per seed below are the better measure of cost). Text encoder -> the product's text "
         "projection and modality gate -> "
@@ -388,7 +389,7 @@ def levers_section(key: str, entry: dict) -> list[str]:
         f"## Representation levers on `{backbone}`",
         "",
         f"`python -m benchmarks.meld_imbalance --backbone {backbone} --levers --seeds {len(entry['seeds'])}"
-        f"{methods}` on {entry['device']}, every row on the same machine and seeds. Each lever changes one thing "
+        f"{methods}` on {measured_on(entry)}, every row on the same machine and seeds. Each lever changes one thing "
         "of plain cross-entropy (recipes `training/recipes/meld_*.toml`). The ensemble rows are one model each (the "
         "plain-CE seeds together), so they have no spread. Mean MELD dev macro F1 per recipe (what selects): "
         f"{dev}.",
@@ -432,20 +433,39 @@ def write_document(everything: dict[str, dict]) -> None:
 def record(key: str, results: Sequence[MethodResult], seeds: Sequence[int], wall: float, jobs: int,
            **extra: object) -> dict:  # fmt: skip
     """Store the results under `key` (a backbone, or "levers" + backbone). Methods measured earlier with the same
-    seeds on the same device are kept beside the new ones, so `--methods` adds rows instead of replacing the table."""
+    seeds on the same machine are kept beside the new ones, so `--methods` adds rows instead of replacing the table;
+    each row keeps the device it trained on, thread count included."""
     everything = json.loads(RESULTS.read_text(encoding="utf-8")) if RESULTS.is_file() else {}
     kept = ("_meld", "levers", "default_candidates")
     everything = {k: v for k, v in everything.items() if k.startswith(kept)}
-    entry = {"seeds": list(seeds), "wall_seconds": wall, "jobs": jobs, "device": benchmark_device(), **extra,
-             "methods": {r.recipe: r.to_dict() for r in results}}  # fmt: skip
+    device = benchmark_device()
+    entry = {"seeds": list(seeds), "wall_seconds": wall, "jobs": jobs, "device": device, **extra,
+             "methods": {r.recipe: {**r.to_dict(), "device": device} for r in results}}  # fmt: skip
     earlier = everything.get(key, {})
-    if (earlier.get("seeds"), earlier.get("device")) == (entry["seeds"], entry["device"]):
-        for name in ("methods", *extra):
+    if earlier.get("seeds") == entry["seeds"] and machine_of(earlier.get("device", "")) == machine_of(device):
+        earlier_rows = {name: {"device": earlier["device"], **data} for name, data in earlier["methods"].items()}
+        entry["methods"] = {**earlier_rows, **entry["methods"]}
+        for name in extra:
             entry[name] = {**earlier.get(name, {}), **entry[name]}
     everything[key] = entry
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(everything, indent=1), encoding="utf-8")
     return everything
+
+
+def machine_of(device: str) -> str:
+    """The machine of a device description without the torch thread count: seeds trained side by side with one
+    thread each ran on the same machine as those trained alone with two."""
+    return re.sub(r", \d+ threads?$", "", device)
+
+
+def measured_on(entry: dict) -> str:
+    """Where a table's rows trained: the device, or the machine and each thread count where the rows differ."""
+    devices = sorted({data.get("device", entry["device"]) for data in entry["methods"].values()})
+    if len(devices) == 1:
+        return devices[0]
+    threads = " or ".join(device.removeprefix(machine_of(device)).removeprefix(", ") for device in devices)
+    return f"{machine_of(entry['device'])} ({threads} by row)"
 
 
 def benchmark_device() -> str:

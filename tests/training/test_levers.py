@@ -143,15 +143,20 @@ def test_earlier_turns_in_the_text_input_train_and_are_refused_at_export(
         export_command(run.path, tmp_path / "artifact")
 
 
+def _stored_report() -> MetricsReport:
+    """A two-class report as the benchmark's results file stores it."""
+    return MetricsReport.from_dict(
+        compute_metrics(np.array([0, 1, 1]), np.array([0, 1, 0]), ("neutral", "joy")).to_dict()
+    )
+
+
 def test_the_benchmark_adds_rows_measured_on_the_same_seeds_and_device(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import benchmarks.meld_imbalance as bench
 
     monkeypatch.setattr(bench, "RESULTS", tmp_path / "results.json")
-    report = MetricsReport.from_dict(
-        compute_metrics(np.array([0, 1, 1]), np.array([0, 1, 0]), ("neutral", "joy")).to_dict()
-    )
+    report = _stored_report()
     first = bench.MethodResult("plain", "meld_ce", [report], [1.0])
     second = bench.MethodResult("lever", "meld_supcon", [report], [2.0])
     bench.record("levers_meld_ft2", [first], [0], 1.0, 1, dev_macro_f1={"meld_ce": [0.5]})
@@ -187,3 +192,26 @@ def test_a_reused_adopting_run_reports_the_cost_of_its_first_completion(tmp_path
     run.path.mkdir()
     assert bench._stage_seconds(run, 24.0) == 24.0
     assert bench._stage_seconds(run, 0.001) == 24.0  # a later invocation only read the finished run
+
+
+def test_rows_trained_with_fewer_threads_on_the_same_machine_join_the_table_and_say_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import benchmarks.meld_imbalance as bench
+
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "results.json")
+    report = _stored_report()
+    monkeypatch.setattr(bench, "benchmark_device", lambda: "x86_64 CPU, 2 threads")
+    bench.record("levers_meld_ft6", [bench.MethodResult("plain", "meld_ce", [report], [1.0])], [0], 1.0, 1)
+    monkeypatch.setattr(bench, "benchmark_device", lambda: "x86_64 CPU, 1 thread")
+    merged = bench.record("levers_meld_ft6", [bench.MethodResult("swa", "meld_swa", [report], [2.0])], [0], 1.0, 1)
+    entry = merged["levers_meld_ft6"]
+    assert {name: row["device"] for name, row in entry["methods"].items()} == {
+        "meld_ce": "x86_64 CPU, 2 threads",
+        "meld_swa": "x86_64 CPU, 1 thread",
+    }
+    assert bench.measured_on(entry) == "x86_64 CPU (1 thread or 2 threads by row)"
+    monkeypatch.setattr(bench, "benchmark_device", lambda: "one NVIDIA H100 80GB HBM3 (CUDA, mixed precision)")
+    elsewhere = bench.record("levers_meld_ft6", [bench.MethodResult("swa", "meld_swa", [report], [2.0])], [0], 1, 1)
+    assert list(elsewhere["levers_meld_ft6"]["methods"]) == ["meld_swa"]  # another machine: a new table
+    assert bench.measured_on(elsewhere["levers_meld_ft6"]) == "one NVIDIA H100 80GB HBM3 (CUDA, mixed precision)"
