@@ -40,9 +40,12 @@ tools:
 serve: $(STAMP)
 	$(VENV)/bin/equipoise serve
 
+# The suite keeps about one core busy on its own, so it runs on a pytest-xdist worker per core (two here); a test
+# file stays on one worker, so its module-scoped servers start once.
+TEST_WORKERS ?= 2
 test: $(STAMP) tools
 	$(VENV)/bin/lint-imports --no-cache
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

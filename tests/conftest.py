@@ -38,12 +38,32 @@ def data_dir() -> Path:
     return found
 
 
+def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The temporary directory of this run, shared by its pytest-xdist workers (each has its own below it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextlib.contextmanager
+def one_worker_at_a_time(name: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Held by one pytest-xdist worker at a time, for what a machine holds once (a local Ray cluster sized to every
+    core) or what the first worker builds and the others reuse."""
+    from filelock import FileLock
+
+    with FileLock(run_root(tmp_path_factory) / f"{name}.lock"):
+        yield
+
+
 @pytest.fixture(scope="session")
 def shipped_default(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shipped default release, assembled once for the whole run (about half a minute on two cores) and only
-    read by the tests that share it; under EQUIPOISE_STATE_DIR when set, where a developer's state holds it already."""
+    """The shipped default release, assembled once for the whole run (about half a minute on two cores), by the
+    first worker that needs it, and only read by the tests that share it; under EQUIPOISE_STATE_DIR when set, where a
+    developer's state holds it already."""
     configured = os.environ.get("EQUIPOISE_STATE_DIR")
-    return shipped_artifact(Path(configured) if configured else tmp_path_factory.mktemp("shipped-default"))
+    if configured:
+        return shipped_artifact(Path(configured))
+    with one_worker_at_a_time("shipped-default", tmp_path_factory):
+        return shipped_artifact(run_root(tmp_path_factory) / "shipped-default")
 
 
 POSTGRES_ADMIN_URL = os.environ.get("EQUIPOISE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -133,6 +153,15 @@ def text_only_artifact(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFac
         reference_distribution=source.reference_distribution,
     )
     return written.path
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`make test` runs a worker per core) each worker keeps to one intra-op torch thread, so
+    two workers do not run four OpenMP threads on two cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def one_torch_thread() -> Iterator[None]:

@@ -1,7 +1,9 @@
 """Fault test: PostgreSQL stops in the middle of a burst of requests; no accepted prediction is lost or doubled.
 
 The server is stopped (gracefully) while the database is still down, so the rows still in memory must go to
-the spool on shutdown; a new server on the same state directory replays them once the database is back.
+the spool on shutdown; a new server on the same state directory replays them once the database is back. The
+PostgreSQL that stops is a cluster of the test's own (`pg_createcluster`, dropped afterwards), so the other
+tests, which `make test` runs beside this one, keep the shared server.
 """
 
 from __future__ import annotations
@@ -12,63 +14,83 @@ import shutil
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import func, make_url, select
+from sqlalchemy import func, select
 
 from core.db.models import Prediction
 from core.db.session import make_engine, session_scope
+from core.processes import free_port
 from tests.api.conftest import Server, running_server, wait_for
-from tests.conftest import POSTGRES_ADMIN_URL, postgres_database
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 POSTGRES_ETC = Path("/etc/postgresql")
 
 
-def _cluster_version() -> str:
-    if shutil.which("pg_ctlcluster") is None or not POSTGRES_ETC.is_dir() or os.geteuid() != 0:
-        pytest.skip("needs root and a local PostgreSQL cluster managed by pg_ctlcluster")
-    if make_url(POSTGRES_ADMIN_URL).host not in ("127.0.0.1", "localhost", None):
-        pytest.skip(f"the test PostgreSQL server ({POSTGRES_ADMIN_URL}) is not this machine's")
-    return sorted(POSTGRES_ETC.iterdir(), key=lambda path: [int(p) for p in path.name.split(".")])[-1].name
+@dataclass(frozen=True)
+class Cluster:
+    """A PostgreSQL cluster managed by the Debian cluster tools, and the URL of its `postgres` database."""
+
+    version: str
+    name: str
+    url: str
+
+    def ctl(self, action: str) -> None:
+        command = ["pg_ctlcluster", "--skip-systemctl-redirect", self.version, self.name, action]
+        options = ["-m", "fast"] if action == "stop" else []
+        subprocess.run(command + options, check=True, timeout=120, capture_output=True)
+
+    def accepts_connections(self) -> bool:
+        engine = make_engine(self.url, pool_pre_ping=False)
+        try:
+            with engine.connect():
+                return True
+        except Exception:
+            return False
+        finally:
+            engine.dispose()
 
 
-def _pg_ctl(version: str, action: str) -> None:
-    command = ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action]
-    subprocess.run(command + (["-m", "fast"] if action == "stop" else []), check=True, timeout=120, capture_output=True)
-
-
-def _accepts_connections() -> bool:
-    engine = make_engine(POSTGRES_ADMIN_URL, pool_pre_ping=False)
+@pytest.fixture()
+def cluster() -> Iterator[Cluster]:
+    """A running PostgreSQL cluster of this test's own, with trust authentication on a free local port."""
+    if shutil.which("pg_createcluster") is None or not POSTGRES_ETC.is_dir() or os.geteuid() != 0:
+        pytest.skip("needs root and PostgreSQL's cluster tools (pg_createcluster, pg_ctlcluster)")
+    version = sorted(POSTGRES_ETC.iterdir(), key=lambda path: [int(p) for p in path.name.split(".")])[-1].name
+    name, port = f"equipoise_fault_{uuid.uuid4().hex[:8]}", free_port()
+    create = ["pg_createcluster", version, name, "-p", str(port), "--", "--auth-host=trust", "--auth-local=trust"]
+    subprocess.run(create, check=True, timeout=120, capture_output=True)
     try:
-        with engine.connect():
-            return True
-    except Exception:
-        return False
+        created = Cluster(version, name, f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres")
+        created.ctl("start")
+        wait_for(created.accepts_connections, timeout_s=60, interval_s=0.2)
+        yield created
     finally:
-        engine.dispose()
+        subprocess.run(["pg_dropcluster", "--stop", version, name], check=False, timeout=120, capture_output=True)
 
 
 @contextlib.contextmanager
-def postgres_stopped(version: str) -> Iterator[None]:
-    """PostgreSQL is down inside the block, and is started again whatever happens, even if the test fails."""
+def stopped(cluster: Cluster) -> Iterator[None]:
+    """The cluster is down inside the block, and is started again whatever happens, even if the test fails."""
     try:
-        _pg_ctl(version, "stop")
+        cluster.ctl("stop")
         yield
     finally:
         for attempt in range(3):
             try:
-                _pg_ctl(version, "start")
+                cluster.ctl("start")
                 break
             except subprocess.SubprocessError:
                 if attempt == 2:
                     raise
                 time.sleep(2)
-        wait_for(_accepts_connections, timeout_s=60, interval_s=0.2)
+        wait_for(cluster.accepts_connections, timeout_s=60, interval_s=0.2)
 
 
 class Traffic:
@@ -116,37 +138,35 @@ def _metric(server: Server, sample: str) -> float:
 
 
 def test_every_accepted_prediction_is_stored_exactly_once_across_a_postgres_outage(
-    tmp_path: Path, tiny_artifact: Path
+    tmp_path: Path, tiny_artifact: Path, cluster: Cluster
 ) -> None:
-    version = _cluster_version()
-    state = tmp_path / "state"
+    state, url = tmp_path / "state", cluster.url
     settings = {"default_model_dir": str(tiny_artifact), "log_flush_interval_s": "0.1"}
-    with postgres_database() as url:
-        with running_server(state, url, **settings) as first:
-            traffic = Traffic(first).start()
-            try:
-                time.sleep(0.8)
-                with postgres_stopped(version):
-                    before_outage = len(traffic.accepted)
-                    time.sleep(2.0)
-                    during_outage = len(traffic.accepted) - before_outage
-                    spooled = _metric(first, 'equipoise_log_rows_total{outcome="spooled"}')
-                    traffic.stop()
-                    first.stop()  # a graceful stop with the database still down
-            finally:
+    with running_server(state, url, **settings) as first:
+        traffic = Traffic(first).start()
+        try:
+            time.sleep(0.8)
+            with stopped(cluster):
+                before_outage = len(traffic.accepted)
+                time.sleep(2.0)
+                during_outage = len(traffic.accepted) - before_outage
+                spooled = _metric(first, 'equipoise_log_rows_total{outcome="spooled"}')
                 traffic.stop()
-        assert "Application shutdown complete" in first.log()
-        assert during_outage > 0 and spooled > 0, "the outage did not exercise the spool"
-        assert list((state / "spool").glob("segment-*.jsonl")), "the shutdown should have left rows in the spool"
+                first.stop()  # a graceful stop with the database still down
+        finally:
+            traffic.stop()
+    assert "Application shutdown complete" in first.log()
+    assert during_outage > 0 and spooled > 0, "the outage did not exercise the spool"
+    assert list((state / "spool").glob("segment-*.jsonl")), "the shutdown should have left rows in the spool"
 
-        with running_server(state, url, **settings) as second:
-            after = Traffic(second, threads=2).start()
-            try:
-                time.sleep(0.8)
-            finally:
-                after.stop()
-            wait_for(lambda: _metric(second, "equipoise_log_spooled_rows") == 0, timeout_s=60)
-        counts = _stored_counts(url)
+    with running_server(state, url, **settings) as second:
+        after = Traffic(second, threads=2).start()
+        try:
+            time.sleep(0.8)
+        finally:
+            after.stop()
+        wait_for(lambda: _metric(second, "equipoise_log_spooled_rows") == 0, timeout_s=60)
+    counts = _stored_counts(url)
 
     accepted = traffic.accepted + after.accepted
     assert traffic.refused == [] and after.refused == []

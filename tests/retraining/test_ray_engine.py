@@ -28,6 +28,7 @@ from retraining.tier3_finetune import (
     start_model,
     tier3_recipe,
 )
+from tests.conftest import one_worker_at_a_time
 from tests.retraining.conftest import log_turns, run_job
 from tests.retraining.synthetic import labelled_turns, single_turns
 from training.recipe import load_recipe
@@ -37,13 +38,16 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[None]:
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     ray = pytest.importorskip("ray")
     # Ray's workers import the project from the checkout, like the test process.
     runtime_env = {"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
-    yield
-    ray.shutdown()
+    with one_worker_at_a_time("ray", tmp_path_factory):
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 def test_head_training_as_a_ray_task_matches_local_training(ray_cluster: None) -> None:

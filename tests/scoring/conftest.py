@@ -12,6 +12,7 @@ from model.data.turns import Turn, meld_to_turns
 from model.runtime import InferenceRuntime
 from scoring.engine import RuntimeSpec
 from scoring.local import LocalEngine
+from tests.conftest import one_worker_at_a_time
 
 CONVERSATIONS = 8
 
@@ -39,10 +40,11 @@ def local_engine(runtime: InferenceRuntime) -> LocalEngine:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[None]:
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    with one_worker_at_a_time("ray", tmp_path_factory):
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            yield
+        finally:
+            ray.shutdown()
