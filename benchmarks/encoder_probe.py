@@ -75,7 +75,7 @@ def encode_meld(encoder_dir: Path, data_dir: Path) -> tuple[dict[str, Split], fl
     splits = {}
     for split in SPLITS:
         utterances = read_utterances(data_dir, split)
-        embeddings = encode(encoder_dir, [u.text for u in utterances], f"{encoder_dir.name} {split}")
+        embeddings = encode(encoder_dir, [u.text for u in utterances], f"{encoder_name(encoder_dir)} {split}")
         splits[split] = Split(embeddings, np.array([EMOTIONS.index(u.emotion) for u in utterances]))
     return splits, time.perf_counter() - start
 
@@ -91,6 +91,11 @@ def probe(splits: dict[str, Split], balanced: bool) -> Probe:
     best = int(np.argmax(dev_scores))
     report = compute_metrics(test.labels, fitted[best].predict(test.embeddings), EMOTIONS)
     return Probe("balanced" if balanced else "plain", C_GRID[best], dev_scores[best], report)
+
+
+def encoder_name(encoder_dir: Path) -> str:
+    """The product's pinned encoder by its name (its package keeps it in a directory called `model`)."""
+    return "all-MiniLM-L6-v2 (pinned)" if encoder_dir.resolve() == pretrained_dir() else encoder_dir.name
 
 
 def table_row(name: str, result: Probe, seconds: float) -> str:
@@ -117,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for encoder_dir in args.encoder or [pretrained_dir()]:
         print(f"{encoder_dir}: model.safetensors sha256 {sha256_file(encoder_dir / 'model.safetensors')}")
         splits, seconds = encode_meld(encoder_dir, data_dir)
-        lines += [table_row(encoder_dir.name, probe(splits, balanced), seconds) for balanced in (False, True)]
+        lines += [table_row(encoder_name(encoder_dir), probe(splits, balanced), seconds) for balanced in (False, True)]
     print(f"MELD, frozen encoders, linear probe; {args.threads} torch thread(s); % F1")
     print("\n".join(lines))
     return 0

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.encoder_probe import C_GRID, Split, encode, probe
+from benchmarks.encoder_probe import C_GRID, Split, encode, encoder_name, probe
 from model.labels import EMOTIONS
 from model.text_encoder import TextEncoder, load_tokenizer, pretrained_dir
 
@@ -21,6 +21,7 @@ def test_the_probe_embeds_a_text_as_the_product_encoder_pools_it_normalised() ->
     with torch.inference_mode():
         product = torch.nn.functional.normalize(TextEncoder.pretrained().eval()(ids, mask), dim=-1).numpy()
     np.testing.assert_allclose(probed, product, atol=1e-5)
+    assert encoder_name(pretrained_dir()) == "all-MiniLM-L6-v2 (pinned)"
 
 
 def _clusters(rng: np.random.Generator, n: int, flip: float = 0.0) -> Split:
