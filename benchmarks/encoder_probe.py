@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 from tqdm import tqdm
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from core.files import sha256_file
 from core.settings import data_dir_or_exit
@@ -51,10 +51,19 @@ class Probe:
     test: MetricsReport
 
 
-def encode(encoder_dir: Path, texts: Sequence[str], desc: str) -> np.ndarray:
+@dataclass(frozen=True)
+class Encoder:
+    tokenizer: PreTrainedTokenizerBase
+    model: PreTrainedModel
+
+    @classmethod
+    def load(cls, encoder_dir: Path) -> Encoder:
+        return cls(AutoTokenizer.from_pretrained(encoder_dir), AutoModel.from_pretrained(encoder_dir).eval())
+
+
+def encode(encoder: Encoder, texts: Sequence[str], desc: str) -> np.ndarray:
     """Mean-pooled, L2-normalised last-layer states, batches of similar lengths."""
-    tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
-    model = AutoModel.from_pretrained(encoder_dir).eval()
+    tokenizer, model = encoder.tokenizer, encoder.model
     order = np.argsort([len(text) for text in texts], kind="stable")
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
     with torch.inference_mode(), tqdm(total=len(texts), desc=desc, unit="utt") as bar:
@@ -72,10 +81,11 @@ def encode(encoder_dir: Path, texts: Sequence[str], desc: str) -> np.ndarray:
 def encode_meld(encoder_dir: Path, data_dir: Path) -> tuple[dict[str, Split], float]:
     """Every MELD split encoded, and the seconds it took."""
     start = time.perf_counter()
+    encoder = Encoder.load(encoder_dir)
     splits = {}
     for split in SPLITS:
         utterances = read_utterances(data_dir, split)
-        embeddings = encode(encoder_dir, [u.text for u in utterances], f"{encoder_name(encoder_dir)} {split}")
+        embeddings = encode(encoder, [u.text for u in utterances], f"{encoder_name(encoder_dir)} {split}")
         splits[split] = Split(embeddings, np.array([EMOTIONS.index(u.emotion) for u in utterances]))
     return splits, time.perf_counter() - start
 
@@ -83,9 +93,11 @@ def encode_meld(encoder_dir: Path, data_dir: Path) -> tuple[dict[str, Split], fl
 def probe(splits: dict[str, Split], balanced: bool) -> Probe:
     """The logistic regression whose C has the best dev macro F1, and its test report."""
     train, dev, test = (splits[name] for name in SPLITS)
-    weights = "balanced" if balanced else None
     fitted = [
-        LogisticRegression(C=c, max_iter=3000, class_weight=weights).fit(train.embeddings, train.labels) for c in C_GRID
+        LogisticRegression(C=c, max_iter=3000, class_weight="balanced" if balanced else None).fit(
+            train.embeddings, train.labels
+        )
+        for c in C_GRID
     ]
     dev_scores = [compute_metrics(dev.labels, model.predict(dev.embeddings), EMOTIONS).macro_f1 for model in fitted]
     best = int(np.argmax(dev_scores))

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.encoder_probe import C_GRID, Split, encode, encoder_name, probe
+from benchmarks.encoder_probe import C_GRID, Encoder, Split, encode, encoder_name, probe
 from model.labels import EMOTIONS
 from model.text_encoder import TextEncoder, load_tokenizer, pretrained_dir
 
 
 def test_the_probe_embeds_a_text_as_the_product_encoder_pools_it_normalised() -> None:
     texts = ["Oh my God, you scared me!", "Fine.", "I can't believe you did that to me, Ross."]
-    probed = encode(pretrained_dir(), texts, "test")
+    probed = encode(Encoder.load(pretrained_dir()), texts, "test")
     tokenizer = load_tokenizer()
     batch = tokenizer.encode_batch(texts)
     ids = torch.tensor([b.ids for b in batch])
