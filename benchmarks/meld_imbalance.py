@@ -153,9 +153,18 @@ def method_recipe(name: str, backbone: str) -> Recipe:
     """A method recipe put on `backbone`: the backbone's tables with the method file's own tables merged in."""
     own = tomllib.loads(resolve_recipe_path(name).read_text(encoding="utf-8"))
     own.pop("extends", None)
+    on = Path(backbone).stem.lstrip("_")
+    if "distill" in own:
+        own["distill"]["teachers"] = [_teacher_on(t, on) for t in own["distill"].get("teachers", [])]
     table = merge_tables(read_recipe_table(resolve_recipe_path(backbone)), own)
-    table["name"] = f"{own['name']}@{Path(backbone).stem.lstrip('_')}"
+    table["name"] = f"{own['name']}@{on}"
     return Recipe.from_dict(table, where=f"{name} on {backbone}")
+
+
+def _teacher_on(teacher: str, backbone: str) -> str:
+    """A method file's teacher run (`meld_ce@meld_ft2-seed0`) moved to the backbone its student is put on, so that a
+    student distils from its own backbone's runs (`meld_ce@meld_ft6-seed0` on `_meld_ft6`)."""
+    return re.sub(r"@[^@/]+(?=-seed\d+$)", f"@{backbone}", teacher)
 
 
 def run_of(name: str, backbone: str, seed: int, runs_dir: Path) -> RunDir:

@@ -150,3 +150,13 @@ def test_a_method_put_on_another_backbone_keeps_its_method_and_takes_the_backbon
     assert on_ft2.optim == dataclasses.replace(backbone.optim, lr_drop_epoch=own.optim.lr_drop_epoch)
     assert on_ft2.model.text_trainable_layers == 2
     assert (on_ft2.loss, on_ft2.train.patience) == (own.loss, own.train.patience)
+
+
+def test_a_distilled_student_takes_its_teachers_from_the_backbone_it_is_put_on() -> None:
+    from benchmarks.meld_imbalance import method_recipe
+
+    for backbone in ("_meld_ft2", "_meld_ft6"):
+        student = method_recipe("meld_distill", backbone)
+        on = backbone.lstrip("_")
+        assert student.distill.teachers == tuple(f"meld_ce@{on}-seed{seed}" for seed in range(3))
+        assert student.name == f"meld_distill@{on}"
