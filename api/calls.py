@@ -218,19 +218,24 @@ class CallRunner:
                 held = list(self._held)
             try:
                 renew_leases(self._engine, self.owner, held, self._settings.call_lease_s)
-            except SQLAlchemyError:  # the database is down: try again at the next tick
-                log.exception("renewing call leases failed")
+            except SQLAlchemyError as exc:  # the database is down or locked: try again at the next tick
+                log.warning("renewing call leases failed, retried at the next tick: %s", _first_line(exc))
             self._requeue_expired()
 
     def _requeue_expired(self) -> None:
         try:
             queued, failed = requeue_expired(self._engine, self._settings.call_max_attempts)
-        except SQLAlchemyError:  # the database is down (the service starts without it): at the next renewal
-            log.exception("queueing abandoned calls again failed")
+        except SQLAlchemyError as exc:  # the database is down or locked (SQLite under load): at the next renewal
+            log.warning("queueing abandoned calls again failed, retried at the next renewal: %s", _first_line(exc))
             return
         if queued or failed:
             log.warning("calls whose runner died: %d queued again, %d failed", queued, failed)
             self._wake.set()
+
+
+def _first_line(exc: BaseException) -> str:
+    """An anticipated, retried database error in one log line (SQLAlchemy's message also holds the statement)."""
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _muted(path: Path, spans: list[tuple[float, float]]) -> dict[str, Any]:
