@@ -235,7 +235,8 @@ class CallRunner:
 
 def _first_line(exc: BaseException) -> str:
     """An anticipated, retried database error in one log line (SQLAlchemy's message also holds the statement)."""
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    message = str(exc)
+    return message.splitlines()[0] if message else type(exc).__name__
 
 
 def _muted(path: Path, spans: list[tuple[float, float]]) -> dict[str, Any]:

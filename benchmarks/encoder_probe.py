@@ -93,11 +93,9 @@ def encode_meld(encoder_dir: Path, data_dir: Path) -> tuple[dict[str, Split], fl
 def probe(splits: dict[str, Split], balanced: bool) -> Probe:
     """The logistic regression whose C has the best dev macro F1, and its test report."""
     train, dev, test = (splits[name] for name in SPLITS)
+    weights = "balanced" if balanced else None
     fitted = [
-        LogisticRegression(C=c, max_iter=3000, class_weight="balanced" if balanced else None).fit(
-            train.embeddings, train.labels
-        )
-        for c in C_GRID
+        LogisticRegression(C=c, max_iter=3000, class_weight=weights).fit(train.embeddings, train.labels) for c in C_GRID
     ]
     dev_scores = [compute_metrics(dev.labels, model.predict(dev.embeddings), EMOTIONS).macro_f1 for model in fitted]
     best = int(np.argmax(dev_scores))
